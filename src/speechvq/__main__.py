@@ -1,0 +1,5 @@
+import sys
+
+from speechvq.cli import main
+
+sys.exit(main())

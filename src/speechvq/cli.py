@@ -1,0 +1,71 @@
+"""The ``speechvq`` command line.
+
+Usage:
+    speechvq <command> [options]        (also: python -m speechvq <command>)
+    speechvq <command> --help
+
+Each command lives in ``speechvq.commands.<name>`` with ``add_arguments(parser)`` and
+``run(args) -> int``; it is imported only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from speechvq.errors import UserInputError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module, one-line help)
+    "convert": ("speechvq.commands.convert", "convert checkpoints between speechvq, transformers and fairseq"),
+    "manifest": ("speechvq.commands.manifest", "scan an audio tree into a fairseq-style manifest"),
+    "prepare-librispeech": ("speechvq.commands.prepare_librispeech", "LibriSpeech layout -> manifests + labels"),
+    "download-librispeech": ("speechvq.commands.download_librispeech", "download and verify LibriSpeech"),
+    "validate": ("speechvq.commands.validate", "list every problem in a manifest or dataset"),
+    "synth-corpus": ("speechvq.commands.synth_corpus", "synthesize the embedded speech corpus with espeak-ng"),
+    "pretrain": ("speechvq.commands.pretrain", "wav2vec 2.0 / vq-wav2vec pretraining"),
+    "plot": ("speechvq.commands.plot", "plot the curves of an experiment directory"),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(prog="speechvq", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    parsers = {}
+    for name, (_, help_text) in COMMANDS.items():
+        parsers[name] = sub.add_parser(name, help=help_text)
+    return parser, parsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, parsers = build_parser()
+    # Only the chosen command's module is imported (and asked for its arguments).
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in COMMANDS:
+        module = importlib.import_module(COMMANDS[command][0])
+        module.add_arguments(parsers[command])
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(module.run(args) or 0)
+    except UserInputError as err:
+        print(f"speechvq {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"speechvq {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

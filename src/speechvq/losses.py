@@ -1,0 +1,82 @@
+"""Loss terms as pure functions.
+
+Normalisation, documented once: every term here is a *sum over masked targets* (the diversity and
+feature penalties are multiplied by the number of targets N, as fairseq and transformers do), so
+the training loop divides the total by N summed over data-parallel ranks and accumulation steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def contrastive_logits(
+    predictions: Tensor, targets: Tensor, distractors: Tensor, logit_temp: float
+) -> Tensor:
+    """Cosine-similarity logits of each prediction against its target and distractors (eq. 3).
+
+    Computed in fp32. A distractor equal to the target (possible when few codewords are in use)
+    would make the task ill-posed, so its logit is set to -inf.
+
+    Args:
+        predictions: ``[N, F]`` context outputs projected to the final dim.
+        targets: ``[N, F]`` projected quantized targets.
+        distractors: ``[N, K, F]`` projected quantized distractors.
+        logit_temp: kappa.
+
+    Returns:
+        ``[N, K + 1]`` logits, the target at index 0.
+    """
+    candidates = torch.cat([targets[:, None, :], distractors], dim=1).float()  # (N, 1+K, F)
+    logits = torch.cosine_similarity(predictions.float()[:, None, :], candidates, dim=-1) / logit_temp
+    same = (distractors == targets[:, None, :]).all(dim=-1)  # (N, K)
+    if bool(same.any()):
+        logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(same, float("-inf"))], dim=1)
+    return logits
+
+
+def contrastive_loss(logits: Tensor) -> Tensor:
+    """InfoNCE summed over targets: cross entropy with the target at index 0 (fp32)."""
+    zeros = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits.float(), zeros, reduction="sum")
+
+
+def contrastive_accuracy(logits: Tensor) -> tuple[Tensor, int]:
+    """(number of targets ranked first, number of targets). Rows whose logits are all equal
+    count as wrong (fairseq's rule)."""
+    if logits.numel() == 0:
+        return torch.zeros((), device=logits.device), 0
+    best = logits.argmax(-1) == 0
+    worst = logits.argmin(-1) == 0
+    return (best & ~worst).sum(), logits.size(0)
+
+
+def diversity_loss(prob_perplexity: Tensor, num_codes: int) -> Tensor:
+    """(G V - perplexity) / (G V): 0 when all codewords are used equally (eq. 4)."""
+    return (num_codes - prob_perplexity) / num_codes
+
+
+def feature_penalty(features: Tensor, padding_mask: Tensor | None) -> Tensor:
+    """Mean squared activation of the feature encoder output over non-padded frames (fp32)."""
+    squares = features.float().pow(2)
+    if padding_mask is None:
+        return squares.mean()
+    valid = (~padding_mask).to(squares.dtype)[..., None]
+    return (squares * valid).sum() / (valid.sum() * squares.size(-1)).clamp(min=1.0)
+
+
+@dataclass
+class LossBreakdown:
+    """Weighted loss terms, each a sum over the ``num_targets`` masked targets."""
+
+    total: Tensor
+    contrastive: Tensor
+    diversity: Tensor
+    """alpha * N * diversity_loss."""
+    feature_penalty: Tensor
+    """beta * N * feature_penalty."""
+    num_targets: int

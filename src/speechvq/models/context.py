@@ -1,0 +1,216 @@
+"""Transformer context network with a convolutional positional embedding (paper section 2)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from speechvq.config import ContextConfig
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """Grouped conv over time with weight norm (dim=2), "same" padding, then GELU.
+
+    The weight is stored as weight-norm magnitude/direction parametrizations, as transformers does.
+    """
+
+    def __init__(self, dim: int, kernel_size: int, groups: int) -> None:
+        super().__init__()
+        conv = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=groups)
+        nn.init.normal_(conv.weight, mean=0.0, std=math.sqrt(4.0 / (kernel_size * dim)))
+        nn.init.zeros_(conv.bias)
+        self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        self.remove_last = kernel_size % 2 == 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, T, D]`` -> ``[B, T, D]``."""
+        y = self.conv(x.transpose(1, 2))  # (B, T, D) -> (B, D, T')
+        if self.remove_last:
+            y = y[:, :, :-1]  # an even kernel yields T + 1 frames
+        return F.gelu(y).transpose(1, 2)  # (B, D, T) -> (B, T, D)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, num_heads: int, dropout_p: float) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"`dim` must be a multiple of `num_heads` ({num_heads}), but is {dim} instead.")
+        self.num_heads = num_heads
+        self.dropout_p = dropout_p
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        """x: ``[B, T, D]``; key_padding_mask: ``[B, T]`` True at padding."""
+        batch, frames, dim = x.shape
+        heads = self.num_heads
+
+        def split(t: Tensor) -> Tensor:
+            return t.view(batch, frames, heads, dim // heads).transpose(1, 2)  # (B, T, D) -> (B, H, T, D/H)
+
+        attn_mask = None
+        if key_padding_mask is not None:
+            attn_mask = ~key_padding_mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T), True = attend
+        y = F.scaled_dot_product_attention(
+            split(self.q_proj(x)),
+            split(self.k_proj(x)),
+            split(self.v_proj(x)),
+            attn_mask=attn_mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).reshape(batch, frames, dim)  # (B, H, T, D/H) -> (B, T, D)
+        return self.out_proj(y)
+
+
+class FeedForward(nn.Module):
+    """Linear -> GELU -> dropout -> Linear -> dropout."""
+
+    def __init__(self, dim: int, ffn_dim: int, activation_dropout_p: float, dropout_p: float) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.activation_dropout = nn.Dropout(activation_dropout_p)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.dropout = nn.Dropout(dropout_p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.linear2(self.activation_dropout(F.gelu(self.linear1(x)))))
+
+
+class TransformerLayer(nn.Module):
+    """One block; post-LN (BASE) or pre-LN (LARGE)."""
+
+    def __init__(
+        self,
+        attention: SelfAttention,
+        feed_forward: FeedForward,
+        *,
+        dim: int,
+        dropout_p: float,
+        layer_norm_first: bool,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.attention = attention
+        self.feed_forward = feed_forward
+        self.dropout = nn.Dropout(dropout_p)
+        self.attention_norm = nn.LayerNorm(dim, eps=eps)
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
+        self.layer_norm_first = layer_norm_first
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        if self.layer_norm_first:
+            x = x + self.dropout(self.attention(self.attention_norm(x), key_padding_mask))
+            return x + self.feed_forward(self.ffn_norm(x))
+        x = self.attention_norm(x + self.dropout(self.attention(x, key_padding_mask)))
+        return self.ffn_norm(x + self.feed_forward(x))
+
+
+@dataclass
+class ContextOutput:
+    """Output of :class:`ContextNetwork`."""
+
+    last_hidden_state: Tensor
+    """``[B, T, D]`` final output (after the final LayerNorm for pre-LN models)."""
+    hidden_states: tuple[Tensor, ...]
+    """Input of the first block, then the output of each block that ran, each ``[B, T, D]``."""
+
+
+class ContextNetwork(nn.Module):
+    """Positional conv + Transformer blocks + LayerDrop. Build it with :func:`build_context_network`."""
+
+    def __init__(
+        self,
+        pos_conv: ConvPositionalEmbedding,
+        layers: nn.ModuleList,
+        *,
+        dim: int,
+        dropout_p: float,
+        layer_norm_first: bool,
+        layer_drop_p: float,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.pos_conv = pos_conv
+        self.layers = layers
+        self.layer_norm = nn.LayerNorm(dim, eps=eps)
+        self.dropout = nn.Dropout(dropout_p)
+        self.layer_norm_first = layer_norm_first
+        self.layer_drop_p = layer_drop_p
+
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        *,
+        num_layers: int | None = None,
+        layer_drop_generator: torch.Generator | None = None,
+    ) -> ContextOutput:
+        """Run the context network.
+
+        Args:
+            x: ``[B, T, D]`` (masked) projected features.
+            padding_mask: ``[B, T]`` True at padded frames; those are zeroed before the positional
+                conv, as if each utterance were alone, and never attended to.
+            num_layers: run only the first ``num_layers`` blocks (no final LayerNorm then).
+            layer_drop_generator: RNG for the LayerDrop decisions; give every data-parallel rank
+                the same seed so that all ranks skip the same blocks.
+
+        Returns:
+            :class:`ContextOutput`.
+        """
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask[..., None], 0.0)
+        x = x + self.pos_conv(x)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        x = self.dropout(x)
+        hidden = [x]
+        depth = len(self.layers) if num_layers is None else num_layers
+        for layer in list(self.layers)[:depth]:
+            if self.training and self.layer_drop_p > 0.0:
+                draw = torch.rand((), generator=layer_drop_generator)
+                if float(draw) < self.layer_drop_p:
+                    continue
+            x = layer(x, padding_mask)
+            hidden.append(x)
+        if self.layer_norm_first and num_layers is None:
+            x = self.layer_norm(x)
+        return ContextOutput(last_hidden_state=x, hidden_states=tuple(hidden))
+
+
+def build_context_network(cfg: ContextConfig) -> ContextNetwork:
+    """Build the context network of ``cfg`` (BERT-style init of the blocks, as fairseq)."""
+    layers = []
+    for _ in range(cfg.num_layers):
+        attention = SelfAttention(cfg.dim, cfg.num_heads, cfg.attention_dropout_p)
+        ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.activation_dropout_p, cfg.dropout_p)
+        layer = TransformerLayer(
+            attention,
+            ffn,
+            dim=cfg.dim,
+            dropout_p=cfg.dropout_p,
+            layer_norm_first=cfg.layer_norm_first,
+            eps=cfg.layer_norm_eps,
+        )
+        for module in layer.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                nn.init.zeros_(module.bias)
+        layers.append(layer)
+    return ContextNetwork(
+        ConvPositionalEmbedding(cfg.dim, cfg.pos_conv_kernel, cfg.pos_conv_groups),
+        nn.ModuleList(layers),
+        dim=cfg.dim,
+        dropout_p=cfg.dropout_p,
+        layer_norm_first=cfg.layer_norm_first,
+        layer_drop_p=cfg.layer_drop_p,
+        eps=cfg.layer_norm_eps,
+    )

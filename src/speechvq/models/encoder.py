@@ -1,0 +1,164 @@
+"""Raw-waveform convolutional feature encoder (wav2vec 2.0 paper section 2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from speechvq.config import FeatureEncoderConfig
+from speechvq.models.common import GradMultiply, lengths_to_padding_mask
+
+
+def conv_output_lengths(lengths: Tensor, conv_layers: tuple[tuple[int, int, int], ...]) -> Tensor:
+    """Frames produced by the conv stack: floor((L - k) / s) + 1 per layer, clamped at 0.
+
+    Args:
+        lengths: ``[B]`` input lengths in samples.
+        conv_layers: (channels, kernel, stride) per layer.
+
+    Returns:
+        ``[B]`` output lengths in frames (int64).
+    """
+    out = lengths.to(torch.long)
+    for _, kernel, stride in conv_layers:
+        out = torch.div(out - kernel, stride, rounding_mode="floor") + 1
+        out = out.clamp(min=0)
+    return out
+
+
+class MaskedGroupNorm(nn.Module):
+    """GroupNorm with one group per channel whose statistics skip padded frames.
+
+    Without padding it equals ``nn.GroupNorm(C, C)`` (the BASE model's first-layer norm); with
+    padding each utterance is normalised over its own frames only, so a padded batch gives the
+    same result per utterance as each utterance alone.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: Tensor, lengths: Tensor | None) -> Tensor:
+        """x: ``[B, C, T]``; lengths: ``[B]`` frames or None."""
+        if lengths is None or bool((lengths == x.size(-1)).all()):
+            return F.group_norm(x, x.size(1), self.weight, self.bias, self.eps)
+        valid = (~lengths_to_padding_mask(lengths, x.size(-1))).to(x.dtype)[:, None, :]  # (B, 1, T)
+        count = valid.sum(-1, keepdim=True).clamp(min=1.0)
+        mean = (x * valid).sum(-1, keepdim=True) / count
+        var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / count
+        x = (x - mean) * torch.rsqrt(var + self.eps)
+        return x * self.weight[None, :, None] + self.bias[None, :, None]
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channel axis of a ``[B, C, T]`` tensor (the LARGE model's conv norm)."""
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class ConvLayerBlock(nn.Module):
+    """Conv1d -> optional norm -> GELU, propagating lengths."""
+
+    def __init__(self, conv: nn.Conv1d, norm: nn.Module | None) -> None:
+        super().__init__()
+        self.conv = conv
+        self.norm = norm
+
+    def forward(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """x: ``[B, C_in, S]`` -> ``[B, C_out, S']``; lengths in and out in steps of this layer."""
+        x = self.conv(x)
+        if lengths is not None:
+            kernel, stride = self.conv.kernel_size[0], self.conv.stride[0]
+            lengths = (torch.div(lengths - kernel, stride, rounding_mode="floor") + 1).clamp(min=0)
+        if self.norm is not None:
+            x = self.norm(x, lengths)
+        return F.gelu(x), lengths
+
+
+class ConvFeatureEncoder(nn.Module):
+    """Stack of :class:`ConvLayerBlock`, raw waveform to frame features.
+
+    Build it with :func:`build_feature_encoder`.
+    """
+
+    def __init__(self, layers: nn.ModuleList, conv_layers: tuple[tuple[int, int, int], ...], grad_mult: float):
+        super().__init__()
+        self.layers = layers
+        self.conv_layers = conv_layers
+        self.grad_mult = grad_mult
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples that the first frame depends on (the minimum input length)."""
+        field, jump = 1, 1
+        for _, kernel, stride in self.conv_layers:
+            field += (kernel - 1) * jump
+            jump *= stride
+        return field
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """``[B]`` samples -> ``[B]`` frames (see :func:`conv_output_lengths`)."""
+        return conv_output_lengths(lengths, self.conv_layers)
+
+    def forward(self, waveforms: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Encode waveforms.
+
+        Args:
+            waveforms: ``[B, S]`` float samples.
+            lengths: ``[B]`` valid samples per utterance; None means all are S long.
+
+        Returns:
+            features ``[B, T, C]`` and their valid lengths ``[B]`` in frames.
+
+        Raises:
+            ValueError: if ``waveforms`` is not 2-D, or an utterance is shorter than one frame.
+        """
+        if waveforms.ndim != 2:
+            raise ValueError(f"`waveforms` must be 2-D [batch, samples], but has shape {tuple(waveforms.shape)} instead.")
+        batch, num_samples = waveforms.shape
+        if lengths is None:
+            lengths = torch.full((batch,), num_samples, dtype=torch.long, device=waveforms.device)
+        shortest = int(lengths.min()) if batch else 0
+        if batch and shortest < self.receptive_field:
+            raise ValueError(
+                f"every input must hold at least {self.receptive_field} samples (one frame), "
+                f"but the shortest holds {shortest} instead."
+            )
+        frame_lengths: Tensor | None = lengths
+        x = waveforms[:, None, :]  # (B, S) -> (B, 1, S)
+        if self.grad_mult == 0.0:
+            with torch.no_grad():
+                for layer in self.layers:
+                    x, frame_lengths = layer(x, frame_lengths)
+        else:
+            for layer in self.layers:
+                x, frame_lengths = layer(x, frame_lengths)
+            if self.grad_mult != 1.0:
+                x = GradMultiply.apply(x, self.grad_mult)
+        assert frame_lengths is not None
+        return x.transpose(1, 2), frame_lengths  # (B, C, T) -> (B, T, C)
+
+
+def build_feature_encoder(cfg: FeatureEncoderConfig) -> ConvFeatureEncoder:
+    """Build the conv feature encoder of ``cfg``."""
+    layers = []
+    in_channels = 1
+    for i, (channels, kernel, stride) in enumerate(cfg.conv_layers):
+        conv = nn.Conv1d(in_channels, channels, kernel, stride=stride, bias=cfg.conv_bias)
+        nn.init.kaiming_normal_(conv.weight)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+        norm: nn.Module | None
+        if cfg.norm_mode == "layer_norm":
+            norm = ChannelLayerNorm(channels)
+        elif i == 0:
+            norm = MaskedGroupNorm(channels)
+        else:
+            norm = None
+        layers.append(ConvLayerBlock(conv, norm))
+        in_channels = channels
+    return ConvFeatureEncoder(nn.ModuleList(layers), cfg.conv_layers, cfg.grad_mult)

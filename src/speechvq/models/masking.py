@@ -1,0 +1,110 @@
+"""Span masking and distractor sampling, in torch, on the model's device.
+
+Semantics follow fairseq's ``compute_mask_indices`` (static span lengths) and
+``Wav2Vec2Model.sample_negatives``; randomness comes from an optional ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _rand(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> Tensor:
+    if generator is not None and generator.device != device:
+        return torch.rand(shape, generator=generator, device=generator.device).to(device)
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def _keep_random(candidates: Tensor, counts: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Per row, keep ``counts[b]`` of the True entries of ``candidates``, uniformly without replacement."""
+    keys = _rand(tuple(candidates.shape), candidates.device, generator)
+    keys = keys.masked_fill(~candidates, 2.0)  # never chosen before a candidate
+    ranks = keys.argsort(dim=1).argsort(dim=1)
+    return ranks < counts[:, None]
+
+
+def compute_span_mask(
+    lengths: Tensor,
+    max_len: int,
+    *,
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int = 0,
+    require_same_masks: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Random time spans to mask.
+
+    Per utterance of T_b valid frames: ``n = floor(mask_prob * T_b / M + u)`` spans (u uniform
+    in [0, 1)), at least ``min_masks``; span starts are drawn without replacement from the first
+    ``max(T_b - M, n + 1)`` frames and spans are clipped to the valid frames, so padding is never
+    masked. ``mask_prob=0.65, M=10`` masks about 49% of frames.
+
+    Args:
+        lengths: ``[B]`` valid frames per utterance.
+        max_len: T.
+        mask_prob: expected span starts per frame, times M.
+        mask_length: M.
+        min_masks: minimum spans per utterance.
+        require_same_masks: trim every row to the smallest masked count of the batch.
+        generator: optional RNG for reproducibility.
+
+    Returns:
+        ``[B, T]`` bool, True where masked.
+    """
+    device = lengths.device
+    lengths = lengths.to(torch.long)
+    batch = lengths.numel()
+    u = _rand((batch,), device, generator)
+    num = torch.floor(mask_prob * lengths.to(torch.float64) / mask_length + u.to(torch.float64)).to(torch.long)
+    num = num.clamp(min=min_masks)
+    num = torch.minimum(num, (lengths - 1).clamp(min=0))  # leave at least one frame unmasked
+    start_range = torch.maximum(lengths - mask_length, num + 1)
+    positions = torch.arange(max_len, device=device)
+    starts = _keep_random(positions[None, :] < start_range[:, None], num, generator)
+    # A frame is masked when a span starts in (t - M, t]: difference of a running count of starts.
+    count = starts.to(torch.int32).cumsum(dim=1)
+    shifted = torch.nn.functional.pad(count, (mask_length, 0))[:, :max_len]
+    mask = (count - shifted) > 0
+    mask &= positions[None, :] < lengths[:, None]
+    if require_same_masks and batch > 0:
+        per_row = mask.sum(dim=1)
+        mask = _keep_random(mask, torch.full_like(per_row, int(per_row.min())), generator)
+    return mask
+
+
+def sample_distractors(
+    mask: Tensor, num_negatives: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Draw K distractors for every masked frame from the masked frames of the same utterance.
+
+    A distractor is never the target frame itself (indices at or after the target's are shifted
+    by one, which keeps the draw uniform over the other frames) and never padding. An utterance
+    with a single masked frame has no other frame to draw from: its distractors point at the
+    target itself, and :func:`contrastive_logits` gives them -inf.
+
+    Args:
+        mask: ``[B, T]`` bool, masked frames.
+        num_negatives: K.
+        generator: optional RNG.
+
+    Returns:
+        ``target_index`` ``[N]`` and ``distractor_index`` ``[N, K]``, flat indices into the
+        ``B * T`` frames (N = number of masked frames, utterance-major order).
+    """
+    batch, frames = mask.shape
+    target_index = mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
+    utt = torch.div(target_index, frames, rounding_mode="floor")
+    counts = mask.sum(dim=1)  # (B,)
+    offsets = counts.cumsum(0) - counts  # first packed index of each utterance
+    n_of = counts[utt]  # (N,) masked frames in the target's utterance
+    local = torch.arange(target_index.numel(), device=mask.device) - offsets[utt]  # (N,)
+    draws = _rand((target_index.numel(), num_negatives), mask.device, generator)
+    # uniform over [0, n - 2], then skip the target's own slot
+    sampled = torch.floor(draws * (n_of - 1).clamp(min=0)[:, None].to(draws.dtype)).to(torch.long)
+    sampled = sampled + (sampled >= local[:, None]).to(torch.long)
+    sampled = torch.where((n_of < 2)[:, None], local[:, None].expand_as(sampled), sampled)
+    sampled = torch.minimum(sampled, (n_of - 1).clamp(min=0)[:, None])
+    distractor_index = target_index[offsets[utt][:, None] + sampled]  # packed -> flat (N, K)
+    return target_index, distractor_index

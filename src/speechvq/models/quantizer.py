@@ -1,0 +1,156 @@
+"""Gumbel-softmax product quantizer (wav2vec 2.0 paper section 2.2; Jang et al. 2016)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from speechvq.config import QuantizerConfig
+
+
+@dataclass
+class QuantizerOutput:
+    """What a quantizer returns for a ``[B, T, C]`` input."""
+
+    quantized: Tensor
+    """``[B, T, codevector_dim]`` the selected codewords, concatenated over groups."""
+    codes: Tensor
+    """``[B, T, G]`` int64 index of the selected entry per group (argmax of the logits)."""
+    code_perplexity: Tensor
+    """Scalar, sum over groups of the perplexity of the hard code distribution."""
+    prob_perplexity: Tensor
+    """Scalar, sum over groups of the perplexity of the mean softmax distribution."""
+    temperature: float
+    """Gumbel-softmax temperature used for this call."""
+    num_codes: int
+    """G x V."""
+
+
+def perplexity(probs: Tensor, frame_mask: Tensor | None) -> Tensor:
+    """Sum over groups of exp(entropy) of the marginal distribution over the selected frames.
+
+    The entropy uses ``p * log(max(p, tiny))``: equal to ``xlogy(p, p)`` in value, but its gradient
+    stays finite where an entry's probability is exactly zero (``xlogy`` gives 0/0 = NaN there).
+
+    Args:
+        probs: ``[N, G, V]`` per-frame distributions, fp32.
+        frame_mask: ``[N]`` bool, frames to average over; None for all.
+
+    Returns:
+        Scalar perplexity (between G and G x V).
+    """
+    if frame_mask is None:
+        marginal = probs.mean(dim=0)
+    else:
+        weights = frame_mask.to(probs.dtype)[:, None, None]
+        marginal = (probs * weights).sum(dim=0) / weights.sum().clamp(min=1.0)
+    tiny = torch.finfo(marginal.dtype).tiny
+    entropy = -(marginal * torch.log(marginal.clamp(min=tiny))).sum(dim=-1)
+    return torch.exp(entropy).sum()
+
+
+class GumbelVectorQuantizer(nn.Module):
+    """G groups of V learnable codewords; each frame picks one entry per group.
+
+    Training uses hard straight-through Gumbel-softmax samples; evaluation uses the argmax. The
+    temperature anneals from the ``num_updates`` buffer, so it survives checkpoint and resume.
+
+    Args:
+        input_dim: C, dimension of the input features.
+        num_codebooks: G (fairseq ``groups``).
+        codebook_size: V (fairseq ``num_vars``).
+        codevector_dim: dimension of the concatenated output (``G * d``).
+        temperature: (start, end, decay) of tau = max(start * decay**num_updates, end).
+    """
+
+    def __init__(
+        self,
+        *,
+        input_dim: int,
+        num_codebooks: int,
+        codebook_size: int,
+        codevector_dim: int,
+        temperature: tuple[float, float, float],
+    ) -> None:
+        super().__init__()
+        if codevector_dim % num_codebooks != 0:
+            raise ValueError(
+                f"`codevector_dim` must be a multiple of `num_codebooks` ({num_codebooks}), "
+                f"but is {codevector_dim} instead."
+            )
+        self.num_codebooks = num_codebooks
+        self.codebook_size = codebook_size
+        self.temperature_schedule = temperature
+        self.weight_proj = nn.Linear(input_dim, num_codebooks * codebook_size)
+        self.codevectors = nn.Parameter(torch.empty(1, num_codebooks * codebook_size, codevector_dim // num_codebooks))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight_proj.weight, mean=0.0, std=1.0)
+        nn.init.zeros_(self.weight_proj.bias)
+        nn.init.uniform_(self.codevectors)
+
+    @property
+    def num_codes(self) -> int:
+        return self.num_codebooks * self.codebook_size
+
+    @property
+    def temperature(self) -> float:
+        start, end, decay = self.temperature_schedule
+        return max(start * decay ** int(self.num_updates), end)
+
+    def set_num_updates_(self, num_updates: int) -> None:
+        self.num_updates.fill_(num_updates)
+
+    def codes_to_vectors(self, codes: Tensor) -> Tensor:
+        """``[..., G]`` codes -> ``[..., codevector_dim]`` codewords."""
+        offsets = torch.arange(self.num_codebooks, device=codes.device) * self.codebook_size
+        flat = self.codevectors[0][codes + offsets]  # (..., G) -> (..., G, d)
+        return flat.flatten(-2)  # (..., G, d) -> (..., G*d)
+
+    def forward(self, x: Tensor, frame_mask: Tensor | None = None) -> QuantizerOutput:
+        """Quantize ``x`` (``[B, T, C]``); ``frame_mask`` (``[B, T]`` bool, True = counted) selects
+        the frames the perplexities are computed over (the non-padded frames)."""
+        batch, frames, _ = x.shape
+        g, v = self.num_codebooks, self.codebook_size
+        # Quantizer math in fp32 whatever the autocast context (vector-quantize-pytorch practice).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight_proj.weight.float(), self.weight_proj.bias.float())
+            logits = logits.view(batch * frames * g, v)  # (B, T, G*V) -> (B*T*G, V)
+            codes = logits.argmax(dim=-1)
+            hard = torch.zeros_like(logits).scatter_(-1, codes[:, None], 1.0)
+            flat_mask = frame_mask.reshape(-1) if frame_mask is not None else None
+            code_ppl = perplexity(hard.view(batch * frames, g, v), flat_mask)
+            prob_ppl = perplexity(torch.softmax(logits.view(batch * frames, g, v), dim=-1), flat_mask)
+            temperature = self.temperature
+            if self.training:
+                onehot = F.gumbel_softmax(logits, tau=temperature, hard=True)
+            else:
+                onehot = hard
+            # (B*T*G, V) -> (G, B*T, V) @ (G, V, d) -> (G, B*T, d)
+            onehot = onehot.view(batch * frames, g, v).transpose(0, 1)
+            book = self.codevectors.float().view(g, v, -1)
+            quantized = torch.bmm(onehot, book).transpose(0, 1).reshape(batch, frames, -1)
+        return QuantizerOutput(
+            quantized=quantized,
+            codes=codes.view(batch, frames, g),
+            code_perplexity=code_ppl,
+            prob_perplexity=prob_ppl,
+            temperature=temperature,
+            num_codes=g * v,
+        )
+
+
+def build_quantizer(cfg: QuantizerConfig, input_dim: int) -> GumbelVectorQuantizer:
+    """Build the Gumbel quantizer of ``cfg`` over ``input_dim``-dimensional features."""
+    return GumbelVectorQuantizer(
+        input_dim=input_dim,
+        num_codebooks=cfg.num_codebooks,
+        codebook_size=cfg.codebook_size,
+        codevector_dim=cfg.codevector_dim,
+        temperature=cfg.temperature,
+    )

@@ -1,0 +1,235 @@
+"""wav2vec 2.0 (Baevski et al., 2020): conv encoder, quantizer, masked Transformer context network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from speechvq.config import Wav2Vec2Config
+from speechvq.losses import (
+    LossBreakdown,
+    contrastive_logits,
+    contrastive_loss,
+    diversity_loss,
+    feature_penalty,
+)
+from speechvq.models.common import lengths_to_padding_mask
+from speechvq.models.context import ContextNetwork, build_context_network
+from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
+from speechvq.models.masking import compute_span_mask, sample_distractors
+from speechvq.models.quantizer import GumbelVectorQuantizer, QuantizerOutput, build_quantizer
+
+
+class FeatureProjection(nn.Module):
+    """LayerNorm over encoder channels, Linear to the model dim, dropout."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout_p: float, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(in_dim, eps=eps)
+        self.linear = nn.Linear(in_dim, out_dim)
+        self.dropout = nn.Dropout(dropout_p)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, T, C]`` -> (projected ``[B, T, D]``, normalised features ``[B, T, C]``)."""
+        normed = self.layer_norm(features)
+        return self.dropout(self.linear(normed)), normed
+
+
+@dataclass
+class Wav2Vec2Output:
+    """Everything :meth:`Wav2Vec2Model.forward` computes. N = number of masked frames."""
+
+    features: Tensor
+    """``[B, T, C]`` feature encoder output (before its LayerNorm)."""
+    lengths: Tensor
+    """``[B]`` valid frames."""
+    mask: Tensor
+    """``[B, T]`` bool, masked frames."""
+    context: Tensor
+    """``[B, T, D]`` final context network output."""
+    hidden_states: tuple[Tensor, ...]
+    """Context network input, then each block's output."""
+    quantizer: QuantizerOutput
+    predictions: Tensor
+    """``[N, F]`` context outputs at masked frames projected to the final dim."""
+    targets: Tensor
+    """``[N, F]`` projected quantized vectors at masked frames."""
+    logits: Tensor
+    """``[N, K + 1]`` contrastive logits (fp32), the target first."""
+    target_index: Tensor
+    """``[N]`` flat indices of the masked frames into ``B * T``."""
+    distractor_index: Tensor
+    """``[N, K]`` flat indices of the distractors into ``B * T``."""
+    features_penalty: Tensor
+    """Scalar mean squared encoder activation over valid frames."""
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.logits.size(0))
+
+
+class Wav2Vec2Model(nn.Module):
+    """The wav2vec 2.0 pretraining model. Build it with :func:`build_wav2vec2`.
+
+    Args:
+        feature_encoder: raw waveform -> ``[B, T, C]``.
+        feature_projection: ``[B, T, C]`` -> ``[B, T, D]``.
+        quantizer: quantizes the normalised encoder features into targets.
+        context: the Transformer context network.
+        cfg: the config the parts were built from (masking and loss settings are read from it).
+    """
+
+    def __init__(
+        self,
+        feature_encoder: ConvFeatureEncoder,
+        feature_projection: FeatureProjection,
+        quantizer: GumbelVectorQuantizer,
+        context: ContextNetwork,
+        cfg: Wav2Vec2Config,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.feature_encoder = feature_encoder
+        self.feature_projection = feature_projection
+        self.quantizer = quantizer
+        self.context = context
+        self.mask_embedding = nn.Parameter(torch.empty(cfg.context.dim).uniform_())
+        self.quantizer_dropout = nn.Dropout(cfg.quantizer.dropout_p)
+        self.project_q = nn.Linear(cfg.quantizer.codevector_dim, cfg.final_dim)
+        self.project_hid = nn.Linear(cfg.context.dim, cfg.final_dim)
+
+    def set_num_updates_(self, num_updates: int) -> None:
+        """Set the update count that anneals the Gumbel temperature."""
+        self.quantizer.set_num_updates_(num_updates)
+
+    def encode(self, waveforms: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Feature encoder: (features ``[B, T, C]``, frame lengths ``[B]``, padding mask or None)."""
+        features, frame_lengths = self.feature_encoder(waveforms, lengths)
+        padding_mask = None
+        if bool((frame_lengths < features.size(1)).any()):
+            padding_mask = lengths_to_padding_mask(frame_lengths, features.size(1))
+        return features, frame_lengths, padding_mask
+
+    def forward(
+        self,
+        waveforms: Tensor,
+        lengths: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        distractor_index: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Wav2Vec2Output:
+        """The pretraining forward pass.
+
+        Args:
+            waveforms: ``[B, S]`` samples.
+            lengths: ``[B]`` valid samples per utterance (None: all S).
+            mask: ``[B, T]`` frames to mask; drawn with :func:`compute_span_mask` if None.
+            distractor_index: ``[N, K]`` flat distractor indices (see :func:`sample_distractors`);
+                drawn if None.
+            generator: RNG for the mask and distractors.
+
+        Returns:
+            :class:`Wav2Vec2Output`; :meth:`compute_loss` turns it into the loss.
+        """
+        # 1. encode the waveform and normalise + project the features
+        features, frame_lengths, padding_mask = self.encode(waveforms, lengths)
+        batch, frames, _ = features.shape
+        pen = feature_penalty(features, padding_mask)
+        projected, normed = self.feature_projection(features)
+
+        # 2. mask spans of the projected features with the learned mask embedding
+        if mask is None:
+            m = self.cfg.mask
+            mask = compute_span_mask(
+                frame_lengths,
+                frames,
+                mask_prob=m.mask_prob,
+                mask_length=m.mask_length,
+                min_masks=m.min_masks,
+                require_same_masks=m.require_same_masks,
+                generator=generator,
+            )
+        masked = torch.where(mask[..., None], self.mask_embedding.to(projected.dtype), projected)
+
+        # 3. contextualise
+        ctx = self.context(masked, padding_mask)
+
+        # 4. quantize the (unmasked) normalised features; perplexities over the valid frames
+        valid = ~padding_mask if padding_mask is not None else None
+        q = self.quantizer(self.quantizer_dropout(normed), valid)
+
+        # 5. project predictions and targets of the masked frames only to the final dim
+        if distractor_index is None:
+            target_index, distractor_index = sample_distractors(mask, self.cfg.loss.num_negatives, generator)
+        else:
+            target_index = mask.reshape(-1).nonzero().squeeze(-1)
+        predictions = self.project_hid(ctx.last_hidden_state.reshape(batch * frames, -1)[target_index])
+        projected_q = self.project_q(q.quantized.reshape(batch * frames, -1).to(self.project_q.weight.dtype))
+        targets = projected_q[target_index]
+        distractors = projected_q[distractor_index]  # (N, K) -> (N, K, F)
+
+        # 6. cosine-similarity logits / kappa, in fp32 (eq. 3)
+        logits = contrastive_logits(predictions, targets, distractors, self.cfg.loss.logit_temp)
+        return Wav2Vec2Output(
+            features=features,
+            lengths=frame_lengths,
+            mask=mask,
+            context=ctx.last_hidden_state,
+            hidden_states=ctx.hidden_states,
+            quantizer=q,
+            predictions=predictions,
+            targets=targets,
+            logits=logits,
+            target_index=target_index,
+            distractor_index=distractor_index,
+            features_penalty=pen,
+        )
+
+    def compute_loss(self, output: Wav2Vec2Output) -> LossBreakdown:
+        """L = L_m + alpha * N * L_d + beta * N * penalty, each summed over the N targets."""
+        n = output.num_targets
+        weights = self.cfg.loss
+        lm = contrastive_loss(output.logits)
+        ld = weights.diversity_weight * n * diversity_loss(output.quantizer.prob_perplexity, output.quantizer.num_codes)
+        lp = weights.feature_penalty_weight * n * output.features_penalty
+        return LossBreakdown(total=lm + ld + lp, contrastive=lm, diversity=ld, feature_penalty=lp, num_targets=n)
+
+    @torch.no_grad()
+    def quantize(self, waveforms: Tensor, lengths: Tensor | None = None) -> tuple[QuantizerOutput, Tensor]:
+        """Quantizer output (codes ``[B, T, G]``) of unmasked input, and frame lengths ``[B]``."""
+        features, frame_lengths, padding_mask = self.encode(waveforms, lengths)
+        _, normed = self.feature_projection(features)
+        valid = ~padding_mask if padding_mask is not None else None
+        return self.quantizer(normed, valid), frame_lengths
+
+    def extract_features(
+        self, waveforms: Tensor, lengths: Tensor | None = None, num_layers: int | None = None
+    ) -> tuple[list[Tensor], Tensor]:
+        """Unmasked features of every Transformer block (torchaudio's ``extract_features``).
+
+        Args:
+            waveforms: ``[B, S]``.
+            lengths: ``[B]`` samples, or None.
+            num_layers: run only this many blocks (all if None).
+
+        Returns:
+            A list with one ``[B, T, D]`` tensor per block that ran, and ``[B]`` frame lengths.
+        """
+        features, frame_lengths, padding_mask = self.encode(waveforms, lengths)
+        projected, _ = self.feature_projection(features)
+        ctx = self.context(projected, padding_mask, num_layers=num_layers)
+        return list(ctx.hidden_states[1:]), frame_lengths
+
+
+def build_wav2vec2(cfg: Wav2Vec2Config) -> Wav2Vec2Model:
+    """Build a :class:`Wav2Vec2Model` from its config."""
+    encoder = build_feature_encoder(cfg.encoder)
+    projection = FeatureProjection(
+        cfg.encoder.out_channels, cfg.context.dim, cfg.feature_dropout_p, cfg.context.layer_norm_eps
+    )
+    quantizer = build_quantizer(cfg.quantizer, cfg.encoder.out_channels)
+    context = build_context_network(cfg.context)
+    return Wav2Vec2Model(encoder, projection, quantizer, context, cfg)
