@@ -57,9 +57,11 @@ def compute_span_mask(
     lengths = lengths.to(torch.long)
     batch = lengths.numel()
     u = _rand((batch,), device, generator)
-    num = torch.floor(mask_prob * lengths.to(torch.float64) / mask_length + u.to(torch.float64)).to(torch.long)
+    num = torch.floor(mask_prob * lengths.to(torch.float64) / mask_length + u.to(torch.float64)).to(
+        torch.long
+    )
     num = num.clamp(min=min_masks)
-    num = torch.minimum(num, (lengths - 1).clamp(min=0))  # leave at least one frame unmasked
+    num = torch.minimum(num, (lengths - 1).clamp(min=0))  # distinct starts need num < T_b (as fairseq)
     start_range = torch.maximum(lengths - mask_length, num + 1)
     positions = torch.arange(max_len, device=device)
     starts = _keep_random(positions[None, :] < start_range[:, None], num, generator)
@@ -93,7 +95,7 @@ def sample_distractors(
         ``target_index`` ``[N]`` and ``distractor_index`` ``[N, K]``, flat indices into the
         ``B * T`` frames (N = number of masked frames, utterance-major order).
     """
-    batch, frames = mask.shape
+    _batch, frames = mask.shape
     target_index = mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
     utt = torch.div(target_index, frames, rounding_mode="floor")
     counts = mask.sum(dim=1)  # (B,)

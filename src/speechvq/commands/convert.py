@@ -1,0 +1,63 @@
+"""Convert a model between speechvq, transformers and fairseq formats.
+
+Usage:
+    speechvq convert exp/pretrain/best hf_model --from speechvq --to hf
+    speechvq convert hf_model sv_model --from hf --to speechvq
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from speechvq.errors import UserInputError
+
+log = logging.getLogger("speechvq.convert")
+
+FORMATS = ("speechvq", "hf", "fairseq")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="source model (directory, or a fairseq .pt file)")
+    parser.add_argument("dst", help="destination directory (or .pt file for fairseq)")
+    parser.add_argument("--from", dest="src_format", choices=FORMATS, required=True)
+    parser.add_argument("--to", dest="dst_format", choices=FORMATS, required=True)
+
+
+def _load(src: str, fmt: str):  # type: ignore[no-untyped-def]
+    if fmt == "speechvq":
+        from speechvq.io import load_pretrained
+
+        return load_pretrained(src)
+    if fmt == "hf":
+        from speechvq.interop.hf import load_hf
+
+        return load_hf(src)
+    from speechvq.interop import fairseq
+
+    return fairseq.fairseq_to_speechvq(fairseq.load_fairseq_checkpoint(src))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.src_format == args.dst_format:
+        raise UserInputError(f"--from and --to are both {args.src_format!r}: nothing to convert")
+    model = _load(args.src, args.src_format)
+    if args.dst_format == "speechvq":
+        from speechvq.io import save_pretrained
+
+        save_pretrained(model, args.dst)
+    elif args.dst_format == "hf":
+        from speechvq.interop.hf import save_hf
+
+        if getattr(model, "model_type", "wav2vec2") == "wav2vec2_ctc":
+            from speechvq.interop.hf_ctc import save_hf_ctc  # type: ignore[import-not-found]
+
+            save_hf_ctc(model, args.dst)
+        else:
+            save_hf(model, args.dst)
+    else:
+        from speechvq.interop import fairseq
+
+        fairseq.save_fairseq_checkpoint(model, args.dst)
+    log.info("wrote %s (%s)", args.dst, args.dst_format)
+    return 0

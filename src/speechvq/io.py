@@ -1,0 +1,125 @@
+"""speechvq's own model format: ``model.safetensors`` + ``config.json`` in a directory.
+
+Loading never unpickles. ``config.json`` holds ``{"format": "speechvq", "model_type": ...,
+"config": {...}}``; the model type selects the config class and builder from :data:`MODEL_TYPES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from speechvq.errors import UserInputError
+
+FORMAT = "speechvq"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+MODEL_TYPES: dict[str, tuple[str, str]] = {
+    # model_type: ("module:ConfigClass", "module:builder")
+    "wav2vec2": ("speechvq.config:Wav2Vec2Config", "speechvq.models.wav2vec2:build_wav2vec2"),
+}
+
+
+def _resolve(spec: str) -> Any:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def model_type_of(model: nn.Module) -> str:
+    """The registered model type of ``model`` (its builder's return class)."""
+    name = getattr(model, "model_type", None)
+    if isinstance(name, str):
+        return name
+    for key, (_, builder) in MODEL_TYPES.items():
+        module, _ = builder.split(":")
+        if type(model).__module__ == module:
+            return key
+    raise ValueError(f"`model` must be a registered speechvq model, but is {type(model).__name__} instead.")
+
+
+def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous, unshared copies of every tensor of the state dict (safetensors forbids sharing)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_pretrained(
+    model: nn.Module, directory: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model`` to ``directory`` atomically (a temporary directory renamed into place)."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "model_type": model_type_of(model), "config": model.cfg.to_dict()}  # type: ignore[operator]
+    if extra:
+        meta.update(extra)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    save_file(state_dict_for_save(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        _rmtree(old)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``config.json`` of a speechvq model directory."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise UserInputError(f"{directory}: not a speechvq model directory (no {CONFIG_NAME})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserInputError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserInputError(f'{path}: not a speechvq config (missing "format": "{FORMAT}")')
+    if meta.get("model_type") not in MODEL_TYPES:
+        raise UserInputError(
+            f"{path}: unknown model_type {meta.get('model_type')!r}; known: {sorted(MODEL_TYPES)}"
+        )
+    return meta
+
+
+def build_from_config(model_type: str, config: dict[str, Any]) -> nn.Module:
+    """Build an untrained model of ``model_type`` from its config dict."""
+    config_spec, builder_spec = MODEL_TYPES[model_type]
+    cfg = _resolve(config_spec).from_dict(config)
+    return _resolve(builder_spec)(cfg)
+
+
+def load_pretrained(directory: str | os.PathLike[str], map_location: str = "cpu") -> nn.Module:
+    """Load a model written by :func:`save_pretrained` (strict: every key must match)."""
+    meta = read_config(directory)
+    try:
+        model = build_from_config(meta["model_type"], meta["config"])
+    except (TypeError, ValueError) as err:
+        raise UserInputError(f"{Path(directory) / CONFIG_NAME}: invalid config: {err}") from None
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise UserInputError(f"{directory}: missing {WEIGHTS_NAME}")
+    state = load_file(str(weights), device=map_location)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserInputError(
+            f"{weights}: weights do not match the config (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})"
+        )
+    model.eval()
+    return model

@@ -1,0 +1,139 @@
+"""Invariants of the wav2vec 2.0 model: padding, lengths, masks, distractors, training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from speechvq import build_wav2vec2, preset
+from speechvq.config import FeatureEncoderConfig, Wav2Vec2Config
+from speechvq.models.encoder import conv_output_lengths
+
+
+def _eval_model(name: str = "tiny", norm_mode: str = "group_norm"):
+    cfg = preset(name)
+    cfg.encoder = FeatureEncoderConfig(conv_layers=cfg.encoder.conv_layers, norm_mode=norm_mode)
+    return build_wav2vec2(cfg).eval()
+
+
+@pytest.mark.parametrize("norm_mode", ["group_norm", "layer_norm"])
+@torch.no_grad()
+def test_padded_batch_equals_each_utterance_alone(waves, norm_mode):
+    model = _eval_model("tiny", norm_mode)
+    x, lengths = waves
+    batch_layers, frame_lengths = model.extract_features(x, lengths)
+    codes, _ = model.quantize(x, lengths)
+    for i, n in enumerate(lengths.tolist()):
+        alone_layers, alone_len = model.extract_features(x[i : i + 1, :n])
+        t = int(frame_lengths[i])
+        assert t == int(alone_len[0]) == alone_layers[-1].size(1)
+        for batched, alone in zip(batch_layers, alone_layers):
+            torch.testing.assert_close(batched[i, :t], alone[0], atol=1e-5, rtol=1e-5)
+        alone_codes, _ = model.quantize(x[i : i + 1, :n])
+        assert torch.equal(codes.codes[i, :t], alone_codes.codes[0])
+
+
+def test_output_lengths_equal_frames_produced_and_transformers_formula():
+    model = _eval_model()
+    for n in [400, 401, 719, 720, 16000, 16001, 33333]:
+        feats, lengths = model.feature_encoder(torch.randn(1, n))
+        assert (
+            feats.size(1)
+            == int(lengths[0])
+            == int(model.feature_encoder.output_lengths(torch.tensor([n]))[0])
+        )
+    # transformers' _get_feat_extract_output_lengths for the BASE conv stack
+    from transformers import Wav2Vec2Config as HFConfig
+    from transformers import Wav2Vec2Model as HFModel
+
+    hf = HFModel(HFConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=32))
+    samples = torch.tensor([400, 1000, 16000, 250000])
+    ours = conv_output_lengths(samples, Wav2Vec2Config().encoder.conv_layers)
+    assert torch.equal(ours, hf._get_feat_extract_output_lengths(samples))
+
+
+def test_input_shorter_than_one_frame_raises_value_error():
+    model = _eval_model()
+    with pytest.raises(ValueError, match="at least 400 samples"):
+        model(torch.randn(1, 399))
+    with pytest.raises(ValueError, match="at least 400 samples"):
+        model(torch.randn(2, 16000), torch.tensor([16000, 100]))
+    with pytest.raises(ValueError, match="must be 2-D"):
+        model(torch.randn(16000))
+
+
+def test_masks_and_distractors_never_touch_padding_and_never_the_positive(waves):
+    model = build_wav2vec2(preset("tiny")).train()
+    x, lengths = waves
+    for seed in range(5):
+        out = model(x, lengths, generator=torch.Generator().manual_seed(seed))
+        _batch, frames = out.mask.shape
+        valid = torch.arange(frames)[None, :] < out.lengths[:, None]
+        assert not (out.mask & ~valid).any()
+        flat_mask = out.mask.reshape(-1)
+        assert flat_mask[out.distractor_index].all()  # only masked (hence valid) frames
+        assert (out.distractor_index != out.target_index[:, None]).all()
+        same_utt = out.distractor_index // frames == out.target_index[:, None] // frames
+        assert same_utt.all()
+        assert out.logits.shape == (int(out.mask.sum()), model.cfg.loss.num_negatives + 1)
+
+
+def test_feature_grad_mult_scales_and_freezes_the_encoder():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8000)
+    grads = {}
+    for mult in (1.0, 0.1, 0.0):
+        cfg = preset("tiny")
+        cfg.encoder.grad_mult = mult
+        cfg.context.dropout_p = cfg.context.attention_dropout_p = cfg.feature_dropout_p = 0.0
+        torch.manual_seed(1)
+        model = build_wav2vec2(cfg)
+        out = model(x, generator=torch.Generator().manual_seed(0))
+        model.compute_loss(out).contrastive.backward()
+        grads[mult] = model.feature_encoder.layers[0].conv.weight.grad
+    assert grads[0.0] is None
+    torch.testing.assert_close(grads[0.1], 0.1 * grads[1.0], rtol=1e-4, atol=1e-7)
+
+
+def test_extract_features_num_layers_returns_the_first_layers():
+    cfg = preset("tiny")
+    model = build_wav2vec2(cfg).eval()
+    x = torch.randn(1, 8000)
+    every, _ = model.extract_features(x)
+    first, _ = model.extract_features(x, num_layers=1)
+    assert len(every) == cfg.context.num_layers and len(first) == 1
+    torch.testing.assert_close(first[0], every[0])
+
+
+def test_tiny_training_run_lowers_the_loss_with_finite_gradients():
+    torch.manual_seed(0)
+    model = build_wav2vec2(preset("tiny")).train()
+    g = torch.Generator().manual_seed(0)
+    # generated "speech": a few harmonic tones with varying pitch and noise, fixed set of clips
+    t = torch.arange(16000) / 16000.0
+    clips = []
+    for i in range(4):
+        f0 = 110.0 + 40.0 * i
+        wave = sum(
+            torch.sin(2 * torch.pi * f0 * k * t * (1 + 0.1 * torch.sin(2 * torch.pi * 3 * t))) / k
+            for k in (1, 2, 3)
+        )
+        clips.append(wave + 0.05 * torch.randn(16000, generator=g))
+    x = torch.stack(clips)
+    optim = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for step in range(30):
+        model.set_num_updates_(step)
+        out = model(x, generator=torch.Generator().manual_seed(step))
+        loss = model.compute_loss(out)
+        optim.zero_grad()
+        (loss.total / loss.num_targets).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        optim.step()
+        losses.append(float(loss.contrastive.detach()) / loss.num_targets)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    chance = math.log(model.cfg.loss.num_negatives + 1)  # uniform over target + K distractors
+    assert last < first - 0.2
+    assert last < chance  # better than guessing
