@@ -85,7 +85,9 @@ class ConvFeatureEncoder(nn.Module):
     Build it with :func:`build_feature_encoder`.
     """
 
-    def __init__(self, layers: nn.ModuleList, conv_layers: tuple[tuple[int, int, int], ...], grad_mult: float):
+    def __init__(
+        self, layers: nn.ModuleList, conv_layers: tuple[tuple[int, int, int], ...], grad_mult: float
+    ):
         super().__init__()
         self.layers = layers
         self.conv_layers = conv_layers
@@ -118,7 +120,9 @@ class ConvFeatureEncoder(nn.Module):
             ValueError: if ``waveforms`` is not 2-D, or an utterance is shorter than one frame.
         """
         if waveforms.ndim != 2:
-            raise ValueError(f"`waveforms` must be 2-D [batch, samples], but has shape {tuple(waveforms.shape)} instead.")
+            raise ValueError(
+                f"`waveforms` must be 2-D [batch, samples], but has shape {tuple(waveforms.shape)} instead."
+            )
         batch, num_samples = waveforms.shape
         if lengths is None:
             lengths = torch.full((batch,), num_samples, dtype=torch.long, device=waveforms.device)
