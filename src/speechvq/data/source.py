@@ -1,0 +1,271 @@
+"""Where utterances come from: a fairseq manifest or a local Hugging Face ``datasets`` dataset.
+
+Local datasets are read with pyarrow directly (no hub access, no ``datasets`` import needed):
+
+* a ``save_to_disk`` directory (``state.json`` + ``*.arrow``; pick a split's subdirectory of a
+  ``DatasetDict``),
+* parquet files (one file, or a directory holding ``*.parquet`` anywhere below it),
+* an ``audiofolder`` directory (audio files, optionally with ``metadata.csv`` / ``metadata.jsonl``
+  whose ``file_name`` column names them).
+
+The audio column is the one named ``audio`` (else the first column of ``{bytes, path}`` structs or
+of path strings); text comes from a named column.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from speechvq.data.audio import AudioInfo, RawFormat, audio_info, decode_audio
+from speechvq.data.manifest import Manifest, read_manifest
+from speechvq.errors import UserInputError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au", ".w64", ".caf", ".sph")
+TEXT_COLUMNS = ("text", "transcription", "sentence", "normalized_text")
+
+
+@dataclass
+class Utterance:
+    """One utterance of a source, before decoding."""
+
+    name: str
+    """Name for messages (the file path, or ``dataset[i]``)."""
+    data: str | bytes
+    """Path of the audio file, or its encoded bytes."""
+    num_frames: int | None
+    """Expected native frames (a manifest's ``num_samples``), or None if not listed."""
+
+
+class AudioSource:
+    """Indexable utterances: ``len``, ``utterance(i)``, ``text(i)`` and ``sizes`` at a target rate."""
+
+    def __init__(self, utts: list[Utterance], texts: Sequence[str | bytes] | None, description: str) -> None:
+        self.utts = utts
+        self.texts = texts
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.utts)
+
+    def utterance(self, i: int) -> Utterance:
+        return self.utts[i]
+
+    def text(self, i: int) -> str | bytes | None:
+        return None if self.texts is None else self.texts[i]
+
+    def sizes(self, sample_rate: int) -> np.ndarray:
+        """Samples per utterance at ``sample_rate`` (listed lengths, else read from the headers)."""
+        out = np.zeros(len(self.utts), dtype=np.int64)
+        for i, utt in enumerate(self.utts):
+            if utt.num_frames is not None:
+                out[i] = utt.num_frames
+                continue
+            try:
+                info: AudioInfo = audio_info(utt.data, name=utt.name)
+            except UserInputError:
+                out[i] = 0  # reported when loaded
+                continue
+            out[i] = round(info.num_frames * sample_rate / info.sample_rate)
+        return out
+
+    def load(self, i: int, sample_rate: int, raw_format: RawFormat | None = None) -> np.ndarray:
+        utt = self.utts[i]
+        wav, _ = decode_audio(
+            utt.data,
+            sample_rate=sample_rate,
+            raw_format=raw_format,
+            name=utt.name,
+            expected_frames=utt.num_frames,
+        )
+        return wav
+
+
+def read_label_lines(path: Path) -> list[bytes]:
+    """Raw label lines (decoded per item later, so one bad line spoils only its item)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserInputError(f"{path}: cannot read label file ({err.strerror})") from None
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [ln.rstrip(b"\r") for ln in lines]
+
+
+def manifest_source(manifest: Manifest, labels: str | os.PathLike | list[str] | None) -> AudioSource:
+    utts = [
+        Utterance(
+            name=str(manifest.audio_path(it)), data=str(manifest.audio_path(it)), num_frames=it.num_samples
+        )
+        for it in manifest.items
+    ]
+    texts: Sequence[str | bytes] | None = None
+    if isinstance(labels, list):
+        texts = list(labels)
+        label_name = "labels"
+    elif labels is not None:
+        label_path = Path(labels)
+        if str(labels) in ("ltr", "wrd") and manifest.path is not None and not label_path.exists():
+            label_path = manifest.path.with_suffix("." + str(labels))
+        label_name = str(label_path)
+        texts = list(read_label_lines(label_path))
+    if texts is not None and len(texts) != len(utts):
+        raise UserInputError(
+            f"{label_name}: has {len(texts)} lines, but the manifest {manifest.path} has {len(utts)} items"
+        )
+    return AudioSource(utts, texts, f"manifest {manifest.path}")
+
+
+def _audio_column(table: pa.Table, path: Path) -> str:
+    import pyarrow as pa
+
+    if "audio" in table.column_names:
+        return "audio"
+    for name in table.column_names:
+        t = table.schema.field(name).type
+        if pa.types.is_struct(t) and {"bytes", "path"} <= {t.field(k).name for k in range(t.num_fields)}:
+            return name
+    raise UserInputError(
+        f"{path}: no audio column (named 'audio', or of {{bytes, path}} structs) in {table.column_names}"
+    )
+
+
+def _text_column(columns: list[str], labels: str | None, path: Path) -> str | None:
+    if labels is None:
+        return None
+    if labels in columns:
+        return labels
+    raise UserInputError(f"{path}: text column {labels!r} not found; columns are {columns}")
+
+
+def arrow_source(table: pa.Table, path: Path, labels: str | None) -> AudioSource:
+    """Utterances from an arrow table with an audio column of ``{bytes, path}`` structs or paths."""
+    col = _audio_column(table, path)
+    base = path if path.is_dir() else path.parent
+    utts = []
+    for i, cell in enumerate(table.column(col).to_pylist()):
+        name = f"{path}[{i}]"
+        if isinstance(cell, dict):
+            if cell.get("bytes"):
+                utts.append(
+                    Utterance(
+                        name=f"{name} ({cell.get('path') or 'bytes'})", data=cell["bytes"], num_frames=None
+                    )
+                )
+                continue
+            cell = cell.get("path")
+        if not cell:
+            utts.append(Utterance(name=name, data=b"", num_frames=None))
+            continue
+        p = Path(cell)
+        p = p if p.is_absolute() else base / p
+        utts.append(Utterance(name=str(p), data=str(p), num_frames=None))
+    text_col = _text_column(table.column_names, labels, path)
+    texts = (
+        None
+        if text_col is None
+        else ["" if t is None else str(t) for t in table.column(text_col).to_pylist()]
+    )
+    return AudioSource(utts, texts, f"dataset {path}")
+
+
+def _read_save_to_disk(path: Path) -> pa.Table:
+    import pyarrow as pa
+
+    state = json.loads((path / "state.json").read_text())
+    tables = []
+    for f in state.get("_data_files", []):
+        with pa.memory_map(str(path / f["filename"])) as src:
+            tables.append(pa.ipc.open_stream(src).read_all())
+    if not tables:
+        raise UserInputError(f"{path}: state.json lists no data files")
+    return pa.concat_tables(tables)
+
+
+def audiofolder_source(path: Path, labels: str | None) -> AudioSource:
+    """An ``audiofolder`` directory: audio files, plus optional metadata with a ``file_name`` column."""
+    meta: dict[str, dict] = {}
+    for meta_file in sorted(path.rglob("metadata.csv")) + sorted(path.rglob("metadata.jsonl")):
+        rows: list[dict]
+        if meta_file.suffix == ".csv":
+            with meta_file.open(newline="", encoding="utf-8") as fh:
+                rows = list(csv.DictReader(fh))
+        else:
+            rows = [json.loads(ln) for ln in meta_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        for row in rows:
+            if "file_name" not in row:
+                raise UserInputError(f"{meta_file}: metadata needs a 'file_name' column")
+            meta[str((meta_file.parent / row["file_name"]).resolve())] = row
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+    if not files:
+        raise UserInputError(f"{path}: no audio files found (and no dataset files: state.json, *.parquet)")
+    utts = [Utterance(name=str(p), data=str(p), num_frames=None) for p in files]
+    texts: list[str] | None = None
+    if labels is not None:
+        texts = []
+        for p in files:
+            found = meta.get(str(p.resolve()))
+            if found is None or labels not in found:
+                raise UserInputError(
+                    f"{p}: no {labels!r} entry in the folder's metadata.csv / metadata.jsonl"
+                )
+            texts.append(str(found[labels]))
+    return AudioSource(utts, texts, f"audiofolder {path}")
+
+
+def open_source(
+    source: str | os.PathLike, labels: str | os.PathLike | list[str] | None = None
+) -> AudioSource:
+    """Open a manifest (``.tsv``) or a local Hugging Face dataset as an :class:`AudioSource`.
+
+    Args:
+        source: manifest file, ``save_to_disk`` directory, parquet file/directory, or audiofolder.
+        labels: for a manifest: a label file path, ``"ltr"``/``"wrd"`` (the file beside the
+            manifest) or a list of strings; for a dataset: the text column name.
+
+    Raises:
+        UserInputError: the source does not exist or is not one of the formats above.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise UserInputError(f"{path}: data source does not exist")
+    if path.is_file() and path.suffix.lower() in (".tsv", ".txt"):
+        return manifest_source(read_manifest(path), labels)
+    text_labels = None if labels is None else str(labels)
+    if isinstance(labels, list):
+        raise UserInputError(
+            f"{path}: a list of labels only goes with a manifest; give a dataset's text column"
+        )
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow comes with datasets
+        raise UserInputError(
+            f"{path}: reading a Hugging Face dataset needs pyarrow (pip install pyarrow)"
+        ) from None
+    if path.is_file() and path.suffix == ".parquet":
+        return arrow_source(pq.read_table(path), path, text_labels)
+    if path.is_file():
+        raise UserInputError(f"{path}: not a manifest (.tsv), parquet file or dataset directory")
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise UserInputError(f"{path}: is a DatasetDict; give one split's directory, one of {splits}")
+    if (path / "state.json").exists():
+        return arrow_source(_read_save_to_disk(path), path, text_labels)
+    parquets = sorted(path.rglob("*.parquet"))
+    if parquets:
+        import pyarrow as pa
+
+        table = pa.concat_tables([pq.read_table(p) for p in parquets])
+        return arrow_source(table, path, text_labels)
+    return audiofolder_source(path, text_labels)

@@ -1,0 +1,114 @@
+"""BucketBatchSampler: budget, sharding, determinism, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from speechvq.data import BucketBatchSampler
+
+
+def _sizes(n: int = 257, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1_000, 50_000, size=n)
+
+
+def test_sampler_batches_stay_within_max_tokens() -> None:
+    sizes = _sizes()
+    s = BucketBatchSampler(sizes, 120_000, seed=3)
+    for batch in s:
+        assert len(batch) * sizes[batch].max() <= 120_000
+
+
+def test_sampler_counts_cropped_items_at_max_sample_size() -> None:
+    sizes = np.array([10_000, 200_000, 300_000, 5_000])
+    s = BucketBatchSampler(sizes, 100_000, max_sample_size=50_000, shuffle=False)
+    for batch in s:
+        assert len(batch) * np.minimum(sizes[batch], 50_000).max() <= 100_000
+
+
+def test_sampler_raises_when_an_item_exceeds_max_tokens() -> None:
+    with pytest.raises(ValueError, match="`max_tokens` must be >= the longest item"):
+        BucketBatchSampler([100, 5000], 1000)
+
+
+@pytest.mark.parametrize("num_buckets", [0, 4])
+@pytest.mark.parametrize("n", [257, 3, 64])
+def test_sampler_two_ranks_cover_every_item_exactly_once(n: int, num_buckets: int) -> None:
+    sizes = _sizes(n)
+    ranks = [
+        BucketBatchSampler(sizes, 150_000, num_replicas=2, rank=r, seed=7, num_buckets=num_buckets)
+        for r in (0, 1)
+    ]
+    for epoch in (0, 1):
+        seen = []
+        for s in ranks:
+            s.set_epoch(epoch)
+            seen.extend(i for b in s for i in b)
+        assert len(ranks[0]) == len(ranks[1])
+        assert sorted(seen) == list(range(n))  # nothing lost, nothing duplicated
+
+
+def test_sampler_pads_by_repeating_only_when_too_few_items_to_split() -> None:
+    ranks = [BucketBatchSampler([100], 1000, num_replicas=2, rank=r) for r in (0, 1)]
+    assert [list(s) for s in ranks] == [[[0]], [[0]]]
+
+
+def test_sampler_drop_last_drops_the_remainder_deterministically() -> None:
+    sizes = np.full(9, 100)
+    ranks = [BucketBatchSampler(sizes, 100, num_replicas=2, rank=r, drop_last=True, seed=1) for r in (0, 1)]
+    got = [i for s in ranks for b in s for i in b]
+    assert len(got) == 8 and len(set(got)) == 8
+    again = [i for s in ranks for b in s for i in b]
+    assert got == again
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch() -> None:
+    sizes = _sizes()
+    a = list(BucketBatchSampler(sizes, 120_000, seed=5))
+    b = list(BucketBatchSampler(sizes, 120_000, seed=5))
+    c = list(BucketBatchSampler(sizes, 120_000, seed=6))
+    s = BucketBatchSampler(sizes, 120_000, seed=5)
+    s.set_epoch(1)
+    d = list(s)
+    assert a == b
+    assert a != c
+    assert a != d
+
+
+def test_sampler_without_shuffle_is_sorted_by_length() -> None:
+    sizes = _sizes(50)
+    flat = [i for b in BucketBatchSampler(sizes, 120_000, shuffle=False) for i in b]
+    assert list(sizes[flat]) == sorted(sizes)
+
+
+@pytest.mark.parametrize("consumed", [0, 1, 5])
+def test_sampler_resume_mid_epoch_yields_exactly_the_remaining_batches(consumed: int) -> None:
+    sizes = _sizes()
+    s = BucketBatchSampler(sizes, 120_000, num_replicas=2, rank=1, seed=11)
+    s.set_epoch(3)
+    it = iter(s)
+    first = [next(it) for _ in range(consumed)]
+    state = s.state_dict()
+    rest = list(it)
+
+    fresh = BucketBatchSampler(sizes, 120_000, num_replicas=2, rank=1, seed=11)
+    fresh.load_state_dict(state)
+    assert len(fresh) == len(rest)
+    assert list(fresh) == rest
+    assert first + rest == list(fresh)  # the next epoch iteration starts from the beginning again
+
+
+def test_sampler_state_dict_accepts_the_consumed_count_from_the_caller() -> None:
+    sizes = _sizes()
+    s = BucketBatchSampler(sizes, 120_000, seed=2)
+    full = list(s)
+    s2 = BucketBatchSampler(sizes, 120_000, seed=2)
+    s2.load_state_dict(s.state_dict(num_consumed=4))
+    assert list(s2) == full[4:]
+
+
+def test_sampler_load_state_dict_raises_when_the_data_changed() -> None:
+    s = BucketBatchSampler(_sizes(10), 120_000)
+    state = s.state_dict()
+    with pytest.raises(ValueError, match="`num_items`"):
+        BucketBatchSampler(_sizes(11), 120_000).load_state_dict(state)
