@@ -19,14 +19,27 @@ from speechvq.errors import UserInputError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
-    "convert": ("speechvq.commands.convert", "convert checkpoints between speechvq, transformers and fairseq"),
+    "convert": (
+        "speechvq.commands.convert",
+        "convert checkpoints between speechvq, transformers and fairseq",
+    ),
     "manifest": ("speechvq.commands.manifest", "scan an audio tree into a fairseq-style manifest"),
-    "prepare-librispeech": ("speechvq.commands.prepare_librispeech", "LibriSpeech layout -> manifests + labels"),
+    "prepare-librispeech": (
+        "speechvq.commands.prepare_librispeech",
+        "LibriSpeech layout -> manifests + labels",
+    ),
     "download-librispeech": ("speechvq.commands.download_librispeech", "download and verify LibriSpeech"),
     "validate": ("speechvq.commands.validate", "list every problem in a manifest or dataset"),
-    "synth-corpus": ("speechvq.commands.synth_corpus", "synthesize the embedded speech corpus with espeak-ng"),
+    "synth-corpus": (
+        "speechvq.commands.synth_corpus",
+        "synthesize the embedded speech corpus with espeak-ng",
+    ),
     "pretrain": ("speechvq.commands.pretrain", "wav2vec 2.0 / vq-wav2vec pretraining"),
     "plot": ("speechvq.commands.plot", "plot the curves of an experiment directory"),
+    "transcribe": (
+        "speechvq.commands.transcribe",
+        "transcribe audio with a CTC model; WER/CER with references",
+    ),
 }
 
 

@@ -26,6 +26,8 @@ CONFIG_NAME = "config.json"
 MODEL_TYPES: dict[str, tuple[str, str]] = {
     # model_type: ("module:ConfigClass", "module:builder")
     "wav2vec2": ("speechvq.config:Wav2Vec2Config", "speechvq.models.wav2vec2:build_wav2vec2"),
+    "wav2vec2_ctc": ("speechvq.models.ctc:CtcConfig", "speechvq.models.ctc:build_ctc_model"),
+    "vq_wav2vec": ("speechvq.config:VqWav2VecConfig", "speechvq.models.vq_wav2vec:build_vq_wav2vec"),
 }
 
 

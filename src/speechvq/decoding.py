@@ -1,0 +1,233 @@
+"""CTC decoding: greedy (best path) and prefix beam search with an optional language model.
+
+The beam search is pure Python (Hannun et al., 2014, "First-pass large vocabulary continuous
+speech recognition using bi-directional recurrent DNNs"): every hypothesis is a collapsed prefix
+with two scores, the probability of all kept alignments that end in a blank and of those that
+end in the prefix's last token. A language model (any :class:`speechvq.text.LanguageModel`:
+:class:`~speechvq.text.ArpaLM`, :class:`~speechvq.text.KenLMScorer`) is applied when a unit is
+completed, a word at each ``|`` for a word LM, every token for a character LM, and ranks
+hypotheses by ``ln P_ctc + lm_weight * ln P_lm + word_bonus * units``.
+
+pyctcdecode (the decoder transformers uses) is not supported: its releases pin ``numpy<2``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from itertools import groupby
+
+import torch
+from torch import Tensor
+
+from speechvq.text.ngram import LanguageModel
+from speechvq.text.vocab import Vocabulary
+
+_NEG_INF = float("-inf")
+
+
+def _logaddexp(a: float, b: float) -> float:
+    if a == _NEG_INF:
+        return b
+    if b == _NEG_INF:
+        return a
+    hi, lo = (a, b) if a > b else (b, a)
+    return hi + math.log1p(math.exp(lo - hi))
+
+
+def greedy_paths(logits: Tensor, lengths: Tensor | None = None) -> list[list[int]]:
+    """The argmax id of every valid frame.
+
+    Args:
+        logits: ``[B, T, V]`` scores (or log-probabilities).
+        lengths: ``[B]`` valid frames (None: all T).
+
+    Returns:
+        One list of T_b frame ids per utterance (not collapsed).
+    """
+    best = logits.argmax(dim=-1).cpu()  # (B, T)
+    if lengths is None:
+        return [row.tolist() for row in best]
+    return [row[: int(n)].tolist() for row, n in zip(best, lengths.cpu())]
+
+
+def collapse(path: list[int], blank_id: int = 0) -> list[int]:
+    """CTC collapsing: merge runs of equal ids, then drop blanks."""
+    return [i for i, _ in groupby(path) if i != blank_id]
+
+
+def greedy_decode(logits: Tensor, lengths: Tensor | None, vocab: Vocabulary) -> list[str]:
+    """Best-path transcripts, decoded like ``Wav2Vec2CTCTokenizer.decode`` (see :class:`Vocabulary`).
+
+    Args:
+        logits: ``[B, T, V]``.
+        lengths: ``[B]`` valid frames, or None.
+        vocab: the model's vocabulary.
+    """
+    return [vocab.decode(path) for path in greedy_paths(logits, lengths)]
+
+
+@dataclass
+class Hypothesis:
+    """One result of :func:`beam_search`."""
+
+    ids: tuple[int, ...]
+    """Collapsed token ids."""
+    text: str
+    """Decoded text."""
+    acoustic_score: float
+    """ln P_ctc(prefix | audio), summed over the alignments the beam kept."""
+    lm_score: float
+    """ln P_lm(text, ``</s>``), unweighted (0 without a language model)."""
+    score: float
+    """``acoustic_score + lm_weight * lm_score + word_bonus * num_units``."""
+
+
+@dataclass
+class _Beam:
+    """Search state of one prefix."""
+
+    p_blank: float
+    p_token: float
+    lm_state: object
+    lm_score: float
+    units: int
+    partial: str  # the current, unfinished word (word LMs)
+
+    @property
+    def p_total(self) -> float:
+        return _logaddexp(self.p_blank, self.p_token)
+
+
+def beam_search(
+    log_probs: Tensor,
+    vocab: Vocabulary,
+    *,
+    beam_size: int = 16,
+    lm: LanguageModel | None = None,
+    lm_weight: float = 0.5,
+    word_bonus: float = 0.0,
+    token_min_logp: float = -10.0,
+    num_hypotheses: int = 1,
+) -> list[Hypothesis]:
+    """CTC prefix beam search over one utterance.
+
+    Args:
+        log_probs: ``[T, V]`` log-probabilities (log_softmax of the logits) of the valid frames.
+        vocab: the model's vocabulary (blank, ``|`` and the tokens the LM reads).
+        beam_size: prefixes kept after every frame.
+        lm: optional language model.
+        lm_weight: alpha, weight of ln P_lm.
+        word_bonus: beta, added per scored LM unit (word or token); offsets the LM's preference
+            for short outputs.
+        token_min_logp: tokens below this log-probability at a frame are not tried (the frame's
+            best non-blank token always is); at most ``beam_size`` tokens are tried per frame.
+        num_hypotheses: how many results to return.
+
+    Returns:
+        The best hypotheses, best first. With ``beam_size=1`` and no LM the result equals greedy
+        decoding whenever the best path carries most of its prefix's probability (the usual, peaky
+        CTC posteriors); in general a wider beam finds prefixes at least as probable as the best path.
+    """
+    if log_probs.ndim != 2:
+        raise ValueError(
+            f"`log_probs` must be 2-D [frames, vocab], but has shape {tuple(log_probs.shape)} instead."
+        )
+    if beam_size < 1:
+        raise ValueError(f"`beam_size` must be >= 1, but is {beam_size} instead.")
+    blank = vocab.blank_id
+    delimiter = vocab.word_delimiter_id
+    frames = log_probs.detach().float().cpu().tolist()
+    start_state = lm.begin() if lm is not None else None
+    beams: dict[tuple[int, ...], _Beam] = {(): _Beam(0.0, _NEG_INF, start_state, 0.0, 0, "")}
+
+    def extend(parent: _Beam, token: int) -> _Beam:
+        """A child of ``parent`` ending in ``token``, with the LM advanced over completed units."""
+        child = _Beam(_NEG_INF, _NEG_INF, parent.lm_state, parent.lm_score, parent.units, parent.partial)
+        if lm is None:
+            return child
+        text = vocab.tokens[token]
+        if lm.unit == "char":
+            s, child.lm_state = lm.score(parent.lm_state, text)
+            child.lm_score += s
+            child.units += 1
+        elif token == delimiter:
+            if parent.partial:
+                s, child.lm_state = lm.score(parent.lm_state, parent.partial)
+                child.lm_score += s
+                child.units += 1
+                child.partial = ""
+        else:
+            child.partial = parent.partial + text
+        return child
+
+    def rank(item: tuple[tuple[int, ...], _Beam]) -> float:
+        b = item[1]
+        return b.p_total + lm_weight * b.lm_score + word_bonus * b.units
+
+    for row in frames:
+        # the frame's most likely tokens above token_min_logp (at most beam_size, at least one)
+        ranked = heapq.nlargest(beam_size + 1, range(len(row)), key=row.__getitem__)
+        candidates = [v for v in ranked if v != blank and row[v] >= token_min_logp][:beam_size]
+        if not candidates:
+            candidates = [next(v for v in ranked if v != blank)]
+        new: dict[tuple[int, ...], _Beam] = {}
+        for prefix, beam in beams.items():
+            total = beam.p_total
+            last = prefix[-1] if prefix else None
+            # the prefix stays: a blank, or a repeat of the last token merged into it
+            stay = new.get(prefix)
+            if stay is None:
+                stay = new[prefix] = _Beam(
+                    _NEG_INF, _NEG_INF, beam.lm_state, beam.lm_score, beam.units, beam.partial
+                )
+            stay.p_blank = _logaddexp(stay.p_blank, total + row[blank])
+            if last is not None:
+                stay.p_token = _logaddexp(stay.p_token, beam.p_token + row[last])
+            # the prefix grows by one token (a repeat needs a blank in between)
+            for token in candidates:
+                grown = (*prefix, token)
+                child = new.get(grown)
+                if child is None:
+                    child = new[grown] = extend(beam, token)
+                source = beam.p_blank if token == last else total
+                child.p_token = _logaddexp(child.p_token, source + row[token])
+        beams = dict(heapq.nlargest(beam_size, new.items(), key=rank))
+
+    results = []
+    for prefix, beam in beams.items():
+        lm_score, units = beam.lm_score, beam.units
+        if lm is not None:
+            state = beam.lm_state
+            if lm.unit == "word" and beam.partial:
+                s, state = lm.score(state, beam.partial)
+                lm_score += s
+                units += 1
+            lm_score += lm.end(state)
+        score = beam.p_total + lm_weight * lm_score + word_bonus * units
+        results.append(Hypothesis(prefix, vocab.decode(prefix, group=False), beam.p_total, lm_score, score))
+    results.sort(key=lambda h: h.score, reverse=True)
+    return results[:num_hypotheses]
+
+
+def beam_decode(
+    logits: Tensor,
+    lengths: Tensor | None,
+    vocab: Vocabulary,
+    **kwargs: object,
+) -> list[str]:
+    """Best beam-search transcript of every utterance of a batch.
+
+    Args:
+        logits: ``[B, T, V]`` scores (log_softmax is taken in fp32).
+        lengths: ``[B]`` valid frames, or None.
+        vocab: the model's vocabulary.
+        **kwargs: options of :func:`beam_search`.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for b in range(log_probs.size(0)):
+        n = log_probs.size(1) if lengths is None else int(lengths[b])
+        out.append(beam_search(log_probs[b, :n], vocab, **kwargs)[0].text)  # type: ignore[arg-type]
+    return out
