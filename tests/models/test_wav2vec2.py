@@ -94,7 +94,7 @@ def test_feature_grad_mult_scales_and_freezes_the_encoder():
         model.compute_loss(out).contrastive.backward()
         grads[mult] = model.feature_encoder.layers[0].conv.weight.grad
     assert grads[0.0] is None
-    torch.testing.assert_close(grads[0.1], 0.1 * grads[1.0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads[0.1], 0.1 * grads[1.0], rtol=1e-3, atol=1e-6)
 
 
 def test_extract_features_num_layers_returns_the_first_layers():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechvq.config import FeatureEncoderConfig
-from speechvq.models.common import GradMultiply, lengths_to_padding_mask
+from speechvq.models.common import GradMultiply
 
 
 def conv_output_lengths(lengths: Tensor, conv_layers: tuple[tuple[int, int, int], ...]) -> Tensor:
@@ -32,7 +32,8 @@ class MaskedGroupNorm(nn.Module):
 
     Without padding it equals ``nn.GroupNorm(C, C)`` (the BASE model's first-layer norm); with
     padding each utterance is normalised over its own frames only, so a padded batch gives the
-    same result per utterance as each utterance alone.
+    same result per utterance as each utterance alone. Statistics are computed in fp32 whatever
+    the input dtype; the normalisation itself is one fused multiply-add in the input dtype.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
@@ -42,38 +43,55 @@ class MaskedGroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: Tensor, lengths: Tensor | None) -> Tensor:
-        """x: ``[B, C, T]``; lengths: ``[B]`` frames or None."""
-        if lengths is None or bool((lengths == x.size(-1)).all()):
-            return F.group_norm(x, x.size(1), self.weight, self.bias, self.eps)
-        valid = (~lengths_to_padding_mask(lengths, x.size(-1))).to(x.dtype)[:, None, :]  # (B, 1, T)
-        count = valid.sum(-1, keepdim=True).clamp(min=1.0)
-        mean = (x * valid).sum(-1, keepdim=True) / count
-        var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / count
-        x = (x - mean) * torch.rsqrt(var + self.eps)
-        return x * self.weight[None, :, None] + self.bias[None, :, None]
+        """x: ``[B, T, C]``; lengths: ``[B]`` frames or None."""
+        batch = x.size(0)
+        if lengths is None:
+            var, mean = torch.var_mean(x.float(), dim=1, unbiased=False, keepdim=True)  # (B, 1, C)
+        else:
+            # per utterance over its valid frames; B is small, the reductions are the cost
+            stats = [
+                torch.var_mean(x[b, : int(lengths[b])].float(), dim=0, unbiased=False) for b in range(batch)
+            ]
+            var = torch.stack([v for v, _ in stats])[:, None, :]
+            mean = torch.stack([m for _, m in stats])[:, None, :]
+        scale = torch.rsqrt(var + self.eps) * self.weight.float()
+        shift = self.bias.float() - mean * scale
+        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
 
 
 class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channel axis of a ``[B, C, T]`` tensor (the LARGE model's conv norm)."""
+    """LayerNorm over the channels of a ``[B, T, C]`` tensor (the LARGE model's conv norm)."""
 
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        return super().forward(x)
 
 
 class ConvLayerBlock(nn.Module):
-    """Conv1d -> optional norm -> GELU, propagating lengths."""
+    """Conv1d -> optional norm -> GELU on ``[B, T, C]`` features, propagating lengths.
+
+    The convolution runs as a matrix product over unfolded frames (im2col) in time-major layout:
+    the same result as ``nn.Conv1d`` to rounding, but in bf16 autocast it is one AMX/tensor-core
+    matmul with fp32 accumulation whose backward is also a matmul (oneDNN's bf16 conv1d backward is
+    slower than fp32 on CPU), and it needs no layout transposes between layers. ``conv`` only holds
+    the parameters (``conv.weight`` is ``[C_out, C_in, k]``, as in fairseq and transformers).
+    """
 
     def __init__(self, conv: nn.Conv1d, norm: nn.Module | None) -> None:
         super().__init__()
         self.conv = conv
         self.norm = norm
+        self.kernel = int(conv.kernel_size[0])
+        self.stride = int(conv.stride[0])
 
     def forward(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """x: ``[B, C_in, S]`` -> ``[B, C_out, S']``; lengths in and out in steps of this layer."""
-        x = self.conv(x)
+        """x: ``[B, S, C_in]`` -> ``[B, S', C_out]``; lengths in and out in steps of this layer."""
+        batch, _, channels = x.shape
+        windows = x.unfold(1, self.kernel, self.stride)  # (B, S, C) -> (B, S', C, k)
+        cols = windows.reshape(batch, windows.size(1), channels * self.kernel)  # -> (B, S', C*k)
+        weight = self.conv.weight.reshape(self.conv.out_channels, -1)  # (C_out, C_in, k) -> (C_out, C_in*k)
+        x = F.linear(cols, weight, self.conv.bias)
         if lengths is not None:
-            kernel, stride = self.conv.kernel_size[0], self.conv.stride[0]
-            lengths = (torch.div(lengths - kernel, stride, rounding_mode="floor") + 1).clamp(min=0)
+            lengths = (torch.div(lengths - self.kernel, self.stride, rounding_mode="floor") + 1).clamp(min=0)
         if self.norm is not None:
             x = self.norm(x, lengths)
         return F.gelu(x), lengths
@@ -133,7 +151,7 @@ class ConvFeatureEncoder(nn.Module):
                 f"but the shortest holds {shortest} instead."
             )
         frame_lengths: Tensor | None = lengths
-        x = waveforms[:, None, :]  # (B, S) -> (B, 1, S)
+        x = waveforms[:, :, None]  # (B, S) -> (B, S, 1)
         if self.grad_mult == 0.0:
             with torch.no_grad():
                 for layer in self.layers:
@@ -144,7 +162,7 @@ class ConvFeatureEncoder(nn.Module):
             if self.grad_mult != 1.0:
                 x = GradMultiply.apply(x, self.grad_mult)
         assert frame_lengths is not None
-        return x.transpose(1, 2), frame_lengths  # (B, C, T) -> (B, T, C)
+        return x, frame_lengths
 
 
 def build_feature_encoder(cfg: FeatureEncoderConfig) -> ConvFeatureEncoder:
