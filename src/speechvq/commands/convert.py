@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 from speechvq.errors import UserInputError
 
@@ -24,36 +25,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", dest="dst_format", choices=FORMATS, required=True)
 
 
-def _load(src: str, fmt: str):  # type: ignore[no-untyped-def]
+def _is_ctc_dir(src: str, fmt: str) -> bool:
+    import json
+    from pathlib import Path
+
+    config = Path(src) / "config.json"
+    if not config.is_file():
+        return False
+    meta = json.loads(config.read_text())
+    if fmt == "speechvq":
+        return meta.get("model_type") == "wav2vec2_ctc"
+    return fmt == "hf" and "Wav2Vec2ForCTC" in meta.get("architectures", [])
+
+
+def _load(src: str, fmt: str) -> tuple[Any, Any]:
+    """(model, vocabulary or None)."""
+    if _is_ctc_dir(src, fmt):
+        if fmt == "speechvq":
+            from speechvq.models.ctc import load_ctc_pretrained
+
+            return load_ctc_pretrained(src)
+        from speechvq.interop.hf_ctc import load_hf_ctc
+
+        return load_hf_ctc(src)
     if fmt == "speechvq":
         from speechvq.io import load_pretrained
 
-        return load_pretrained(src)
+        return load_pretrained(src), None
     if fmt == "hf":
         from speechvq.interop.hf import load_hf
 
-        return load_hf(src)
+        return load_hf(src), None
     from speechvq.interop import fairseq
 
-    return fairseq.fairseq_to_speechvq(fairseq.load_fairseq_checkpoint(src))
+    return fairseq.fairseq_to_speechvq(fairseq.load_fairseq_checkpoint(src)), None
 
 
 def run(args: argparse.Namespace) -> int:
     if args.src_format == args.dst_format:
         raise UserInputError(f"--from and --to are both {args.src_format!r}: nothing to convert")
-    model = _load(args.src, args.src_format)
+    model, vocab = _load(args.src, args.src_format)
     if args.dst_format == "speechvq":
-        from speechvq.io import save_pretrained
+        if vocab is not None:
+            from speechvq.models.ctc import save_ctc_pretrained
 
-        save_pretrained(model, args.dst)
-    elif args.dst_format == "hf":
-        from speechvq.interop.hf import save_hf
-
-        if getattr(model, "model_type", "wav2vec2") == "wav2vec2_ctc":
-            from speechvq.interop.hf_ctc import save_hf_ctc  # type: ignore[import-not-found]
-
-            save_hf_ctc(model, args.dst)
+            save_ctc_pretrained(model, vocab, args.dst)
         else:
+            from speechvq.io import save_pretrained
+
+            save_pretrained(model, args.dst)
+    elif args.dst_format == "hf":
+        if vocab is not None:
+            from speechvq.interop.hf_ctc import save_hf_ctc
+
+            save_hf_ctc(model, vocab, args.dst)
+        else:
+            from speechvq.interop.hf import save_hf
+
             save_hf(model, args.dst)
     else:
         from speechvq.interop import fairseq

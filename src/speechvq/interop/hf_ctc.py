@@ -48,7 +48,7 @@ def speechvq_to_hf_ctc_state_dict(model: CtcModel) -> dict[str, torch.Tensor]:
     return {names[k]: v for k, v in state.items()}
 
 
-def hf_ctc_config_from_speechvq(cfg: CtcConfig, vocab: Vocabulary) -> Any:
+def hf_ctc_config_from_speechvq(cfg: CtcConfig, vocab: Vocabulary, num_updates: int | None = None) -> Any:
     """A ``transformers.Wav2Vec2Config`` for ``Wav2Vec2ForCTC`` with the same architecture."""
     if len(vocab) != cfg.vocab_size:
         raise ValueError(
@@ -76,7 +76,9 @@ def hf_ctc_config_from_speechvq(cfg: CtcConfig, vocab: Vocabulary) -> Any:
     hf.speechvq_model_type = CtcModel.model_type
     hf.speechvq_config = cfg.to_dict()
     hf.speechvq_vocabulary = vocab.to_dict()
-    del hf.speechvq_num_updates
+    # the update count (it drives the step-based freezing) travels in the config, so that a round
+    # trip is lossless; an export without it is taken to be past the freeze
+    hf.speechvq_num_updates = int(cfg.freeze_updates if num_updates is None else num_updates)
     return hf
 
 
@@ -84,7 +86,7 @@ def to_hf_ctc(model: CtcModel, vocab: Vocabulary) -> Any:
     """A ``Wav2Vec2ForCTC`` holding the same weights (strict load), in eval mode."""
     from transformers import Wav2Vec2ForCTC
 
-    hf = Wav2Vec2ForCTC(hf_ctc_config_from_speechvq(model.cfg, vocab))
+    hf = Wav2Vec2ForCTC(hf_ctc_config_from_speechvq(model.cfg, vocab, int(model.num_updates)))
     hf.load_state_dict(speechvq_to_hf_ctc_state_dict(model), strict=True)
     return hf.eval()
 
@@ -168,6 +170,6 @@ def load_hf_ctc(directory: str | Path) -> tuple[CtcModel, Vocabulary]:
     model = build_ctc_model(cfg)
     if "mask_embedding" not in converted:
         converted["mask_embedding"] = model.mask_embedding.detach().clone()
-    converted["num_updates"] = torch.tensor(cfg.freeze_updates, dtype=torch.long)
+    converted["num_updates"] = torch.tensor(int(meta.get("speechvq_num_updates", cfg.freeze_updates)))
     model.load_state_dict(converted, strict=True)
     return model.eval(), vocab
