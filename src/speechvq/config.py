@@ -85,8 +85,21 @@ class QuantizerConfig:
     dropout_p: float = 0.0
     """Dropout on the quantizer input (fairseq ``dropout_features``)."""
 
+    weight_proj_depth: int = 1
+    """Layers of the logit projection (fairseq ``quantizer_depth`` / vq-wav2vec ``vq_depth``);
+    above 1, hidden Linear + activation layers precede the final logit Linear."""
+
+    weight_proj_factor: int = 3
+    """Width of those hidden layers as a multiple of the input dim (fairseq ``quantizer_factor``;
+    vq-wav2vec uses 2). Unused when ``weight_proj_depth`` is 1."""
+
+    combine_groups: bool = False
+    """One codebook of V entries shared by all G groups (fairseq ``combine_groups``)."""
+
     def __post_init__(self) -> None:
         self.temperature = tuple(float(t) for t in self.temperature)  # type: ignore[assignment]
+        if self.weight_proj_depth < 1:
+            raise ValueError(f"`weight_proj_depth` must be >= 1, but is {self.weight_proj_depth} instead.")
         if self.codevector_dim % self.num_codebooks != 0:
             raise ValueError(
                 f"`codevector_dim` must be a multiple of `num_codebooks` ({self.num_codebooks}), "
@@ -94,6 +107,53 @@ class QuantizerConfig:
             )
         if len(self.temperature) != 3:
             raise ValueError(f"`temperature` must be (start, end, decay), but is {self.temperature} instead.")
+
+
+@dataclass(kw_only=True)
+class KMeansQuantizerConfig:
+    """k-means (VQ-VAE style) product quantizer (fairseq ``KmeansVectorQuantizer``, vq-wav2vec
+    paper section 3.2): nearest codeword by Euclidean distance with straight-through gradients."""
+
+    num_codebooks: int = 2
+    """G, number of codebook groups (fairseq ``vq_groups``)."""
+
+    codebook_size: int = 320
+    """V, entries per group (fairseq ``vq_vars``)."""
+
+    codevector_dim: int = 256
+    """Dimension of the concatenated quantized vector; the input is projected to it by a grouped
+    1x1 conv + GroupNorm (fairseq ties it to the input dim)."""
+
+    combine_groups: bool = False
+    """One codebook of V entries shared by all G groups (fairseq ``combine_groups``)."""
+
+    gamma: float = 0.25
+    """Weight of the commitment loss (fairseq ``vq_gamma``)."""
+
+    loss_weight: float = 1.0
+    """Weight of the codebook + gamma * commitment loss in the model's objective (fairseq
+    ``loss_weights``; it multiplies the number of targets, like the diversity loss)."""
+
+    ema_decay: float | None = None
+    """If set (e.g. 0.99), codewords follow an exponential moving average of the inputs assigned
+    to them instead of the codebook loss (VQ-VAE-2); beyond fairseq."""
+
+    dead_code_threshold: float = 0.0
+    """Codewords whose moving-average usage (assignments per batch) falls below this are reset to
+    a random input of the batch; 0 disables the reset. Beyond fairseq."""
+
+    def __post_init__(self) -> None:
+        if self.codevector_dim % self.num_codebooks != 0:
+            raise ValueError(
+                f"`codevector_dim` must be a multiple of `num_codebooks` ({self.num_codebooks}), "
+                f"but is {self.codevector_dim} instead."
+            )
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"`ema_decay` must be in (0, 1) or None, but is {self.ema_decay} instead.")
+        if self.dead_code_threshold < 0:
+            raise ValueError(
+                f"`dead_code_threshold` must be >= 0, but is {self.dead_code_threshold} instead."
+            )
 
 
 @dataclass(kw_only=True)
@@ -122,7 +182,7 @@ class MaskConfig:
     """Channel span length."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.mask_prob:
+        if self.mask_prob < 0.0:
             raise ValueError(f"`mask_prob` must be >= 0, but is {self.mask_prob} instead.")
         if self.mask_length < 1:
             raise ValueError(f"`mask_length` must be >= 1, but is {self.mask_length} instead.")
@@ -214,6 +274,13 @@ class Wav2Vec2Config:
     feature_dropout_p: float = 0.1
     """Dropout on the projected features before masking (fairseq ``dropout_input``)."""
 
+    quantizer_type: Literal["gumbel", "kmeans"] = "gumbel"
+    """Which quantizer makes the targets: ``gumbel`` (the paper, settings in ``quantizer``) or
+    ``kmeans`` (settings in ``kmeans``; its codebook + commitment loss replaces the diversity loss)."""
+
+    kmeans: KMeansQuantizerConfig = field(default_factory=KMeansQuantizerConfig)
+    """Settings of the k-means quantizer, used when ``quantizer_type`` is ``kmeans``."""
+
     def __post_init__(self) -> None:
         for name, cls in (
             ("encoder", FeatureEncoderConfig),
@@ -221,10 +288,22 @@ class Wav2Vec2Config:
             ("mask", MaskConfig),
             ("context", ContextConfig),
             ("loss", LossConfig),
+            ("kmeans", KMeansQuantizerConfig),
         ):
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, cls(**value))
+        if self.quantizer_type not in ("gumbel", "kmeans"):
+            raise ValueError(
+                f"`quantizer_type` must be 'gumbel' or 'kmeans', but is {self.quantizer_type!r} instead."
+            )
+
+    @property
+    def codevector_dim(self) -> int:
+        """Dimension of the quantized vectors of the active quantizer."""
+        if self.quantizer_type == "kmeans":
+            return self.kmeans.codevector_dim
+        return self.quantizer.codevector_dim
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON/YAML-safe dict (tuples become lists)."""
@@ -264,6 +343,9 @@ _SUBCONFIGS: dict[tuple[str, str], type] = {
     ("Wav2Vec2Config", "mask"): MaskConfig,
     ("Wav2Vec2Config", "context"): ContextConfig,
     ("Wav2Vec2Config", "loss"): LossConfig,
+    ("Wav2Vec2Config", "kmeans"): KMeansQuantizerConfig,
+    ("VqWav2VecConfig", "quantizer"): QuantizerConfig,
+    ("VqWav2VecConfig", "kmeans"): KMeansQuantizerConfig,
 }
 
 
@@ -315,6 +397,141 @@ def wav2vec2_tiny() -> Wav2Vec2Config:
     cfg.loss = LossConfig(num_negatives=10)
     cfg.final_dim = 16
     return cfg
+
+
+VQ_WAV2VEC_CONV_LAYERS: tuple[ConvSpec, ...] = (
+    ((512, 10, 5), (512, 8, 4)) + ((512, 4, 2),) * 3 + ((512, 1, 1),) * 3
+)
+"""vq-wav2vec's encoder: 10 ms frames (stride 160 samples), 465-sample (~30 ms) receptive field."""
+
+VQ_WAV2VEC_AGGREGATOR_LAYERS: tuple[ConvSpec, ...] = tuple((512, k, 1) for k in range(2, 14))
+"""vq-wav2vec's aggregator: 12 causal conv layers with kernels 2..13."""
+
+
+@dataclass(kw_only=True)
+class VqWav2VecConfig:
+    """vq-wav2vec (Baevski et al., 2019) with wav2vec's future-prediction objective (fairseq
+    ``wav2vec`` model). The defaults are the paper's Gumbel model; see :func:`vq_wav2vec_kmeans`."""
+
+    encoder_layers: tuple[ConvSpec, ...] = VQ_WAV2VEC_CONV_LAYERS
+    """(channels, kernel, stride) of the encoder convs (fairseq ``conv_feature_layers``)."""
+
+    aggregator_layers: tuple[ConvSpec, ...] = VQ_WAV2VEC_AGGREGATOR_LAYERS
+    """(channels, kernel, stride) of the aggregator convs (fairseq ``conv_aggregator_layers``)."""
+
+    activation: Literal["gelu", "relu"] = "gelu"
+    """Activation of every conv block and of the Gumbel logit projection (fairseq ``activation``)."""
+
+    log_compression: bool = False
+    """log(|x| + 1) on the encoder output (fairseq ``log_compression``; off in the vq-wav2vec
+    command, on in wav2vec 1.0's)."""
+
+    encoder_skip_connections: bool = False
+    """Residual connections between encoder layers of equal width (fairseq ``skip_connections_feat``)."""
+
+    aggregator_skip_connections: bool = True
+    """Residual connections in the aggregator (fairseq ``skip_connections_agg``)."""
+
+    residual_scale: float = 0.5
+    """Residual sums are scaled by sqrt(residual_scale) (fairseq ``residual_scale``)."""
+
+    aggregator_conv_bias: bool = True
+    """Whether the aggregator convs have a bias (fairseq ``not no_conv_bias``)."""
+
+    aggregator_zero_pad: bool = False
+    """Left-pad the causal aggregator convs with zeros instead of replicating the first frame
+    (fairseq ``agg_zero_pad``)."""
+
+    quantizer_type: Literal["gumbel", "kmeans"] = "gumbel"
+    """Which quantizer discretises the encoder output (fairseq ``vq_type``)."""
+
+    quantizer: QuantizerConfig = field(
+        default_factory=lambda: QuantizerConfig(
+            codevector_dim=512, weight_proj_depth=2, weight_proj_factor=2, combine_groups=True
+        )
+    )
+    """Gumbel settings (fairseq ``vq_vars``, ``vq_groups``, ``vq_dim``, ``vq_depth``,
+    ``combine_groups``, ``vq_temp``)."""
+
+    kmeans: KMeansQuantizerConfig = field(default_factory=lambda: KMeansQuantizerConfig(codevector_dim=512))
+    """k-means settings (fairseq ``vq_vars``, ``vq_groups``, ``vq_gamma``); ``codevector_dim``
+    must equal the encoder width for fairseq compatibility."""
+
+    prediction_steps: int = 12
+    """Future frames predicted from each context vector (fairseq ``prediction_steps``)."""
+
+    num_negatives: int = 10
+    """Distractors per target, drawn from the same utterance (fairseq ``num_negatives``)."""
+
+    offset: int | None = None
+    """Frames between a context vector and its first target; None computes fairseq's ``auto``:
+    ceil(receptive field / stride) of the encoder."""
+
+    dropout_p: float = 0.0
+    """Dropout inside the aggregator blocks and on the step predictions (fairseq ``dropout``)."""
+
+    feature_dropout_p: float = 0.0
+    """Dropout on the quantized features before the aggregator (fairseq ``dropout_features``)."""
+
+    aggregator_dropout_p: float = 0.0
+    """Dropout on the aggregator output (fairseq ``dropout_agg``)."""
+
+    gumbel_diversity_weight: float = 0.0
+    """Weight of (G V - prob_perplexity) for the Gumbel quantizer (fairseq ``loss_weights``;
+    the vq-wav2vec command sets none, so 0)."""
+
+    def __post_init__(self) -> None:
+        for name, cls in (("quantizer", QuantizerConfig), ("kmeans", KMeansQuantizerConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls(**value))
+        for name in ("encoder_layers", "aggregator_layers"):
+            layers = tuple(tuple(int(v) for v in spec) for spec in getattr(self, name))
+            if not layers or any(len(spec) != 3 or min(spec) < 1 for spec in layers):
+                raise ValueError(
+                    f"`{name}` must be a non-empty list of (channels, kernel, stride) >= 1, "
+                    f"but is {getattr(self, name)} instead."
+                )
+            setattr(self, name, layers)
+        if self.quantizer_type not in ("gumbel", "kmeans"):
+            raise ValueError(
+                f"`quantizer_type` must be 'gumbel' or 'kmeans', but is {self.quantizer_type!r} instead."
+            )
+        if self.activation not in ("gelu", "relu"):
+            raise ValueError(f"`activation` must be 'gelu' or 'relu', but is {self.activation!r} instead.")
+        if self.prediction_steps < 1:
+            raise ValueError(f"`prediction_steps` must be >= 1, but is {self.prediction_steps} instead.")
+        if self.num_negatives < 1:
+            raise ValueError(f"`num_negatives` must be >= 1, but is {self.num_negatives} instead.")
+        if self.offset is not None and self.offset < 1:
+            raise ValueError(f"`offset` must be >= 1 or None, but is {self.offset} instead.")
+
+    @property
+    def codevector_dim(self) -> int:
+        """Dimension of the quantized vectors of the active quantizer."""
+        if self.quantizer_type == "kmeans":
+            return self.kmeans.codevector_dim
+        return self.quantizer.codevector_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON/YAML-safe dict (tuples become lists)."""
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VqWav2VecConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming the key."""
+        return _from_plain(cls, data)
+
+
+def vq_wav2vec_gumbel() -> VqWav2VecConfig:
+    """vq-wav2vec Gumbel (paper section 3.2; fairseq README): G=2, V=320 shared by the groups,
+    two-layer logit projection, tau 2 -> 0.5."""
+    return VqWav2VecConfig()
+
+
+def vq_wav2vec_kmeans() -> VqWav2VecConfig:
+    """vq-wav2vec k-means (paper section 3.2): G=2, V=320, gamma 0.25, loss weight 1."""
+    return VqWav2VecConfig(quantizer_type="kmeans")
 
 
 PRESETS = {

@@ -24,9 +24,15 @@ class QuantizerOutput:
     prob_perplexity: Tensor
     """Scalar, sum over groups of the perplexity of the mean softmax distribution."""
     temperature: float
-    """Gumbel-softmax temperature used for this call."""
+    """Gumbel-softmax temperature used for this call (0 for quantizers without one)."""
     num_codes: int
     """G x V."""
+    extra_loss: Tensor | None = None
+    """Scalar loss term the quantizer adds to the model's objective, if any (the k-means
+    quantizer's codebook + gamma * commitment loss); None for the Gumbel quantizer."""
+
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 def perplexity(probs: Tensor, frame_mask: Tensor | None) -> Tensor:
@@ -64,6 +70,13 @@ class GumbelVectorQuantizer(nn.Module):
         codebook_size: V (fairseq ``num_vars``).
         codevector_dim: dimension of the concatenated output (``G * d``).
         temperature: (start, end, decay) of tau = max(start * decay**num_updates, end).
+        weight_proj_depth: layers of the logit projection (fairseq ``weight_proj_depth``); above 1,
+            ``depth - 1`` Linear + activation blocks of width ``input_dim * weight_proj_factor``
+            (stored as ``hidden_proj``) come before the final ``weight_proj`` Linear.
+        weight_proj_factor: inner width factor when ``weight_proj_depth > 1``.
+        combine_groups: one codebook of V entries shared by all G groups (fairseq
+            ``combine_groups``); ``codevectors`` is then ``[1, V, d]``.
+        activation: ``"gelu"`` or ``"relu"``, between the hidden projection layers.
     """
 
     def __init__(
@@ -74,6 +87,10 @@ class GumbelVectorQuantizer(nn.Module):
         codebook_size: int,
         codevector_dim: int,
         temperature: tuple[float, float, float],
+        weight_proj_depth: int = 1,
+        weight_proj_factor: int = 3,
+        combine_groups: bool = False,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         if codevector_dim % num_codebooks != 0:
@@ -81,17 +98,40 @@ class GumbelVectorQuantizer(nn.Module):
                 f"`codevector_dim` must be a multiple of `num_codebooks` ({num_codebooks}), "
                 f"but is {codevector_dim} instead."
             )
+        if weight_proj_depth < 1:
+            raise ValueError(f"`weight_proj_depth` must be >= 1, but is {weight_proj_depth} instead.")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"`activation` must be one of {sorted(_ACTIVATIONS)}, but is {activation!r} instead."
+            )
         self.num_codebooks = num_codebooks
         self.codebook_size = codebook_size
+        self.combine_groups = combine_groups
         self.temperature_schedule = temperature
-        self.weight_proj = nn.Linear(input_dim, num_codebooks * codebook_size)
-        self.codevectors = nn.Parameter(torch.empty(1, num_codebooks * codebook_size, codevector_dim // num_codebooks))
+        self.hidden_proj: nn.Sequential | None = None
+        proj_in = input_dim
+        if weight_proj_depth > 1:
+            inner = input_dim * weight_proj_factor
+            blocks = [
+                nn.Sequential(nn.Linear(input_dim if i == 0 else inner, inner), _ACTIVATIONS[activation]())
+                for i in range(weight_proj_depth - 1)
+            ]
+            self.hidden_proj = nn.Sequential(*blocks)
+            proj_in = inner
+        self.weight_proj = nn.Linear(proj_in, num_codebooks * codebook_size)
+        num_books = 1 if combine_groups else num_codebooks
+        self.codevectors = nn.Parameter(
+            torch.empty(1, num_books * codebook_size, codevector_dim // num_codebooks)
+        )
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight_proj.weight, mean=0.0, std=1.0)
-        nn.init.zeros_(self.weight_proj.bias)
+        # fairseq draws N(0, 1) logit weights only for the single-layer projection; deeper ones keep
+        # torch's default Linear init.
+        if self.hidden_proj is None:
+            nn.init.normal_(self.weight_proj.weight, mean=0.0, std=1.0)
+            nn.init.zeros_(self.weight_proj.bias)
         nn.init.uniform_(self.codevectors)
 
     @property
@@ -109,6 +149,8 @@ class GumbelVectorQuantizer(nn.Module):
     def codes_to_vectors(self, codes: Tensor) -> Tensor:
         """``[..., G]`` codes -> ``[..., codevector_dim]`` codewords."""
         offsets = torch.arange(self.num_codebooks, device=codes.device) * self.codebook_size
+        if self.combine_groups:
+            offsets = torch.zeros_like(offsets)
         flat = self.codevectors[0][codes + offsets]  # (..., G) -> (..., G, d)
         return flat.flatten(-2)  # (..., G, d) -> (..., G*d)
 
@@ -119,7 +161,10 @@ class GumbelVectorQuantizer(nn.Module):
         g, v = self.num_codebooks, self.codebook_size
         # Quantizer math in fp32 whatever the autocast context (vector-quantize-pytorch practice).
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight_proj.weight.float(), self.weight_proj.bias.float())
+            h = x.float()
+            for linear, activation in self.hidden_proj if self.hidden_proj is not None else ():
+                h = activation(F.linear(h, linear.weight.float(), linear.bias.float()))
+            logits = F.linear(h, self.weight_proj.weight.float(), self.weight_proj.bias.float())
             logits = logits.view(batch * frames * g, v)  # (B, T, G*V) -> (B*T*G, V)
             codes = logits.argmax(dim=-1)
             hard = torch.zeros_like(logits).scatter_(-1, codes[:, None], 1.0)
@@ -133,7 +178,8 @@ class GumbelVectorQuantizer(nn.Module):
                 onehot = hard
             # (B*T*G, V) -> (G, B*T, V) @ (G, V, d) -> (G, B*T, d)
             onehot = onehot.view(batch * frames, g, v).transpose(0, 1)
-            book = self.codevectors.float().view(g, v, -1)
+            book = self.codevectors.float()
+            book = book.expand(g, v, -1) if self.combine_groups else book.view(g, v, -1)
             quantized = torch.bmm(onehot, book).transpose(0, 1).reshape(batch, frames, -1)
         return QuantizerOutput(
             quantized=quantized,
@@ -145,7 +191,7 @@ class GumbelVectorQuantizer(nn.Module):
         )
 
 
-def build_quantizer(cfg: QuantizerConfig, input_dim: int) -> GumbelVectorQuantizer:
+def build_quantizer(cfg: QuantizerConfig, input_dim: int, activation: str = "gelu") -> GumbelVectorQuantizer:
     """Build the Gumbel quantizer of ``cfg`` over ``input_dim``-dimensional features."""
     return GumbelVectorQuantizer(
         input_dim=input_dim,
@@ -153,4 +199,8 @@ def build_quantizer(cfg: QuantizerConfig, input_dim: int) -> GumbelVectorQuantiz
         codebook_size=cfg.codebook_size,
         codevector_dim=cfg.codevector_dim,
         temperature=cfg.temperature,
+        weight_proj_depth=cfg.weight_proj_depth,
+        weight_proj_factor=cfg.weight_proj_factor,
+        combine_groups=cfg.combine_groups,
+        activation=activation,
     )

@@ -18,6 +18,7 @@ from speechvq.losses import (
 from speechvq.models.common import lengths_to_padding_mask
 from speechvq.models.context import ContextNetwork, build_context_network
 from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
+from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer, build_kmeans_quantizer
 from speechvq.models.masking import compute_span_mask, sample_distractors
 from speechvq.models.quantizer import GumbelVectorQuantizer, QuantizerOutput, build_quantizer
 
@@ -85,7 +86,7 @@ class Wav2Vec2Model(nn.Module):
         self,
         feature_encoder: ConvFeatureEncoder,
         feature_projection: FeatureProjection,
-        quantizer: GumbelVectorQuantizer,
+        quantizer: GumbelVectorQuantizer | KMeansVectorQuantizer,
         context: ContextNetwork,
         cfg: Wav2Vec2Config,
     ) -> None:
@@ -97,7 +98,7 @@ class Wav2Vec2Model(nn.Module):
         self.context = context
         self.mask_embedding = nn.Parameter(torch.empty(cfg.context.dim).uniform_())
         self.quantizer_dropout = nn.Dropout(cfg.quantizer.dropout_p)
-        self.project_q = nn.Linear(cfg.quantizer.codevector_dim, cfg.final_dim)
+        self.project_q = nn.Linear(cfg.codevector_dim, cfg.final_dim)
         self.project_hid = nn.Linear(cfg.context.dim, cfg.final_dim)
 
     def set_num_updates_(self, num_updates: int) -> None:
@@ -120,6 +121,7 @@ class Wav2Vec2Model(nn.Module):
         mask: Tensor | None = None,
         distractor_index: Tensor | None = None,
         generator: torch.Generator | None = None,
+        layer_drop_generator: torch.Generator | None = None,
     ) -> Wav2Vec2Output:
         """The pretraining forward pass.
 
@@ -130,6 +132,8 @@ class Wav2Vec2Model(nn.Module):
             distractor_index: ``[N, K]`` flat distractor indices (see :func:`sample_distractors`);
                 drawn if None.
             generator: RNG for the mask and distractors.
+            layer_drop_generator: RNG for the LayerDrop decisions; seed it identically on every
+                data-parallel rank so that all ranks skip the same blocks.
 
         Returns:
             :class:`Wav2Vec2Output`; :meth:`compute_loss` turns it into the loss.
@@ -155,7 +159,7 @@ class Wav2Vec2Model(nn.Module):
         masked = torch.where(mask[..., None], self.mask_embedding.to(projected.dtype), projected)
 
         # 3. contextualise
-        ctx = self.context(masked, padding_mask)
+        ctx = self.context(masked, padding_mask, layer_drop_generator=layer_drop_generator)
 
         # 4. quantize the (unmasked) normalised features; perplexities over the valid frames
         valid = ~padding_mask if padding_mask is not None else None
@@ -193,9 +197,17 @@ class Wav2Vec2Model(nn.Module):
         n = output.num_targets
         weights = self.cfg.loss
         lm = contrastive_loss(output.logits)
-        ld = weights.diversity_weight * n * diversity_loss(output.quantizer.prob_perplexity, output.quantizer.num_codes)
+        ld = (
+            weights.diversity_weight
+            * n
+            * diversity_loss(output.quantizer.prob_perplexity, output.quantizer.num_codes)
+        )
+        if output.quantizer.extra_loss is not None:  # k-means: codebook + commitment loss instead
+            ld = self.cfg.kmeans.loss_weight * n * output.quantizer.extra_loss
         lp = weights.feature_penalty_weight * n * output.features_penalty
-        return LossBreakdown(total=lm + ld + lp, contrastive=lm, diversity=ld, feature_penalty=lp, num_targets=n)
+        return LossBreakdown(
+            total=lm + ld + lp, contrastive=lm, diversity=ld, feature_penalty=lp, num_targets=n
+        )
 
     @torch.no_grad()
     def quantize(self, waveforms: Tensor, lengths: Tensor | None = None) -> tuple[QuantizerOutput, Tensor]:
@@ -230,6 +242,10 @@ def build_wav2vec2(cfg: Wav2Vec2Config) -> Wav2Vec2Model:
     projection = FeatureProjection(
         cfg.encoder.out_channels, cfg.context.dim, cfg.feature_dropout_p, cfg.context.layer_norm_eps
     )
-    quantizer = build_quantizer(cfg.quantizer, cfg.encoder.out_channels)
+    quantizer: GumbelVectorQuantizer | KMeansVectorQuantizer
+    if cfg.quantizer_type == "kmeans":
+        quantizer = build_kmeans_quantizer(cfg.kmeans, cfg.encoder.out_channels)
+    else:
+        quantizer = build_quantizer(cfg.quantizer, cfg.encoder.out_channels)
     context = build_context_network(cfg.context)
     return Wav2Vec2Model(encoder, projection, quantizer, context, cfg)
