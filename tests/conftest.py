@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from local_http import server  # noqa: F401  (a fixture for the download tests)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads() -> None:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import tarfile
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from local_http import RangeHandler, libri_tarball, url
 from speechvq.cli import main
 from speechvq.data.download import download, safe_extract
 from speechvq.errors import UserInputError
@@ -19,66 +17,12 @@ from speechvq.errors import UserInputError
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "real_speech" / "LibriSpeech"
 
 
-class RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files`` (name -> bytes), honouring ``Range: bytes=N-``; logs Range headers."""
-
-    def do_GET(self) -> None:
-        data = self.server.files.get(self.path.lstrip("/"))  # type: ignore[attr-defined]
-        if data is None:
-            self.send_error(404)
-            return
-        rng = self.headers.get("Range")
-        self.server.ranges.append(rng)  # type: ignore[attr-defined]
-        start = int(rng.removeprefix("bytes=").rstrip("-")) if rng else 0
-        if start >= len(data) and rng:
-            self.send_response(416)
-            self.end_headers()
-            return
-        self.send_response(206 if rng else 200)
-        if rng:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        self.wfile.write(data[start:])
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def server() -> Iterator[http.server.ThreadingHTTPServer]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    srv.files, srv.ranges = {}, []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
-def _url(srv: http.server.ThreadingHTTPServer) -> str:
-    return f"http://127.0.0.1:{srv.server_address[1]}"
-
-
-def _libri_tarball() -> bytes:
-    """A tiny tarball in LibriSpeech layout: LibriSpeech/dev-clean/<spk>/<chapter>/..."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for p in sorted((FIXTURES / "test-clean").rglob("*")):
-            tar.add(
-                p,
-                arcname="LibriSpeech/dev-clean/" + p.relative_to(FIXTURES / "test-clean").as_posix(),
-                recursive=False,
-            )
-    return buf.getvalue()
-
-
 def test_download_librispeech_end_to_end_resumes_verifies_and_extracts(server, tmp_path: Path) -> None:
-    data = _libri_tarball()
+    data = libri_tarball()
     server.files["dev-clean.tar.gz"] = data
     md5 = hashlib.md5(data).hexdigest()
     (tmp_path / "dev-clean.tar.gz.part").write_bytes(data[: len(data) // 3])  # an interrupted download
-    args = ["download-librispeech", "--subset", "dev-clean", "--out", str(tmp_path), "--mirror", _url(server)]
+    args = ["download-librispeech", "--subset", "dev-clean", "--out", str(tmp_path), "--mirror", url(server)]
     assert main([*args, "--md5", md5]) == 0
     assert server.ranges == [f"bytes={len(data) // 3}-"]
     assert (tmp_path / "dev-clean.tar.gz").read_bytes() == data
@@ -91,9 +35,9 @@ def test_download_librispeech_end_to_end_resumes_verifies_and_extracts(server, t
 
 
 def test_download_raises_on_checksum_mismatch_and_deletes_the_file(server, tmp_path: Path, capsys) -> None:
-    server.files["dev-clean.tar.gz"] = _libri_tarball()
+    server.files["dev-clean.tar.gz"] = libri_tarball()
     # the published dev-clean MD5 cannot match the tiny tarball
-    args = ["download-librispeech", "--subset", "dev-clean", "--out", str(tmp_path), "--mirror", _url(server)]
+    args = ["download-librispeech", "--subset", "dev-clean", "--out", str(tmp_path), "--mirror", url(server)]
     assert main(args) == 2
     assert "MD5 checksum mismatch: expected 42e2234ba48799c1f50f24a7926300a1" in capsys.readouterr().err
     assert not (tmp_path / "dev-clean.tar.gz").exists() and not (tmp_path / "dev-clean.tar.gz.part").exists()
@@ -110,14 +54,14 @@ def test_download_restarts_when_the_server_ignores_range(server, tmp_path: Path)
     server.files["x.bin"] = b"0123456789" * 100
     (tmp_path / "x.bin.part").write_bytes(b"garbage")
     download(
-        f"{_url(server)}/x.bin", tmp_path / "x.bin", expected_md5=hashlib.md5(b"0123456789" * 100).hexdigest()
+        f"{url(server)}/x.bin", tmp_path / "x.bin", expected_md5=hashlib.md5(b"0123456789" * 100).hexdigest()
     )
     assert (tmp_path / "x.bin").read_bytes() == b"0123456789" * 100
 
 
 def test_download_raises_naming_the_url_on_http_404(server, tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match=r"nothing\.tar\.gz: HTTP 404"):
-        download(f"{_url(server)}/nothing.tar.gz", tmp_path / "n.tar.gz")
+        download(f"{url(server)}/nothing.tar.gz", tmp_path / "n.tar.gz")
 
 
 def _crafted(tmp_path: Path) -> Path:
