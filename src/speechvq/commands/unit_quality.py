@@ -1,0 +1,42 @@
+"""``speechvq unit-quality``: phone purity, cluster purity and PNMI of units vs phone alignments.
+
+Usage:
+    speechvq unit-quality units/test data/synth/test
+    speechvq unit-quality units/test data/synth/test --json quality.json
+
+UNITS is an ``export-units`` directory; ALIGNMENTS is the directory the ``.phones`` files
+(``start_s end_s phone`` per line, as the synthetic corpus writes them) are found in: for the
+utterance ``rel/path/utt.flac`` first ``ALIGNMENTS/rel/path/utt.phones``, else any
+``utt.phones`` below ALIGNMENTS. Each frame gets the phone at its centre; unaligned frames are not
+counted. Measures as in the HuBERT paper (see ``speechvq.units.quality``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("units", help="export-units output directory")
+    parser.add_argument("alignments", help="directory holding the .phones alignment files")
+    parser.add_argument("--suffix", default=".phones", help="alignment file suffix (default .phones)")
+    parser.add_argument("--frame-stride", type=float, help="seconds per frame (default: from meta.json)")
+    parser.add_argument("--json", help="also write the result here as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from speechvq.units.io import read_units
+    from speechvq.units.quality import evaluate_units
+
+    units = read_units(args.units)
+    quality = evaluate_units(units, args.alignments, suffix=args.suffix, frame_stride_s=args.frame_stride)
+    print(
+        f"phone purity {quality.phone_purity:.4f}  cluster purity {quality.cluster_purity:.4f}  "
+        f"PNMI {quality.pnmi:.4f}  ({quality.num_frames} frames, {quality.num_phones} phones, "
+        f"{quality.num_units} units)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(quality.as_dict(), indent=2) + "\n")
+    return 0

@@ -1,0 +1,302 @@
+"""Frame-level units and features of any speechvq model, streamed over a manifest in order.
+
+Layers are numbered alike for every model: 0 is the convolutional feature encoder's output, ``l``
+(1-based) the output of Transformer block ``l`` (wav2vec 2.0, CTC models), or, for vq-wav2vec, 1
+the aggregator's output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from speechvq.data import AudioDataset, read_manifest
+from speechvq.errors import UserInputError
+from speechvq.models.common import lengths_to_padding_mask
+from speechvq.units.io import Token, UnitWriter
+from speechvq.units.kmeans import FeatureShardWriter, KMeansModel
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+
+
+def frame_stride_samples(model: nn.Module) -> int:
+    """Samples between consecutive frames of ``model`` (product of its encoder's conv strides)."""
+    m: Any = model
+    strides: list[int] = [int(s) for _, _, s in m.feature_encoder.conv_layers]
+    return math.prod(strides)
+
+
+def receptive_field(model: nn.Module) -> int:
+    """Samples one frame of ``model`` sees (the fewest an utterance must hold to give a frame)."""
+    m: Any = model
+    return int(m.feature_encoder.receptive_field)
+
+
+def num_layers(model: nn.Module) -> int:
+    """The highest layer number :func:`layer_features` accepts for ``model``."""
+    if type(model).__name__ == "VqWav2VecModel":
+        return 1
+    cfg: Any = model.cfg
+    return int(cfg.context.num_layers)
+
+
+def normalizes_waveform(model: nn.Module) -> bool:
+    """Whether ``model`` expects zero-mean unit-variance waveforms (fairseq ``normalize``)."""
+    cfg: Any = model.cfg
+    if hasattr(cfg, "normalize_waveform"):
+        return bool(cfg.normalize_waveform)
+    encoder = getattr(cfg, "encoder", None)
+    return getattr(encoder, "norm_mode", "group_norm") == "layer_norm"
+
+
+@torch.no_grad()
+def layer_features(model: nn.Module, waveforms: Tensor, lengths: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+    """Unmasked features of one layer.
+
+    Args:
+        model: a wav2vec 2.0, CTC or vq-wav2vec model, in eval mode.
+        waveforms: ``[B, S]`` samples.
+        lengths: ``[B]`` valid samples.
+        layer: see the module docstring.
+
+    Returns:
+        Features ``[B, T, D]`` and frame lengths ``[B]``.
+    """
+    if not 0 <= layer <= num_layers(model):
+        raise UserInputError(
+            f"--layer must be in [0, {num_layers(model)}] for this {type(model).__name__}, but is {layer}"
+        )
+    kind = type(model).__name__
+    m: Any = model
+    if kind == "Wav2Vec2Model":
+        if layer == 0:
+            features, frame_lengths, _ = m.encode(waveforms, lengths)
+            return features, frame_lengths
+        hidden, frame_lengths = m.extract_features(waveforms, lengths, num_layers=layer)
+        return hidden[layer - 1], frame_lengths
+    if kind == "CtcModel":
+        from speechvq.models.ctc import normalize_waveforms
+
+        if m.cfg.normalize_waveform:
+            waveforms = normalize_waveforms(waveforms, lengths)
+        features, frame_lengths = m.feature_encoder(waveforms, lengths)
+        if layer == 0:
+            return features, frame_lengths
+        padding_mask = lengths_to_padding_mask(frame_lengths, features.size(1))
+        x, _ = m.feature_projection(features)
+        return m.context(x, padding_mask, num_layers=layer).hidden_states[layer], frame_lengths
+    if kind == "VqWav2VecModel":
+        features, frame_lengths, q = m.encode(waveforms, lengths)
+        if layer == 0:
+            return features, frame_lengths
+        return m.aggregate(q.quantized, frame_lengths), frame_lengths
+    raise UserInputError(f"features of a {kind} cannot be exported")
+
+
+@torch.no_grad()
+def quantizer_codes(model: nn.Module, waveforms: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """The quantizer's argmax codes ``[B, T, G]`` and frame lengths ``[B]``."""
+    if not hasattr(model, "quantize"):
+        raise UserInputError(f"a {type(model).__name__} has no quantizer (use --kind kmeans)")
+    q, frame_lengths = model.quantize(waveforms, lengths)  # type: ignore[operator]
+    return q.codes, frame_lengths
+
+
+def codebook_size(model: nn.Module) -> int:
+    """Entries per codebook group V of ``model``'s quantizer."""
+    q: Any = model.quantizer  # type: ignore[union-attr]
+    return int(q.codebook_size)
+
+
+def codes_to_tokens(codes: Tensor, codebook_size: int, joint: bool) -> list[Token]:
+    """``[T, G]`` codes -> vq-wav2vec tokens ``"g0-g1"`` per frame, or joint ids ``sum_g c_g V^(G-1-g)``."""
+    if joint:
+        g = codes.size(-1)
+        weights = codebook_size ** torch.arange(g - 1, -1, -1, device=codes.device)
+        return [int(v) for v in (codes * weights).sum(-1).tolist()]
+    return ["-".join(str(c) for c in row) for row in codes.tolist()]
+
+
+@dataclass
+class ExportBatch:
+    """Consecutive manifest items: those with audio long enough for a frame, and the rest."""
+
+    relpaths: list[str]
+    """Manifest-relative paths of all the batch's items, in manifest order."""
+    waveforms: Tensor
+    """``[B', S]`` the usable items' audio."""
+    lengths: Tensor
+    """``[B']`` samples."""
+    usable: list[int]
+    """Positions (into ``relpaths``) of the usable items, in order."""
+
+
+def consecutive_batches(sizes: np.ndarray, max_tokens: int, max_items: int) -> list[list[int]]:
+    """Split ``range(len(sizes))`` into consecutive runs of at most ``max_items`` items and at most
+    ``max_tokens`` padded samples (an item longer than ``max_tokens`` is a batch alone)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, n in enumerate(sizes.tolist()):
+        if current and (len(current) >= max_items or (len(current) + 1) * max(longest, n) > max_tokens):
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def iter_manifest(
+    manifest: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    max_tokens: int = 1_600_000,
+    max_items: int = 64,
+) -> Iterator[ExportBatch]:
+    """Stream a manifest through in order, a batch of consecutive items at a time.
+
+    Only one batch of audio is held at once. Items that fail to load, or hold fewer samples than
+    one frame needs, are reported (logged) and left out of ``usable``; their units are empty.
+    """
+    if max_items < 1:
+        raise UserInputError(f"--shard-size must be >= 1, but is {max_items}")
+    dataset = AudioDataset(
+        manifest, sample_rate=SAMPLE_RATE, normalize=normalizes_waveform(model), random_crop=False
+    )
+    if dataset.num_filtered:
+        raise UserInputError(f"{manifest}: {dataset.num_filtered} items could not be listed")
+    relpaths = [item.relpath for item in read_manifest(manifest).items]
+    assert len(relpaths) == len(dataset)
+    min_samples = receptive_field(model)
+    plan = consecutive_batches(np.asarray(dataset.sizes), max_tokens, max_items)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=plan, collate_fn=dataset.collate, num_workers=0
+    )
+    for indices, batch in zip(plan, loader):
+        loaded = {int(i): row for row, i in enumerate(batch.indices.tolist())}
+        usable, rows = [], []
+        for pos, index in enumerate(indices):
+            row = loaded.get(index)
+            if row is None:
+                logger.warning("%s: could not be loaded; writing no units for it", relpaths[index])
+            elif int(batch.lengths[row]) < min_samples:
+                logger.warning(
+                    "%s: %d samples are fewer than one frame needs (%d); writing no units for it",
+                    relpaths[index],
+                    int(batch.lengths[row]),
+                    min_samples,
+                )
+            else:
+                usable.append(pos)
+                rows.append(row)
+        take = torch.tensor(rows, dtype=torch.long)
+        lengths = batch.lengths[take]
+        width = int(lengths.max()) if len(rows) else 0
+        yield ExportBatch(
+            relpaths=[relpaths[i] for i in indices],
+            waveforms=batch.waveforms[take, :width],
+            lengths=lengths,
+            usable=usable,
+        )
+
+
+def export_units(
+    model: nn.Module,
+    manifest: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    kind: str,
+    layer: int | None = None,
+    kmeans: KMeansModel | None = None,
+    joint: bool = False,
+    dedup: bool = False,
+    max_tokens: int = 1_600_000,
+    max_items: int = 64,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the units of every manifest item to ``out_dir`` (format: :mod:`speechvq.units.io`).
+
+    Args:
+        model: the model, in eval mode.
+        manifest: the manifest ``.tsv``.
+        out_dir: the units directory.
+        kind: ``"codes"`` (quantizer indices) or ``"kmeans"`` (``layer`` features -> ``kmeans``).
+        layer: the layer for ``kmeans`` (see the module docstring).
+        kmeans: the fitted k-means model for ``kmeans``.
+        joint: ``codes``: one joint id per frame instead of ``g0-g1`` tokens.
+        dedup: collapse runs of equal units (durations are written alongside).
+        max_tokens: padded samples per batch.
+        max_items: items per batch.
+        meta: extra ``meta.json`` entries.
+
+    Returns:
+        The written ``meta.json`` contents.
+    """
+    info: dict[str, Any] = {"kind": kind, "manifest": str(manifest), **(meta or {})}
+    if kind == "codes":
+        if not hasattr(model, "quantize"):
+            raise UserInputError(f"a {type(model).__name__} has no quantizer (use --kind kmeans)")
+        quantizer: Any = model.quantizer
+        groups = int(quantizer.num_codebooks)
+        v = codebook_size(model)
+        info.update({"joint": joint, "num_codebooks": groups, "codebook_size": v})
+        info["vocab_size"] = v**groups if joint else None
+    elif kind == "kmeans":
+        if kmeans is None or layer is None:
+            raise UserInputError("--kind kmeans needs --km and --layer")
+        info.update({"layer": layer, "vocab_size": kmeans.k})
+    else:
+        raise UserInputError(f"--kind must be 'codes' or 'kmeans', but is {kind!r}")
+    stride_s = frame_stride_samples(model) / SAMPLE_RATE
+    with UnitWriter(out_dir, frame_stride_s=stride_s, dedup=dedup, meta=info) as writer:
+        for batch in iter_manifest(manifest, model, max_tokens=max_tokens, max_items=max_items):
+            per_item: list[list[Token]] = [[] for _ in batch.relpaths]
+            if batch.usable:
+                if kind == "codes":
+                    codes, frames = quantizer_codes(model, batch.waveforms, batch.lengths)
+                    for pos, c, n in zip(batch.usable, codes, frames.tolist()):
+                        per_item[pos] = codes_to_tokens(c[:n], v, joint)
+                else:
+                    assert kmeans is not None and layer is not None
+                    feats, frames = layer_features(model, batch.waveforms, batch.lengths, layer)
+                    labels = kmeans.predict(feats)
+                    for pos, lab, n in zip(batch.usable, labels, frames.tolist()):
+                        per_item[pos] = [int(x) for x in lab[:n].tolist()]
+            for relpath, tokens in zip(batch.relpaths, per_item):
+                writer.write(relpath, tokens)
+    return dict(info, num_utterances=writer.num_utterances, frame_stride_s=stride_s)
+
+
+def dump_features(
+    model: nn.Module,
+    manifest: str | os.PathLike[str],
+    layer: int,
+    directory: str | os.PathLike[str],
+    *,
+    shard_size: int,
+    max_tokens: int = 1_600_000,
+    max_items: int = 64,
+) -> FeatureShardWriter:
+    """Dump ``layer`` features of every usable manifest item into shards (see :mod:`.kmeans`)."""
+    writer = FeatureShardWriter(Path(directory), shard_size)
+    for batch in iter_manifest(manifest, model, max_tokens=max_tokens, max_items=max_items):
+        if not batch.usable:
+            continue
+        feats, frames = layer_features(model, batch.waveforms, batch.lengths, layer)
+        for f, n in zip(feats, frames.tolist()):
+            writer.add(f[:n])
+    writer.close()
+    return writer
