@@ -36,6 +36,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "pretrain": ("speechvq.commands.pretrain", "wav2vec 2.0 / vq-wav2vec pretraining"),
     "plot": ("speechvq.commands.plot", "plot the curves of an experiment directory"),
+    "export-units": ("speechvq.commands.export_units", "frame-level discrete units of a manifest"),
+    "fit-kmeans": ("speechvq.commands.fit_kmeans", "k-means over one layer's features of a model"),
+    "unit-quality": ("speechvq.commands.unit_quality", "phone purity, cluster purity and PNMI of units"),
     "transcribe": (
         "speechvq.commands.transcribe",
         "transcribe audio with a CTC model; WER/CER with references",
