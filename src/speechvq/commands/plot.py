@@ -1,0 +1,113 @@
+"""Plot the curves of a pretraining run to PNG.
+
+Usage:
+    speechvq plot exp/tiny                  # writes exp/tiny/curves.png
+    speechvq plot exp/tiny --out curves.png
+
+Draws loss (train and valid), contrastive accuracy, code and prob perplexity and the Gumbel
+temperature from ``metrics.jsonl``, and a codebook-usage histogram from ``codebook_usage.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from speechvq.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("exp_dir", help="experiment directory of `speechvq pretrain`")
+    parser.add_argument("--out", default=None, help="PNG to write (default: EXP_DIR/curves.png)")
+
+
+def _series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if r["split"] == split and r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _num_negatives(exp_dir: Path) -> int | None:
+    path = exp_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+    try:
+        return int(model["config"]["loss"]["num_negatives"])
+    except (KeyError, TypeError):
+        return None
+
+
+def plot_experiment(exp_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the curves and the codebook-usage histogram of ``exp_dir``; returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from speechvq.train.metrics import read_metrics
+
+    exp_dir = Path(exp_dir)
+    if not (exp_dir / "metrics.jsonl").is_file():
+        raise UserInputError(f"{exp_dir}/metrics.jsonl: not found (is this a `speechvq pretrain` directory?)")
+    records = read_metrics(exp_dir)
+    out = Path(out) if out is not None else exp_dir / "curves.png"
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    panels = [
+        ("loss (bits per target)", [("train", "loss_bits"), ("valid", "loss_bits")]),
+        ("contrastive accuracy", [("train", "accuracy"), ("valid", "accuracy")]),
+        ("perplexity (codes)", [("train", "code_perplexity"), ("train", "prob_perplexity")]),
+        ("Gumbel temperature", [("train", "temperature")]),
+        ("gradient norm / lr", [("train", "grad_norm")]),
+    ]
+    for ax, (title, series) in zip(axes.flat, panels):
+        for split, key in series:
+            x, y = _series(records, split, key)
+            if x:
+                ax.plot(x, y, marker="." if len(x) < 30 else None, label=f"{split} {key}")
+        ax.set_title(title)
+        ax.set_xlabel("update")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    negatives = _num_negatives(exp_dir)
+    if negatives is not None:  # chance: uniform over the target and K distractors
+        axes[0, 0].axhline(math.log2(negatives + 1), color="tab:red", linestyle=":", label="chance log2(K+1)")
+        axes[0, 1].axhline(1 / (negatives + 1), color="tab:red", linestyle=":", label="chance 1/(K+1)")
+        axes[0, 0].legend(fontsize=8)
+        axes[0, 1].legend(fontsize=8)
+    axes[1, 0].ticklabel_format(axis="y", useOffset=False)
+    x, y = _series(records, "train", "lr")
+    if x:
+        twin = axes[1, 1].twinx()
+        twin.plot(x, y, color="tab:gray", linestyle="--", label="lr")
+        twin.set_ylabel("lr")
+    ax = axes[1, 2]
+    usage_path = exp_dir / "codebook_usage.json"
+    if usage_path.is_file():
+        usage = yaml.safe_load(usage_path.read_text())
+        for g, counts in enumerate(usage["counts"]):
+            total = max(sum(counts), 1)
+            ax.bar(range(len(counts)), [c / total for c in counts], alpha=0.6, label=f"group {g}")
+        ax.set_title(f"codebook usage (last log interval, step {usage['step']})")
+        ax.set_xlabel("codebook entry")
+        ax.set_ylabel("fraction of frames")
+        ax.legend(fontsize=8)
+    else:
+        ax.set_axis_off()
+    fig.suptitle(str(exp_dir))
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    path = plot_experiment(args.exp_dir, args.out)
+    logger.info("wrote %s", path)
+    return 0

@@ -1,0 +1,409 @@
+"""Pretraining configuration: YAML -> typed dataclasses, plus typed ``--set a.b=v`` overrides.
+
+The YAML file has one mapping per section of :class:`PretrainConfig`::
+
+    model: {preset: tiny, overrides: {context.dropout_p: 0.0}}   # or a full Wav2Vec2Config dict
+    data: {train: data/train.tsv, max_tokens: 250000}
+    optim: {lr: 5.0e-4}
+    schedule: {name: polynomial, warmup_steps: 32000}
+    train: {max_steps: 400000, precision: bf16}
+
+Every field is documented once, by the attribute docstring under it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from speechvq.config import Wav2Vec2Config, preset
+from speechvq.errors import UserInputError
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    """Which model to pretrain: a preset plus dotted overrides, or a full config dict."""
+
+    preset: str | None = "base"
+    """Preset name (``tiny``, ``small``, ``base``, ``large``); None when ``config`` is given."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted paths into :class:`~speechvq.config.Wav2Vec2Config` and values, e.g.
+    ``{context.layer_drop_p: 0.1}``."""
+
+    config: dict[str, Any] | None = None
+    """A full ``Wav2Vec2Config.to_dict()`` mapping; used instead of ``preset`` when given."""
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    """Training data and batching (see :mod:`speechvq.data`)."""
+
+    train: str = ""
+    """Training manifest (TSV) or Hugging Face dataset directory."""
+
+    valid: str | None = None
+    """Validation manifest or dataset directory; None disables validation and best checkpoints."""
+
+    sample_rate: int = 16000
+    """Sample rate the audio is resampled to."""
+
+    normalize: bool = False
+    """Zero-mean unit-variance normalisation of each waveform (fairseq ``normalize``)."""
+
+    max_sample_size: int | None = 250000
+    """Crop longer utterances to this many samples (fairseq ``max_sample_size``)."""
+
+    min_sample_size: int | None = 32000
+    """Drop utterances shorter than this (fairseq ``min_sample_size``)."""
+
+    max_tokens: int = 1400000
+    """Samples per batch *per process*, padding included (fairseq ``max_tokens``)."""
+
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass(kw_only=True)
+class OptimSection:
+    """Adam with decoupled weight decay (fairseq ``adam``, which decays weights as AdamW does)."""
+
+    lr: float = 5e-4
+    """Peak learning rate."""
+
+    betas: tuple[float, float] = (0.9, 0.98)
+    """Adam (beta1, beta2)."""
+
+    eps: float = 1e-6
+    """Adam epsilon."""
+
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+
+    clip_grad_norm: float = 10.0
+    """Clip the total gradient norm to this value; 0 disables clipping (fairseq ``clip_norm``)."""
+
+
+@dataclass(kw_only=True)
+class ScheduleSection:
+    """Learning-rate schedule; see :func:`speechvq.train.optim.lr_at`."""
+
+    name: Literal["polynomial", "tri_stage", "cosine", "constant"] = "polynomial"
+    """``polynomial``: linear warmup, then polynomial decay to ``end_lr_scale`` (fairseq
+    ``polynomial_decay``). ``tri_stage``: warmup / hold / exponential decay by ``phase_ratio``.
+    ``cosine``: linear warmup, then cosine decay to ``end_lr_scale``. ``constant``: warmup, then flat."""
+
+    warmup_steps: int = 32000
+    """Linear warmup updates (polynomial, cosine, constant)."""
+
+    power: float = 1.0
+    """Exponent of the polynomial decay (1 = linear)."""
+
+    end_lr_scale: float = 0.0
+    """Final lr as a fraction of the peak (polynomial, cosine)."""
+
+    phase_ratio: tuple[float, float, float] = (0.1, 0.4, 0.5)
+    """Tri-stage warmup / hold / decay fractions of ``train.max_steps``."""
+
+    init_lr_scale: float = 0.01
+    """Tri-stage lr at step 0 as a fraction of the peak."""
+
+    final_lr_scale: float = 0.05
+    """Tri-stage lr at the end as a fraction of the peak."""
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    """Steps, batching across steps and processes, precision, intervals."""
+
+    max_steps: int = 400000
+    """Optimizer updates to run."""
+
+    grad_accum: int = 1
+    """Batches accumulated per update (fairseq ``update_freq``)."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """``bf16``: bf16 autocast (CPU and GPU). ``fp16``: fp16 autocast with loss scaling (GPU only).
+    Logits, quantizer and losses always run in fp32."""
+
+    seed: int = 1
+    """Seeds the model init, the data order and every per-step random draw."""
+
+    cpu: bool = False
+    """Run on the CPU even if a GPU is visible."""
+
+    log_interval: int = 100
+    """Updates between metric records (and collapse checks)."""
+
+    valid_interval: int = 10000
+    """Updates between validations (and best-checkpoint decisions)."""
+
+    save_interval: int = 10000
+    """Updates between checkpoints; a checkpoint is also written at the end of the run."""
+
+    keep_last: int = 2
+    """Checkpoints to keep besides the best one."""
+
+    max_nonfinite: int = 20
+    """Stop the run after this many skipped (non-finite) updates in a row."""
+
+    max_wall_s: float | None = None
+    """Stop (with a checkpoint) after this many seconds of training; None for no limit."""
+
+    progress_bar: bool = True
+    """Show a tqdm progress bar on the main process."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files to ``exp_dir/tensorboard`` (needs ``tensorboard``)."""
+
+
+@dataclass(kw_only=True)
+class DiagnosticsSection:
+    """Thresholds of the collapse warnings (:func:`speechvq.train.diagnostics.collapse_warnings`)."""
+
+    window: int = 3
+    """Consecutive log records a condition must hold for before it is reported."""
+
+    chance_after_steps: int = 2000
+    """Only report a loss stuck at chance after this many updates."""
+
+    chance_rel_tol: float = 0.02
+    """"Stuck at chance": contrastive loss per target within this fraction of log(K + 1)."""
+
+    min_code_perplexity_per_group: float = 2.0
+    """Warn when the code perplexity falls below this many codes per codebook group."""
+
+    trivial_accuracy: float = 0.99
+    """Accuracy at or above this, together with a loss below ``trivial_loss``, is a trivial task."""
+
+    trivial_loss: float = 0.05
+    """Contrastive loss per target (nats) below which the task looks trivial."""
+
+    min_grad_norm: float = 1e-6
+    """Warn when the gradient norm stays below this."""
+
+
+@dataclass(kw_only=True)
+class PretrainConfig:
+    """Everything a pretraining run reads; written resolved to ``exp_dir/config.yaml``."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    diagnostics: DiagnosticsSection = field(default_factory=DiagnosticsSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A YAML-safe dict (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    def model_config(self) -> Wav2Vec2Config:
+        """The :class:`Wav2Vec2Config` this run trains."""
+        m = self.model
+        if m.config is not None:
+            cfg = Wav2Vec2Config.from_dict(m.config)
+        elif m.preset is not None:
+            cfg = preset(m.preset)
+        else:
+            raise UserInputError("`model` must give a `preset` or a `config`, but gives neither instead.")
+        data = cfg.to_dict()
+        for path, value in m.overrides.items():
+            _set_dotted(data, path, value, where="model.overrides")
+        return Wav2Vec2Config.from_dict(data)
+
+    def validate(self) -> None:
+        """Cross-field checks; raises :class:`UserInputError`."""
+        t = self.train
+        for name in ("max_steps", "grad_accum", "log_interval", "valid_interval", "save_interval"):
+            if getattr(t, name) < 1:
+                raise UserInputError(f"`train.{name}` must be >= 1, but is {getattr(t, name)} instead.")
+        if t.keep_last < 1:
+            raise UserInputError(f"`train.keep_last` must be >= 1, but is {t.keep_last} instead.")
+        if t.precision not in ("fp32", "bf16", "fp16"):
+            raise UserInputError(
+                f"`train.precision` must be fp32, bf16 or fp16, but is {t.precision!r} instead."
+            )
+        if self.schedule.name not in ("polynomial", "tri_stage", "cosine", "constant"):
+            raise UserInputError(
+                "`schedule.name` must be polynomial, tri_stage, cosine or constant, "
+                f"but is {self.schedule.name!r} instead."
+            )
+        if abs(sum(self.schedule.phase_ratio) - 1.0) > 1e-6:
+            raise UserInputError(
+                f"`schedule.phase_ratio` must sum to 1, but is {list(self.schedule.phase_ratio)} instead."
+            )
+        if not self.data.train:
+            raise UserInputError("`data.train` must name a manifest, but is empty instead.")
+        try:
+            self.model_config()
+        except (TypeError, ValueError, KeyError) as err:
+            if isinstance(err, UserInputError):
+                raise
+            raise UserInputError(f"`model` is not a valid model config: {err}") from err
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _set_dotted(data: dict[str, Any], path: str, value: Any, *, where: str) -> None:
+    """Set ``data[a][b] = value`` for ``path = "a.b"`` on a plain dict; the key must exist."""
+    keys = path.split(".")
+    node = data
+    for i, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            known = sorted(node) if isinstance(node, dict) else []
+            raise UserInputError(
+                f"{where}: `{'.'.join(keys[: i + 1])}` is not a config field; known here: {known}"
+            )
+        if i == len(keys) - 1:
+            node[key] = value
+        else:
+            node = node[key]
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check ``value`` against the type ``hint`` (after YAML parsing) and convert tuples/floats."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise UserInputError(f"`{name}` must be one of {list(get_args(hint))}, but is {value!r} instead.")
+        return value
+    if origin is None and hint in (int, float, bool, str):
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if hint is float and isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "5e-4" (no dot) as a string
+            except ValueError:
+                pass
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise UserInputError(
+                f"`{name}` must be of type {hint.__name__}, but is {value!r} ({type(value).__name__}) instead."
+            )
+        return value
+    args = get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return _coerce(value, rest[0], name)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise UserInputError(f"`{name}` must be a list of {len(args)} values, but is {value!r} instead.")
+        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserInputError(f"`{name}` must be a mapping, but is {value!r} instead.")
+        return value
+    return value
+
+
+def _section_from_dict(cls: type, data: Any, name: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserInputError(f"`{name}` must be a mapping, but is {data!r} instead.")
+    hints = get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise UserInputError(f"unknown field(s) {unknown} in `{name}`; known: {sorted(fields)}")
+    return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in data.items()})
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+
+
+def config_from_dict(data: dict[str, Any]) -> PretrainConfig:
+    """Build a :class:`PretrainConfig` from a plain mapping, type-checking every value."""
+    if not isinstance(data, dict):
+        raise UserInputError(
+            f"the config must be a mapping of sections, but is {type(data).__name__} instead."
+        )
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise UserInputError(f"unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
+    hints = get_type_hints(PretrainConfig)
+    return PretrainConfig(**{k: _section_from_dict(hints[k], v, k) for k, v in data.items()})
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=5e-4"`` -> ``("optim.lr", 0.0005)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise UserInputError(f"--set must be KEY=VALUE (e.g. optim.lr=5e-4), but is {text!r} instead.")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a plain config dict (in place; returns it).
+
+    ``model.<path>`` keys below ``model.preset/overrides/config`` go into ``model.overrides``, so
+    ``--set model.context.dropout_p=0.0`` works whichever way the model is given.
+    """
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        if parts[0] == "model" and len(parts) > 1 and parts[1] not in ("preset", "overrides", "config"):
+            model = data.setdefault("model", {}) or {}
+            data["model"] = model
+            model.setdefault("overrides", {})
+            model["overrides"] = {**(model["overrides"] or {}), ".".join(parts[1:]): value}
+            continue
+        if len(parts) < 2 or parts[0] not in _SECTIONS:
+            raise UserInputError(
+                f"--set {text}: `{key}` must be <section>.<field> with a section in {sorted(_SECTIONS)}"
+            )
+        defaults = PretrainConfig().to_dict()
+        _set_dotted(defaults, key, value, where=f"--set {text}")  # checks that the field exists
+        section = data.setdefault(parts[0], {}) or {}
+        data[parts[0]] = section
+        section[parts[1]] = value if len(parts) == 2 else _nested(section.get(parts[1]), parts[2:], value)
+    return data
+
+
+def _nested(node: Any, keys: list[str], value: Any) -> Any:
+    node = dict(node or {})
+    if len(keys) == 1:
+        node[keys[0]] = value
+    else:
+        node[keys[0]] = _nested(node.get(keys[0]), keys[1:], value)
+    return node
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
+    """Read a YAML config, apply ``--set`` overrides, type-check and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UserInputError(f"{path}{line}: invalid YAML: {getattr(err, 'problem', err)}") from err
+    try:
+        cfg = config_from_dict(apply_overrides(data, overrides or []))
+        cfg.validate()
+    except UserInputError as err:
+        raise UserInputError(f"{path}: {err}") from err
+    return cfg
+
+
+def dump_config(cfg: PretrainConfig) -> str:
+    """The resolved config as YAML, with the model config written out in full."""
+    data = cfg.to_dict()
+    data["model"] = {"preset": None, "overrides": {}, "config": cfg.model_config().to_dict()}
+    return yaml.safe_dump(data, sort_keys=False)

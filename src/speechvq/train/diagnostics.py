@@ -1,0 +1,99 @@
+"""Collapse checks: a pure function over the most recent metric records.
+
+The failure modes are the ones users report most for wav2vec 2.0 pretraining (fairseq#3661,
+#3687, #3718, transformers#14387): the contrastive loss stuck at chance, log(K + 1); the quantizer
+using only a handful of codes; a trivial task (accuracy ~1 with loss ~0, e.g. every target equal
+to its distractors); and vanishing gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from speechvq.train.config import DiagnosticsSection
+
+
+@dataclass(frozen=True)
+class CollapseWarning:
+    """One diagnosis: a short ``code`` (for tests and grep) and a message for the user."""
+
+    code: str
+    message: str
+
+
+def collapse_warnings(
+    records: Sequence[Mapping[str, float]],
+    *,
+    num_negatives: int,
+    num_codebooks: int,
+    cfg: DiagnosticsSection,
+) -> list[CollapseWarning]:
+    """Diagnose the latest ``cfg.window`` training records.
+
+    Each record holds at least ``step``, ``contrastive`` (loss per target, nats), ``accuracy``,
+    ``code_perplexity`` and ``grad_norm``. A condition must hold in every one of the last
+    ``cfg.window`` records to be reported.
+
+    Args:
+        records: metric records in step order (older ones are ignored).
+        num_negatives: K, distractors per target (chance loss is log(K + 1)).
+        num_codebooks: G, codebook groups (the minimum code perplexity is G).
+        cfg: thresholds.
+
+    Returns:
+        The warnings, empty for a healthy run.
+    """
+    recent = list(records)[-cfg.window :]
+    if len(recent) < cfg.window or not recent:
+        return []
+
+    def always(key: str, test: object) -> bool:
+        values = [r.get(key) for r in recent]
+        return all(v is not None and math.isfinite(float(v)) and test(float(v)) for v in values)  # type: ignore[operator]
+
+    found: list[CollapseWarning] = []
+    chance = math.log(num_negatives + 1)
+    last = recent[-1]
+    if float(recent[0].get("step", 0)) >= cfg.chance_after_steps and always(
+        "contrastive", lambda v: abs(v - chance) <= cfg.chance_rel_tol * chance
+    ):
+        found.append(
+            CollapseWarning(
+                "loss_at_chance",
+                f"contrastive loss {last['contrastive']:.3f} nats ({last['contrastive'] / math.log(2):.3f} bits) "
+                f"has stayed at chance log(K+1) = {chance:.3f} since step {int(recent[0]['step'])}: the model "
+                "is not learning (try a lower lr, a longer warmup, or check the audio and masking).",
+            )
+        )
+    floor = cfg.min_code_perplexity_per_group * num_codebooks
+    if always("code_perplexity", lambda v: v < floor):
+        found.append(
+            CollapseWarning(
+                "codebook_collapse",
+                f"code perplexity {last['code_perplexity']:.2f} is below {floor:g} ({num_codebooks} groups): "
+                "the quantizer uses only a handful of codes (raise the diversity weight or the Gumbel "
+                "temperature, or check that the input is not silent).",
+            )
+        )
+    if always("accuracy", lambda v: v >= cfg.trivial_accuracy) and always(
+        "contrastive", lambda v: v <= cfg.trivial_loss
+    ):
+        found.append(
+            CollapseWarning(
+                "trivial_task",
+                f"accuracy {last['accuracy']:.3f} with loss {last['contrastive']:.4f}: the contrastive task is "
+                "trivial, usually because targets equal their distractors (a collapsed codebook) or the "
+                "mask leaks the target.",
+            )
+        )
+    if always("grad_norm", lambda v: v < cfg.min_grad_norm):
+        found.append(
+            CollapseWarning(
+                "vanishing_gradient",
+                f"gradient norm {last['grad_norm']:.2e} has stayed below {cfg.min_grad_norm:g}: the model has "
+                "stopped learning.",
+            )
+        )
+    return found

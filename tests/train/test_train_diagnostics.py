@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from speechvq.models.wav2vec2 import build_wav2vec2
+from speechvq.train.config import DiagnosticsSection, PretrainConfig
+from speechvq.train.diagnostics import collapse_warnings
+from speechvq.train.loop import pretrain
+
+HEALTHY = {"contrastive": 2.0, "accuracy": 0.4, "code_perplexity": 200.0, "grad_norm": 0.8}
+
+
+def _codes(records: list[dict[str, float]], **kwargs: float) -> list[str]:
+    cfg = DiagnosticsSection(window=3, chance_after_steps=100, **kwargs)
+    return [w.code for w in collapse_warnings(records, num_negatives=100, num_codebooks=2, cfg=cfg)]
+
+
+def _run(start: int, **values: float) -> list[dict[str, float]]:
+    return [{"step": start + 10 * i, **HEALTHY, **values} for i in range(3)]
+
+
+def test_collapse_warnings_are_silent_on_healthy_records() -> None:
+    assert _codes(_run(1000)) == []
+
+
+def test_collapse_warnings_flag_loss_stuck_at_chance_only_after_the_grace_period() -> None:
+    chance = math.log(101)
+    assert _codes(_run(1000, contrastive=chance * 1.001)) == ["loss_at_chance"]
+    assert _codes(_run(10, contrastive=chance)) == []
+
+
+def test_collapse_warnings_flag_codebook_collapse_trivial_task_and_vanishing_gradient() -> None:
+    assert _codes(_run(1000, code_perplexity=2.3)) == ["codebook_collapse"]
+    assert _codes(_run(1000, accuracy=1.0, contrastive=0.001)) == ["trivial_task"]
+    assert _codes(_run(1000, grad_norm=1e-9)) == ["vanishing_gradient"]
+
+
+def test_collapse_warnings_need_the_whole_window() -> None:
+    records = _run(1000, code_perplexity=2.3)
+    records[0]["code_perplexity"] = 300.0
+    assert _codes(records) == []
+    assert _codes(records[-2:]) == []
+
+
+def test_pretrain_warns_on_a_collapsed_quantizer_and_not_on_a_healthy_run(
+    corpus: Path, tmp_path: Path, tiny_cfg: Callable[..., PretrainConfig]
+) -> None:
+    cfg = tiny_cfg(corpus, train={"max_steps": 5})
+    healthy = pretrain(cfg, tmp_path / "healthy")
+    assert healthy.warnings == []
+
+    torch.manual_seed(0)
+    model = build_wav2vec2(cfg.model_config())
+    q = model.quantizer
+    with torch.no_grad():  # every frame picks entry 0 of each group, whatever the input
+        q.weight_proj.weight.zero_()
+        q.weight_proj.bias.view(q.num_codebooks, q.codebook_size)[:, 0] = 100.0
+    collapsed = pretrain(cfg, tmp_path / "collapsed", model=model)
+    assert "codebook_collapse" in collapsed.warnings
+    assert "trivial_task" in collapsed.warnings
+    assert collapsed.last_train["code_perplexity"] < 2.5
