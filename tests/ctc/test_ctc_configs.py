@@ -47,3 +47,14 @@ def test_finetune_config_has_fairseq_base_hyperparameters(
     assert conf["model"]["freeze_updates"] == freeze and conf["model"]["layer_drop_p"] == layer_drop
     assert conf["mask"]["mask_prob"] == mask_prob and conf["mask"]["channel_prob"] == channel_prob
     assert conf["mask"]["channel_length"] == 64 and conf["optim"]["eps"] == 1e-8
+
+
+@pytest.mark.parametrize("name", BUDGETS)
+def test_finetune_config_loads_into_the_loop_config(name):
+    from speechvq.train.config import load_config
+    from speechvq.train.finetune import FinetuneConfig
+
+    cfg = load_config(CONF / f"finetune_{name}.yaml", ["train.max_steps=7"], FinetuneConfig)
+    conf = _load(name)
+    assert cfg.train.max_steps == 7 and cfg.model.freeze_updates == conf["model"]["freeze_updates"]
+    assert cfg.schedule.name == "tri_stage" and cfg.mask.channel_length == conf["mask"]["channel_length"]

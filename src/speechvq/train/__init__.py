@@ -1,4 +1,4 @@
-"""Pretraining: config, optimizer and schedules, checkpoints, metrics, diagnostics, the loop."""
+"""Training: configs, optimizer and schedules, checkpoints, metrics, diagnostics, tasks, the loop."""
 
 from speechvq.train.config import PretrainConfig, load_config
 from speechvq.train.loop import NonFiniteError, RunSummary, pretrain

@@ -1,15 +1,20 @@
-"""The wav2vec 2.0 pretraining loop: one linear function on accelerate.
+"""The training loop: one linear function on accelerate, over a :class:`~speechvq.train.task.Task`.
 
-Loss normalisation, documented once: the model's losses are sums over masked targets. Each rank
-back-propagates its raw sums for every accumulated batch; after the last one the target count N
-is summed over batches and ranks, and the (DDP-averaged) gradients are multiplied by W / N, so the
-update uses d(sum of all losses)/d(theta) / N whatever the split over ranks and accumulation steps.
+wav2vec 2.0 pretraining (:func:`pretrain`), CTC fine-tuning and unit-BERT pretraining all run
+here; what differs between them (model, data, loss, metrics, validation score, export) is the task.
+
+Loss normalisation, documented once: a task's loss is a sum over its targets (masked frames for
+wav2vec 2.0 and BERT, utterances for CTC). Each rank back-propagates its raw sums for every
+accumulated batch; after the last one the target count N is summed over batches and ranks, and the
+(DDP-averaged) gradients are multiplied by W / N, so the update uses d(sum of all losses)/d(theta)
+/ N whatever the split over ranks and accumulation steps.
 
 Randomness, documented once: before each batch the global RNGs are seeded from (seed, update
-attempt, global batch slot), as fairseq seeds each update. Masks, distractors, dropout and Gumbel
-noise are then a function of the step and data only, which makes resume exact and makes W ranks
-with accumulation A equal one rank with accumulation W * A. LayerDrop draws from its own generator
-seeded from (seed, attempt) identically on every rank and batch of an update, so all ranks skip the
+attempt, global batch slot), as fairseq seeds each update, and the task gets a generator seeded the
+same way. Masks, distractors, dropout and Gumbel noise are then a function of the step and data
+only, which makes resume exact and makes W ranks with accumulation A equal one rank with
+accumulation W * A. The task also gets a generator seeded from (seed, attempt) identically on every
+rank and batch of an update: wav2vec 2.0 pretraining draws LayerDrop from it, so all ranks skip the
 same blocks (DDP still needs ``find_unused_parameters`` for the skipped blocks' weights).
 """
 
@@ -19,6 +24,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,22 +38,16 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from speechvq.data import AudioBatch, AudioDataset, BucketBatchSampler, collate_audio
+from speechvq.data import BucketBatchSampler
 from speechvq.errors import UserInputError
-from speechvq.losses import contrastive_accuracy
-from speechvq.models.wav2vec2 import Wav2Vec2Model, Wav2Vec2Output, build_wav2vec2
+from speechvq.models.wav2vec2 import Wav2Vec2Model
 from speechvq.train import checkpoint as ckpt
-from speechvq.train.config import PretrainConfig, dump_config
-from speechvq.train.diagnostics import collapse_warnings
+from speechvq.train.config import PretrainConfig
 from speechvq.train.metrics import MetricsLogger
 from speechvq.train.optim import build_optimizer, lr_at, set_lr_
+from speechvq.train.task import Task, Wav2Vec2PretrainTask
 
 logger = logging.getLogger(__name__)
-
-# per-update sums, all-reduced in one call
-_STATS = ("loss", "contrastive", "diversity", "feature_penalty", "targets", "correct", "counted",
-          "code_perplexity", "prob_perplexity", "batches", "masked_frames", "frames", "samples", "nonfinite")  # fmt: skip
-_I = {name: i for i, name in enumerate(_STATS)}
 
 
 class NonFiniteError(RuntimeError):
@@ -56,7 +56,7 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class RunSummary:
-    """What :func:`pretrain` returns."""
+    """What :func:`train` and :func:`pretrain` return."""
 
     step: int
     """Updates done."""
@@ -65,7 +65,7 @@ class RunSummary:
     last_valid: dict[str, float] | None = None
     """The last validation record, if any."""
     warnings: list[str] = field(default_factory=list)
-    """Codes of every collapse warning that fired (see :mod:`speechvq.train.diagnostics`)."""
+    """Codes of every warning the task raised (see :mod:`speechvq.train.diagnostics`)."""
     skipped_steps: int = 0
     """Updates skipped for a non-finite loss or gradient."""
     stopped_early: bool = False
@@ -78,21 +78,25 @@ def _seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] % (2**63))
 
 
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 class _Batches:
     """Endless batches over epochs; counts the batches consumed in the current epoch."""
 
-    def __init__(self, dataset: AudioDataset, sampler: BucketBatchSampler, num_workers: int) -> None:
+    def __init__(
+        self, dataset: Any, sampler: BucketBatchSampler, collate: Callable[[list[Any]], Any], num_workers: int
+    ) -> None:
         self.dataset, self.sampler = dataset, sampler
-        self.loader = DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate_audio, num_workers=num_workers
-        )
+        self.loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
         self.epoch, self.consumed, self._it = sampler.epoch, 0, None
 
     def resume_(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
         self.epoch, self.consumed = int(state["epoch"]), int(state["num_consumed"])
 
-    def next(self) -> AudioBatch:
+    def next(self) -> Any:
         while True:
             if self._it is None:
                 self.sampler.set_epoch(self.epoch)
@@ -110,94 +114,27 @@ class _Batches:
         return state
 
 
-def _open_data(path: str, cfg: PretrainConfig, acc: Accelerator, *, train: bool) -> _Batches:
-    d = cfg.data
-    try:
-        ds = AudioDataset(
-            path,
-            sample_rate=d.sample_rate,
-            normalize=d.normalize,
-            max_sample_size=d.max_sample_size,
-            min_sample_size=d.min_sample_size,
-            random_crop=train,
-            seed=cfg.train.seed,
-        )
-    except FileNotFoundError as err:
-        raise UserInputError(f"{path}: {err}") from err
-    if len(ds) == 0:
-        raise UserInputError(f"{path}: no usable utterances (check min_sample_size)")
-    sampler = BucketBatchSampler(
-        ds.sizes,
-        d.max_tokens,
-        num_replicas=acc.num_processes,
-        rank=acc.process_index,
-        seed=cfg.train.seed,
-        shuffle=train,
-        max_sample_size=d.max_sample_size,
-    )
-    return _Batches(ds, sampler, d.num_workers)
-
-
-def _batch_stats(model: Wav2Vec2Model, out: Wav2Vec2Output, batch: AudioBatch) -> tuple[Any, torch.Tensor]:
-    """(loss breakdown, ``[len(_STATS)]`` sums of this batch)."""
-    losses = model.compute_loss(out)
-    correct, counted = contrastive_accuracy(out.logits.detach())
-    s = torch.zeros(len(_STATS), dtype=torch.float64)
-    for name in ("contrastive", "diversity", "feature_penalty"):
-        s[_I[name]] = float(getattr(losses, name).detach())
-    s[_I["loss"]] = float(losses.total.detach())
-    s[_I["targets"]] = losses.num_targets
-    s[_I["correct"]], s[_I["counted"]] = float(correct), counted
-    s[_I["code_perplexity"]] = float(out.quantizer.code_perplexity.detach())
-    s[_I["prob_perplexity"]] = float(out.quantizer.prob_perplexity.detach())
-    s[_I["batches"]] = 1
-    s[_I["masked_frames"]], s[_I["frames"]] = float(out.mask.sum()), float(out.lengths.sum())
-    s[_I["samples"]] = float(batch.lengths.sum())
-    s[_I["nonfinite"]] = 0.0 if math.isfinite(s[_I["loss"]]) else 1.0
-    return losses, s
-
-
-def _record(s: torch.Tensor) -> dict[str, float]:
-    """Per-target losses (nats and bits), accuracy, mean perplexities, masked fraction."""
-    n = max(float(s[_I["targets"]]), 1.0)
-    b = max(float(s[_I["batches"]]), 1.0)
-    rec = {name: float(s[_I[name]]) / n for name in ("loss", "contrastive", "diversity", "feature_penalty")}
-    rec["loss_bits"] = rec["loss"] / math.log(2)
-    rec["contrastive_bits"] = rec["contrastive"] / math.log(2)
-    rec["accuracy"] = float(s[_I["correct"]]) / max(float(s[_I["counted"]]), 1.0)
-    rec["code_perplexity"] = float(s[_I["code_perplexity"]]) / b
-    rec["prob_perplexity"] = float(s[_I["prob_perplexity"]]) / b
-    rec["masked_fraction"] = float(s[_I["masked_frames"]]) / max(float(s[_I["frames"]]), 1.0)
-    rec["targets_per_update"] = n
-    return rec
-
-
-def _code_counts(out: Wav2Vec2Output, num_codebooks: int, codebook_size: int) -> torch.Tensor:
-    """``[G, V]`` how often each entry was picked over the valid frames."""
-    codes = out.quantizer.codes.detach()  # (B, T, G)
-    valid = torch.arange(codes.size(1), device=codes.device)[None, :] < out.lengths[:, None]
-    picked = codes[valid]  # (B, T, G) -> (n, G)
-    offsets = torch.arange(num_codebooks, device=codes.device) * codebook_size
-    counts = torch.bincount((picked + offsets).reshape(-1), minlength=num_codebooks * codebook_size)
-    return counts.view(num_codebooks, codebook_size).cpu()
+def _sums(names: tuple[str, ...], stats: dict[str, float]) -> torch.Tensor:
+    return torch.tensor([float(stats.get(n, 0.0)) for n in names], dtype=torch.float64)
 
 
 @torch.no_grad()
-def evaluate(model: Wav2Vec2Model, data: _Batches, acc: Accelerator, seed: int) -> dict[str, float]:
-    """Validation loss per target etc. over one pass of ``data`` (eval mode, fixed masks)."""
+def evaluate(
+    task: Task, model: torch.nn.Module, data: _Batches, acc: Accelerator, seed: int
+) -> tuple[dict[str, float], float]:
+    """(validation record, score) over one pass of ``data`` (eval mode, fixed randomness)."""
     model.eval()
-    sums = torch.zeros(len(_STATS), dtype=torch.float64)
+    sums = torch.zeros(len(task.eval_stat_names), dtype=torch.float64)
     data.sampler.set_epoch(0)
     for i, batch in enumerate(data.loader):
         if len(batch) == 0:
             continue
         torch.manual_seed(_seed_for(seed, 1_000_003, i, acc.process_index))
-        batch = batch.to(acc.device)
         with acc.autocast():
-            out = model(batch.waveforms, batch.lengths)
-        sums += _batch_stats(model, out, batch)[1]
+            sums += _sums(task.eval_stat_names, task.eval_batch(model, batch.to(acc.device)))
     model.train()
-    return _record(acc.reduce(sums.to(acc.device), "sum").cpu())
+    sums = acc.reduce(sums.to(acc.device), "sum").cpu()
+    return task.eval_record(dict(zip(task.eval_stat_names, sums.tolist())))
 
 
 def pretrain(
@@ -220,8 +157,33 @@ def pretrain(
     Returns:
         A :class:`RunSummary`.
     """
+    task = Wav2Vec2PretrainTask(cfg, Path(exp_dir), model)
+    return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)
+
+
+def train(
+    task: Task,
+    cfg: Any,
+    exp_dir: str | Path,
+    *,
+    require_resume: bool = False,
+    stop_at_step: int | None = None,
+) -> RunSummary:
+    """Train (or resume) ``task`` with the loop settings of ``cfg``, writing into ``exp_dir``.
+
+    Args:
+        task: what to train (see :class:`~speechvq.train.task.Task`).
+        cfg: a config with ``train`` (:class:`~speechvq.train.config.TrainSection`), ``optim``,
+            ``schedule`` and ``data`` (``train``, ``valid``, ``num_workers``) sections.
+        exp_dir: experiment directory; if it holds checkpoints the run resumes from the newest.
+        require_resume: raise if there is no checkpoint to resume from.
+        stop_at_step: stop (with a checkpoint) after this many updates, as if interrupted.
+
+    Returns:
+        A :class:`RunSummary`.
+    """
     try:
-        return _pretrain(cfg, Path(exp_dir), require_resume, model, stop_at_step)
+        return _train(task, cfg, Path(exp_dir), require_resume, stop_at_step)
     finally:
         # accelerate's state is a process-wide singleton; a single-process run (tests, notebooks)
         # releases it so that the next run may choose another precision
@@ -230,42 +192,31 @@ def pretrain(
             GradientState._reset_state()
 
 
-def _pretrain(
-    cfg: PretrainConfig,
-    exp_dir: Path,
-    require_resume: bool,
-    model: Wav2Vec2Model | None,
-    stop_at_step: int | None,
-) -> RunSummary:
+def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_step: int | None) -> RunSummary:
     t = cfg.train
-    model_cfg = cfg.model_config()
     if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
         raise UserInputError("`train.precision` must be fp32 or bf16 on the CPU, but is fp16 instead.")
-    unused = model_cfg.context.layer_drop_p > 0 or model_cfg.encoder.grad_mult == 0
     acc = Accelerator(
         mixed_precision={"fp32": "no"}.get(t.precision, t.precision),
         # without a GPU accelerate only forms a multi-process (gloo) group when told it runs on the CPU
         cpu=t.cpu or not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)],
     )
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
     ckpt_dir = exp_dir / "checkpoints"
     resume_from = ckpt.latest_checkpoint(ckpt_dir)
     if require_resume and resume_from is None:
         raise UserInputError(f"{ckpt_dir}: --resume given, but there is no checkpoint to resume from")
-    config_yaml = dump_config(cfg)
+    config_yaml = task.config_yaml()
     if resume_from is not None:
-        saved = yaml.safe_load((resume_from / "config.yaml").read_text())
-        if saved["model"]["config"] != model_cfg.to_dict():
-            raise UserInputError(f"{resume_from}/config.yaml: the model config differs from the one given")
+        task.check_resume(yaml.safe_load((resume_from / "config.yaml").read_text()), resume_from)
     if main:
         exp_dir.mkdir(parents=True, exist_ok=True)
         (exp_dir / "config.yaml").write_text(config_yaml)
 
     # model, optimizer, data
     torch.manual_seed(t.seed)
-    if model is None:
-        model = build_wav2vec2(model_cfg)
+    model = task.build_model()
     state: dict[str, Any] = {}
     if resume_from is not None:
         weights, state = ckpt.load_checkpoint(resume_from)
@@ -275,8 +226,13 @@ def _pretrain(
     optimizer = build_optimizer(model, cfg.optim)
     ddp_model, optimizer = acc.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    data = _open_data(cfg.data.train, cfg, acc, train=True)
-    valid = _open_data(cfg.data.valid, cfg, acc, train=False) if cfg.data.valid else None
+
+    def open_data(path: str, train: bool) -> _Batches:
+        parts = task.open_data(path, train=train, num_replicas=world, rank=rank)
+        return _Batches(*parts, num_workers=cfg.data.num_workers)
+
+    data = open_data(cfg.data.train, True)
+    valid = open_data(cfg.data.valid, False) if cfg.data.valid else None
     step, attempt, skipped, in_a_row = 0, 0, 0, 0
     best = ckpt.read_best(ckpt_dir)
     if state:
@@ -293,7 +249,12 @@ def _pretrain(
         step, attempt, skipped = state["step"], state["attempt"], state["skipped"]
         ckpt.set_rng_state_(state["rng"][rank % len(state["rng"])])
 
-    def save(valid_loss: float | None = None) -> None:
+    def better(score: float) -> bool:
+        if best is None:
+            return True
+        return score < best["valid_loss"] if task.lower_is_better else score > best["valid_loss"]
+
+    def save(valid_score: float | None = None) -> None:
         rngs = gather_object([ckpt.rng_state()]) if world > 1 else [ckpt.rng_state()]
         if main:
             train_state = {
@@ -306,61 +267,64 @@ def _pretrain(
                 "sampler": data.state_dict(),
                 "rng": rngs,
             }
-            ckpt.save_checkpoint(
-                ckpt_dir, step, weights=model.state_dict(), state=train_state, config_yaml=config_yaml,
-                valid_loss=valid_loss,
-            )  # fmt: skip
-            if valid_loss is not None and (best is None or valid_loss < best["valid_loss"]):
-                ckpt.write_best(ckpt_dir, step, valid_loss)
+            try:
+                ckpt.save_checkpoint(
+                    ckpt_dir, step, weights=_untied(model.state_dict()), state=train_state, config_yaml=config_yaml,
+                    valid_loss=valid_score,
+                )  # fmt: skip
+            except ckpt.CheckpointWriteError as err:
+                if t.on_save_error == "stop":
+                    raise
+                logger.error("%s; continuing (train.on_save_error=continue)", err)
+                acc.wait_for_everyone()
+                return
+            if valid_score is not None and better(valid_score):  # the score is stored as valid_loss
+                ckpt.write_best(ckpt_dir, step, valid_score)
             ckpt.rotate_checkpoints(ckpt_dir, t.keep_last)
         acc.wait_for_everyone()
 
+    names = task.stat_names
     metrics = MetricsLogger(exp_dir, tensorboard=t.tensorboard) if main else None
     summary = RunSummary(step=step, skipped_steps=skipped, main_process=main)
-    history: list[dict[str, float]] = []
-    interval = torch.zeros(len(_STATS), dtype=torch.float64)
+    summary_stop = [False]  # set when the time budget ends the run
+    interval = torch.zeros(len(names), dtype=torch.float64)
     grad_norms: list[float] = []
-    usage = torch.zeros(
-        model_cfg.quantizer.num_codebooks, model_cfg.quantizer.codebook_size, dtype=torch.long
-    )
-    bar = tqdm(total=t.max_steps, initial=step, disable=not (main and t.progress_bar), desc="pretrain")
+    bar = tqdm(total=t.max_steps, initial=step, disable=not (main and t.progress_bar), desc=task.name)
     start_time = tick = time.monotonic()
     last_stop = min(t.max_steps, stop_at_step if stop_at_step is not None else t.max_steps)
 
     while step < last_stop:
         lr = lr_at(step, cfg.optim.lr, t.max_steps, cfg.schedule)
         set_lr_(optimizer, lr)
-        model.set_num_updates_(step)  # Gumbel temperature from the update count
-        sums = torch.zeros(len(_STATS), dtype=torch.float64)
+        task.on_update(model, step)
+        sums = torch.zeros(len(names), dtype=torch.float64)
         for micro in range(t.grad_accum):
             batch = data.next()
             while len(batch) == 0:  # every item of the batch failed to load (logged by the dataset)
                 batch = data.next()
             batch = batch.to(acc.device)
-            torch.manual_seed(_seed_for(t.seed, attempt, micro * world + rank))
-            layer_drop_gen = torch.Generator().manual_seed(_seed_for(t.seed, attempt, 7))
+            slot_seed = _seed_for(t.seed, attempt, micro * world + rank)
+            torch.manual_seed(slot_seed)
             last = micro == t.grad_accum - 1
             with contextlib.nullcontext() if last else acc.no_sync(ddp_model):
-                out = ddp_model(batch.waveforms, batch.lengths, layer_drop_generator=layer_drop_gen)
-                losses, s = _batch_stats(model, out, batch)
-                acc.backward(losses.total)
-            sums += s
-            if main:
-                usage += _code_counts(
-                    out, model_cfg.quantizer.num_codebooks, model_cfg.quantizer.codebook_size
-                )
+                loss, stats = task.batch_loss(
+                    ddp_model, model, batch, generator=_generator(slot_seed),
+                    update_generator=_generator(_seed_for(t.seed, attempt, 7)),
+                )  # fmt: skip
+                acc.backward(loss)
+            sums += _sums(names, stats)
 
         # normalise by the targets of all batches on all ranks, clip, step (or skip)
         sums = acc.reduce(sums.to(acc.device), "sum").cpu()
         if acc.scaler is not None:
             acc.unscale_gradients()
-        scale = world / max(float(sums[_I["targets"]]), 1.0)
+        scale = world / max(float(sums[names.index("targets")]), 1.0)
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(scale)
         max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        finite = sums[_I["nonfinite"]] == 0 and math.isfinite(grad_norm)
+        finite = sums[names.index("nonfinite")] == 0 and math.isfinite(grad_norm)
         if finite or acc.scaler is not None:
             optimizer.step()  # under fp16 the scaler itself skips an overflowing step
         optimizer.zero_grad(set_to_none=True)
@@ -383,60 +347,68 @@ def _pretrain(
         bar.update(1)
 
         if step % t.log_interval == 0 or step == last_stop:
-            now = time.monotonic()
-            rec = _record(interval)
-            rec.update(
-                grad_norm=float(np.mean(grad_norms)),
-                lr=lr,
-                temperature=float(out.quantizer.temperature),
-                audio_s_per_s=float(interval[_I["samples"]]) / cfg.data.sample_rate / max(now - tick, 1e-9),
-                skipped_steps=skipped,
-                step=step,
-            )
-            history.append(rec)
-            summary.last_train = rec
-            for w in collapse_warnings(
-                history, num_negatives=model_cfg.loss.num_negatives,
-                num_codebooks=model_cfg.quantizer.num_codebooks, cfg=cfg.diagnostics,
-            ):  # fmt: skip
+            interval_sums = dict(zip(names, interval.tolist()))
+            rec = task.record(interval_sums)
+            rec.update(grad_norm=float(np.mean(grad_norms)), lr=lr, skipped_steps=skipped, step=step)
+            for code, message in task.on_log(step, rec, interval_sums, time.monotonic() - tick, main):
                 if main:
-                    logger.warning("step %d: possible collapse [%s]: %s", step, w.code, w.message)
-                if w.code not in summary.warnings:
-                    summary.warnings.append(w.code)
+                    logger.warning("step %d: possible collapse [%s]: %s", step, code, message)
+                if code not in summary.warnings:
+                    summary.warnings.append(code)
+            summary.last_train = rec
             if metrics is not None:
                 metrics.log("train", step, rec)
-                usage_path = exp_dir / "codebook_usage.json"
-                usage_path.write_text(yaml.safe_dump({"step": step, "counts": usage.tolist()}))
-                bar.set_postfix(
-                    loss=f"{rec['loss']:.3f}",
-                    acc=f"{rec['accuracy']:.3f}",
-                    ppl=f"{rec['code_perplexity']:.1f}",
-                )
+                bar.set_postfix(loss=f"{rec['loss']:.3f}")
             interval.zero_()
-            usage.zero_()
             grad_norms.clear()
             tick = time.monotonic()
 
         out_of_time = t.max_wall_s is not None and time.monotonic() - start_time > t.max_wall_s
         stop = bool(acc.reduce(torch.tensor(float(out_of_time), device=acc.device), "sum") > 0)
-        valid_loss = None
+        score = None
         if valid is not None and (step % t.valid_interval == 0 or step == t.max_steps):
-            vrec = evaluate(model, valid, acc, t.seed)
-            valid_loss = vrec["loss"]
+            vrec, score = evaluate(task, model, valid, acc, t.seed)
             summary.last_valid = vrec
             if metrics is not None:
                 metrics.log("valid", step, vrec)
-            logger.info("step %d: valid loss %.4f, accuracy %.3f", step, vrec["loss"], vrec["accuracy"])
-        if valid_loss is not None or step % t.save_interval == 0 or step == last_stop or stop:
-            save(valid_loss)
+            logger.info("step %d: validation %s", step, ", ".join(f"{k} {v:.4g}" for k, v in vrec.items()))
+        if score is not None or step % t.save_interval == 0 or step == last_stop or stop:
+            save(score)
             best = ckpt.read_best(ckpt_dir)
         if stop:
             logger.info("step %d: time budget of %.0f s spent, stopping", step, t.max_wall_s)
+            summary_stop[0] = True
             break
 
     bar.close()
     if metrics is not None:
         metrics.close()
+    # the run is over (all updates done, or its time budget spent; not a simulated interruption)
+    finished = step >= t.max_steps or (stop_at_step is None and summary_stop[0])
+    if main and finished and task.export_name is not None:
+        _export_best(task, model, ckpt_dir, exp_dir / task.export_name)
+    acc.wait_for_everyone()
     summary.step, summary.skipped_steps = step, skipped
     summary.stopped_early = step < t.max_steps
     return summary
+
+
+def _untied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` with a copy of every tensor that shares storage with an earlier one (tied
+    embeddings), which safetensors refuses to write; loading sets the tied parameter twice."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in weights.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        out[name] = tensor.clone() if key in seen else tensor
+        seen.add(key)
+    return out
+
+
+def _export_best(task: Task, model: torch.nn.Module, ckpt_dir: Path, out: Path) -> None:
+    """Load the best checkpoint's weights (the last one without validation) and export them."""
+    best = ckpt.read_best(ckpt_dir)
+    path = ckpt_dir / f"step_{best['step']:08d}" if best else ckpt.latest_checkpoint(ckpt_dir)
+    if path is not None and path.is_dir():
+        model.load_state_dict(ckpt.load_checkpoint(path)[0])
+    task.export(model.eval(), out)

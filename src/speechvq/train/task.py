@@ -1,0 +1,261 @@
+"""What the training loop asks of a task, and the wav2vec 2.0 pretraining task.
+
+:func:`speechvq.train.loop.train` is one linear loop over updates; everything that differs between
+wav2vec 2.0 pretraining, CTC fine-tuning and unit-BERT pretraining sits behind :class:`Task`:
+the model, the data, the loss of one batch with its summed statistics, the metric record, the
+validation score and the export. Statistics are plain per-batch *sums* (floats) named in
+``stat_names``; the loop adds them over accumulated batches and ranks and hands the sums back.
+Two names are required: ``targets`` (the loss normaliser N of the update) and ``nonfinite``
+(1 for a batch whose loss is not finite).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from speechvq.data import AudioDataset, BucketBatchSampler, collate_audio
+from speechvq.data.collate import AudioBatch
+from speechvq.errors import UserInputError
+from speechvq.losses import contrastive_accuracy
+from speechvq.models.wav2vec2 import Wav2Vec2Model, Wav2Vec2Output, build_wav2vec2
+from speechvq.train.config import PretrainConfig, dump_config
+from speechvq.train.diagnostics import collapse_warnings
+
+DataParts = tuple[torch.utils.data.Dataset, BucketBatchSampler, Callable[[list[Any]], Any]]
+"""(dataset, batch sampler, collate function) of one split."""
+
+
+class Task(Protocol):
+    """The task-specific half of a training run (see the module docstring)."""
+
+    name: str
+    """Short name (progress bar, log lines)."""
+    stat_names: tuple[str, ...]
+    """Per-batch sums of training; must contain ``targets`` and ``nonfinite``."""
+    eval_stat_names: tuple[str, ...]
+    """Per-batch sums of validation."""
+    lower_is_better: bool
+    """Whether a lower validation score is better (chooses the best checkpoint)."""
+    export_name: str | None
+    """Subdirectory of the experiment directory that :meth:`export` writes when the run has done
+    ``train.max_steps`` updates (the best checkpoint's weights, else the last); None: no export."""
+    find_unused_parameters: bool
+    """Whether some trainable parameters may get no gradient in an update (DDP needs to know)."""
+
+    def config_yaml(self) -> str:
+        """The resolved run config, written to ``exp_dir/config.yaml`` and every checkpoint."""
+
+    def check_resume(self, saved: dict[str, Any], where: Path) -> None:
+        """Raise :class:`UserInputError` if the checkpoint config ``saved`` cannot be resumed."""
+
+    def build_model(self) -> nn.Module:
+        """The model to train (random or pretrained init; a resume loads weights over it)."""
+
+    def open_data(self, path: str, *, train: bool, num_replicas: int, rank: int) -> DataParts:
+        """Dataset, sampler and collate function of one split."""
+
+    def on_update(self, model: nn.Module, step: int) -> None:
+        """Called before every update with the number of updates done (schedules inside the model)."""
+
+    def batch_loss(
+        self,
+        module: Callable[..., Any],
+        model: nn.Module,
+        batch: Any,
+        *,
+        generator: torch.Generator,
+        update_generator: torch.Generator,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """(summed loss to back-propagate, statistics sums) of one training batch.
+
+        Args:
+            module: the model as wrapped for training (DDP); call it for the forward pass.
+            model: the unwrapped model (losses, attributes).
+            batch: the collated batch, on the device.
+            generator: RNG of this batch slot (masks, sampling).
+            update_generator: RNG shared by every batch and rank of the update (LayerDrop).
+        """
+
+    def record(self, sums: dict[str, float]) -> dict[str, float]:
+        """The training metric record of summed statistics."""
+
+    def on_log(
+        self, step: int, rec: dict[str, float], sums: dict[str, float], seconds: float, main: bool
+    ) -> list[tuple[str, str]]:
+        """Add task metrics to ``rec`` at a log step; returns warnings as (code, message)."""
+
+    def eval_batch(self, model: nn.Module, batch: Any) -> dict[str, float]:
+        """Statistics sums of one validation batch (eval mode, no grad)."""
+
+    def eval_record(self, sums: dict[str, float]) -> tuple[dict[str, float], float]:
+        """(validation record, score) of summed validation statistics."""
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """Write the final model for use outside training (e.g. the best checkpoint's weights)."""
+
+
+# -- wav2vec 2.0 pretraining --------------------------------------------------------------------------
+
+
+class Wav2Vec2PretrainTask:
+    """wav2vec 2.0 pretraining: contrastive + diversity + feature penalty, collapse diagnostics.
+
+    Args:
+        cfg: the validated pretraining config.
+        exp_dir: where ``codebook_usage.json`` goes.
+        model: train this model instead of building one from ``cfg`` (tests).
+    """
+
+    name = "pretrain"
+    stat_names = ("loss", "contrastive", "diversity", "feature_penalty", "targets", "correct", "counted",
+                  "code_perplexity", "prob_perplexity", "batches", "masked_frames", "frames", "samples",
+                  "nonfinite")  # fmt: skip
+    eval_stat_names = stat_names
+    lower_is_better = True
+    export_name = "best_model"  # a speechvq model dir (save_pretrained) for units, convert, --init
+
+    def __init__(self, cfg: PretrainConfig, exp_dir: Path, model: Wav2Vec2Model | None = None) -> None:
+        self.cfg, self.exp_dir, self._model = cfg, exp_dir, model
+        self.model_cfg = cfg.model_config()
+        q = self.model_cfg.quantizer
+        self.find_unused_parameters = (
+            self.model_cfg.context.layer_drop_p > 0 or self.model_cfg.encoder.grad_mult == 0
+        )
+        self.usage = torch.zeros(q.num_codebooks, q.codebook_size, dtype=torch.long)
+        self.temperature = float("nan")
+        self.history: list[dict[str, float]] = []
+
+    def config_yaml(self) -> str:
+        return dump_config(self.cfg)
+
+    def check_resume(self, saved: dict[str, Any], where: Path) -> None:
+        if saved["model"]["config"] != self.model_cfg.to_dict():
+            raise UserInputError(f"{where}/config.yaml: the model config differs from the one given")
+
+    def build_model(self) -> nn.Module:
+        return self._model if self._model is not None else build_wav2vec2(self.model_cfg)
+
+    def open_data(self, path: str, *, train: bool, num_replicas: int, rank: int) -> DataParts:
+        d = self.cfg.data
+        try:
+            ds = AudioDataset(
+                path,
+                sample_rate=d.sample_rate,
+                normalize=d.normalize,
+                max_sample_size=d.max_sample_size,
+                min_sample_size=d.min_sample_size,
+                random_crop=train,
+                seed=self.cfg.train.seed,
+            )
+        except FileNotFoundError as err:
+            raise UserInputError(f"{path}: {err}") from err
+        if len(ds) == 0:
+            raise UserInputError(f"{path}: no usable utterances (check min_sample_size)")
+        sampler = BucketBatchSampler(
+            ds.sizes, d.max_tokens, num_replicas=num_replicas, rank=rank, seed=self.cfg.train.seed,
+            shuffle=train, max_sample_size=d.max_sample_size,
+        )  # fmt: skip
+        return ds, sampler, collate_audio
+
+    def on_update(self, model: nn.Module, step: int) -> None:
+        model.set_num_updates_(step)  # Gumbel temperature from the update count
+
+    def _stats(
+        self, model: Wav2Vec2Model, out: Wav2Vec2Output, batch: AudioBatch
+    ) -> tuple[Tensor, dict[str, float]]:
+        losses = model.compute_loss(out)
+        correct, counted = contrastive_accuracy(out.logits.detach())
+        s = {
+            name: float(getattr(losses, name).detach())
+            for name in ("contrastive", "diversity", "feature_penalty")
+        }
+        s.update(
+            loss=float(losses.total.detach()),
+            targets=float(losses.num_targets),
+            correct=float(correct),
+            counted=float(counted),
+            code_perplexity=float(out.quantizer.code_perplexity.detach()),
+            prob_perplexity=float(out.quantizer.prob_perplexity.detach()),
+            batches=1.0,
+            masked_frames=float(out.mask.sum()),
+            frames=float(out.lengths.sum()),
+            samples=float(batch.lengths.sum()),
+        )
+        s["nonfinite"] = 0.0 if math.isfinite(s["loss"]) else 1.0
+        return losses.total, s
+
+    def batch_loss(
+        self,
+        module: Callable[..., Any],
+        model: nn.Module,
+        batch: AudioBatch,
+        *,
+        generator: torch.Generator,
+        update_generator: torch.Generator,
+    ) -> tuple[Tensor, dict[str, float]]:
+        # masks, distractors, dropout and Gumbel noise draw from the global RNG the loop seeded
+        out = module(batch.waveforms, batch.lengths, layer_drop_generator=update_generator)
+        self.usage += _code_counts(out, *self.usage.shape)
+        self.temperature = float(out.quantizer.temperature)
+        return self._stats(model, out, batch)
+
+    def record(self, sums: dict[str, float]) -> dict[str, float]:
+        """Per-target losses (nats and bits), accuracy, mean perplexities, masked fraction."""
+        n = max(sums["targets"], 1.0)
+        b = max(sums["batches"], 1.0)
+        rec = {name: sums[name] / n for name in ("loss", "contrastive", "diversity", "feature_penalty")}
+        rec["loss_bits"] = rec["loss"] / math.log(2)
+        rec["contrastive_bits"] = rec["contrastive"] / math.log(2)
+        rec["accuracy"] = sums["correct"] / max(sums["counted"], 1.0)
+        rec["code_perplexity"] = sums["code_perplexity"] / b
+        rec["prob_perplexity"] = sums["prob_perplexity"] / b
+        rec["masked_fraction"] = sums["masked_frames"] / max(sums["frames"], 1.0)
+        rec["targets_per_update"] = n
+        return rec
+
+    def on_log(
+        self, step: int, rec: dict[str, float], sums: dict[str, float], seconds: float, main: bool
+    ) -> list[tuple[str, str]]:
+        rec["temperature"] = self.temperature
+        rec["audio_s_per_s"] = sums["samples"] / self.cfg.data.sample_rate / max(seconds, 1e-9)
+        self.history.append(dict(rec))
+        if main:
+            usage_path = self.exp_dir / "codebook_usage.json"
+            usage_path.write_text(yaml.safe_dump({"step": step, "counts": self.usage.tolist()}))
+        self.usage.zero_()
+        q = self.model_cfg.quantizer
+        found = collapse_warnings(
+            self.history, num_negatives=self.model_cfg.loss.num_negatives, num_codebooks=q.num_codebooks,
+            cfg=self.cfg.diagnostics,
+        )  # fmt: skip
+        return [(w.code, w.message) for w in found]
+
+    def eval_batch(self, model: nn.Module, batch: AudioBatch) -> dict[str, float]:
+        out = model(batch.waveforms, batch.lengths)
+        return self._stats(model, out, batch)[1]
+
+    def eval_record(self, sums: dict[str, float]) -> tuple[dict[str, float], float]:
+        rec = self.record(sums)
+        return rec, rec["loss"]
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        from speechvq.io import save_pretrained
+
+        save_pretrained(model, directory)
+
+
+def _code_counts(out: Wav2Vec2Output, num_codebooks: int, codebook_size: int) -> Tensor:
+    """``[G, V]`` how often each entry was picked over the valid frames."""
+    codes = out.quantizer.codes.detach()  # (B, T, G)
+    valid = torch.arange(codes.size(1), device=codes.device)[None, :] < out.lengths[:, None]
+    picked = codes[valid]  # (B, T, G) -> (n, G)
+    offsets = torch.arange(num_codebooks, device=codes.device) * codebook_size
+    counts = torch.bincount((picked + offsets).reshape(-1), minlength=num_codebooks * codebook_size)
+    return counts.view(num_codebooks, codebook_size).cpu()

@@ -1,0 +1,198 @@
+"""Masked-LM pretraining of a BERT over discrete units (vq-wav2vec) on the shared training loop.
+
+The model, dictionary, masking and loss are :class:`speechvq.units.bert.UnitBertTask`'s; this
+module gives them a run config (the ``model`` section of ``conf/unit_bert_*.yaml`` plus the loop's
+sections) and adapts them to :class:`speechvq.train.task.Task`. The loss is the cross-entropy summed
+over masked tokens and divided by their number over the whole update (see the loop's docstring).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from speechvq.data import BucketBatchSampler
+from speechvq.errors import UserInputError
+from speechvq.train.config import OptimSection, ScheduleSection, TrainSection
+from speechvq.train.task import DataParts
+from speechvq.units.bert import UnitBatch, UnitBertConfig, UnitBertTask
+
+
+@dataclass(kw_only=True)
+class UnitDataSection:
+    """Unit corpora and batching."""
+
+    train: str = ""
+    """Training units directory (written by ``speechvq export-units``)."""
+    valid: str | None = None
+    """Validation units directory; None disables validation (the last weights are exported)."""
+    max_tokens: int = 16384
+    """Tokens per batch per process, padding included."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass(kw_only=True)
+class UnitBertRunConfig:
+    """Everything a unit-BERT run reads; ``model`` is a :class:`UnitBertConfig`."""
+
+    model: UnitBertConfig = field(default_factory=UnitBertConfig)
+    data: UnitDataSection = field(default_factory=UnitDataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A YAML-safe dict."""
+        return yaml.safe_load(yaml.safe_dump(_lists(dataclasses.asdict(self))))
+
+    def validate(self) -> None:
+        """Cross-field checks; raises :class:`UserInputError`."""
+        t = self.train
+        for name in (
+            "max_steps",
+            "grad_accum",
+            "log_interval",
+            "valid_interval",
+            "save_interval",
+            "keep_last",
+        ):
+            if getattr(t, name) < 1:
+                raise UserInputError(f"`train.{name}` must be >= 1, but is {getattr(t, name)} instead.")
+        if not self.data.train:
+            raise UserInputError("`data.train` must name a units directory, but is empty instead.")
+        if self.data.max_tokens < self.model.max_positions:
+            raise UserInputError(
+                f"`data.max_tokens` must be >= model.max_positions ({self.model.max_positions}), "
+                f"but is {self.data.max_tokens} instead."
+            )
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
+
+
+class UnitBertLoopTask:
+    """:class:`UnitBertTask` for :func:`speechvq.train.loop.train`.
+
+    Args:
+        cfg: the validated run config.
+        exp_dir: the experiment directory; the dictionary (and BPE model) live there.
+    """
+
+    name = "unit-bert"
+    stat_names = ("loss", "targets", "correct", "tokens", "nonfinite")
+    eval_stat_names = stat_names
+    lower_is_better = True
+    export_name = "best_model"
+    find_unused_parameters = False
+
+    def __init__(self, cfg: UnitBertRunConfig, exp_dir: Path) -> None:
+        self.cfg = cfg
+        self.inner = UnitBertTask(
+            cfg.model, cfg.data.train, cfg.data.valid, work_dir=exp_dir, seed=cfg.train.seed
+        )
+
+    def config_yaml(self) -> str:
+        return yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+
+    def check_resume(self, saved: dict[str, Any], where: Path) -> None:
+        if saved.get("model") != self.cfg.to_dict()["model"]:
+            raise UserInputError(f"{where}/config.yaml: the model config differs from the one given")
+
+    def build_model(self) -> nn.Module:
+        return self.inner.build_model()
+
+    def open_data(self, path: str, *, train: bool, num_replicas: int, rank: int) -> DataParts:
+        ds = self.inner.train_dataset() if train else self.inner.valid_dataset()
+        if ds is None or len(ds) == 0:
+            raise UserInputError(f"{path}: no usable unit sequences")
+        sampler = BucketBatchSampler(
+            ds.sizes, self.cfg.data.max_tokens, num_replicas=num_replicas, rank=rank, seed=self.cfg.train.seed,
+            shuffle=train, max_sample_size=self.cfg.model.max_positions,
+        )  # fmt: skip
+        return ds, sampler, self.inner.collate
+
+    def on_update(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def _stats(self, loss: Tensor, n: int, metrics: dict[str, float]) -> dict[str, float]:
+        value = float(loss.detach())
+        return {
+            "loss": value,
+            "targets": float(n),
+            "correct": metrics["accuracy"] * n,
+            "tokens": metrics["tokens"],
+            "nonfinite": 0.0 if math.isfinite(value) else 1.0,
+        }
+
+    def batch_loss(
+        self,
+        module: Callable[..., Any],
+        model: nn.Module,
+        batch: UnitBatch,
+        *,
+        generator: torch.Generator,
+        update_generator: torch.Generator,
+    ) -> tuple[Tensor, dict[str, float]]:
+        # masks and replacements from the batch slot's generator, dropout from the seeded global RNG
+        loss, n, metrics = self.inner.loss(module, batch, generator=generator)
+        return loss, self._stats(loss, n, metrics)
+
+    def record(self, sums: dict[str, float]) -> dict[str, float]:
+        """Cross-entropy per masked token (nats and bits), accuracy, masked share."""
+        n = max(sums["targets"], 1.0)
+        loss = sums["loss"] / n
+        return {
+            "loss": loss,
+            "loss_bits": loss / math.log(2),
+            "accuracy": sums["correct"] / n,
+            "masked_share": sums["targets"] / max(sums["tokens"], 1.0),
+            "targets_per_update": sums["targets"],
+        }
+
+    def on_log(
+        self, step: int, rec: dict[str, float], sums: dict[str, float], seconds: float, main: bool
+    ) -> list[tuple[str, str]]:
+        rec["tokens_per_s"] = sums["tokens"] / max(seconds, 1e-9)
+        return []
+
+    def eval_batch(self, model: nn.Module, batch: UnitBatch) -> dict[str, float]:
+        return self._stats(*self.inner.loss(model, batch))
+
+    def eval_record(self, sums: dict[str, float]) -> tuple[dict[str, float], float]:
+        rec = self.record(sums)
+        return rec, rec["loss"]
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """transformers ``save_pretrained`` + dictionary (+ BPE) + ``unit_bert.json``."""
+        self.inner.save_export(model, directory)
+
+
+def pretrain_unit_bert(
+    cfg: UnitBertRunConfig,
+    exp_dir: str | Path,
+    *,
+    require_resume: bool = False,
+    stop_at_step: int | None = None,
+) -> Any:
+    """Pretrain (or resume) a unit BERT; returns the loop's ``RunSummary``.
+
+    ``exp_dir/best_model`` (:func:`speechvq.units.bert.load_unit_bert` reads it) is written at the end.
+    """
+    from speechvq.train.loop import train
+
+    task = UnitBertLoopTask(cfg, Path(exp_dir))
+    return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)

@@ -1,0 +1,67 @@
+"""`speechvq pretrain-unit-bert`: the MLM loss falls through the command; resume is exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_units_bert import TINY, write_unit_corpus
+
+from speechvq.cli import main
+from speechvq.train import checkpoint as ckpt
+from speechvq.train.config import load_config
+from speechvq.train.metrics import read_metrics
+from speechvq.train.unit_bert import UnitBertRunConfig, pretrain_unit_bert
+from speechvq.units.bert import load_unit_bert
+
+
+@pytest.fixture(scope="module")
+def units(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("units") / "units"
+    write_unit_corpus(root)
+    return root
+
+
+def _config(tmp_path: Path, **train: object) -> Path:
+    data = {
+        "model": {**TINY, "mask_start_prob": 0.1, "mask_span": 3},
+        "data": {"max_tokens": 800},
+        "optim": {"lr": 3.0e-3, "weight_decay": 0.0},
+        "schedule": {"name": "constant", "warmup_steps": 0},
+        "train": {"max_steps": 60, "log_interval": 10, "valid_interval": 30, "save_interval": 1000,
+                  "progress_bar": False, "tensorboard": False, **train},
+    }  # fmt: skip
+    path = tmp_path / "bert.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_pretrain_unit_bert_command_lowers_the_mlm_loss_and_exports(units: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    argv = ["pretrain-unit-bert", "--config", str(_config(tmp_path)), "--units", str(units),
+            "--valid-units", str(units), "--exp-dir", str(exp)]  # fmt: skip
+    assert main(argv) == 0
+    train = [r for r in read_metrics(exp) if r["split"] == "train"]
+    assert len(train) == 6
+    assert train[0]["loss"] > 2.0 and train[-1]["loss"] < 0.75 * train[0]["loss"]
+    model, dictionary, bpe = load_unit_bert(exp / "best_model")
+    assert bpe is None and model.config.vocab_size == len(dictionary)
+    assert (exp / "dict.txt").is_file()
+
+
+def test_pretrain_unit_bert_resumes_exactly(units: Path, tmp_path: Path) -> None:
+    # dropout on: every RNG matters
+    cfg = load_config(
+        _config(tmp_path, max_steps=4, grad_accum=2),
+        [f"data.train={units}", "model.dropout_p=0.1"],
+        UnitBertRunConfig,
+    )
+    pretrain_unit_bert(cfg, tmp_path / "straight")
+    pretrain_unit_bert(cfg, tmp_path / "resumed", stop_at_step=2)
+    pretrain_unit_bert(cfg, tmp_path / "resumed", require_resume=True)
+    a = load_file(str(ckpt.latest_checkpoint(tmp_path / "straight" / "checkpoints") / "model.safetensors"))
+    b = load_file(str(ckpt.latest_checkpoint(tmp_path / "resumed" / "checkpoints") / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
