@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "synthesize the embedded speech corpus with espeak-ng",
     ),
     "pretrain": ("speechvq.commands.pretrain", "wav2vec 2.0 / vq-wav2vec pretraining"),
+    "finetune-ctc": ("speechvq.commands.finetune_ctc", "CTC fine-tuning of a pretrained wav2vec 2.0 model"),
+    "pretrain-unit-bert": ("speechvq.commands.pretrain_unit_bert", "masked-LM BERT pretraining over units"),
     "plot": ("speechvq.commands.plot", "plot the curves of an experiment directory"),
     "export-units": ("speechvq.commands.export_units", "frame-level discrete units of a manifest"),
     "fit-kmeans": ("speechvq.commands.fit_kmeans", "k-means over one layer's features of a model"),
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, parsers = build_parser()
     # Only the chosen command's module is imported (and asked for its arguments).
-    command = next((a for a in argv if not a.startswith("-")), None)
+    # (the first known command name: a top-level option's value, e.g. "--log-level ERROR", is none)
+    command = next((a for a in argv if a in COMMANDS), None)
     if command in COMMANDS:
         module = importlib.import_module(COMMANDS[command][0])
         module.add_arguments(parsers[command])

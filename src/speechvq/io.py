@@ -116,7 +116,10 @@ def load_pretrained(directory: str | os.PathLike[str], map_location: str = "cpu"
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise UserInputError(f"{directory}: missing {WEIGHTS_NAME}")
-    state = load_file(str(weights), device=map_location)
+    try:
+        state = load_file(str(weights), device=map_location)
+    except Exception as err:  # safetensors raises its own error types for a malformed file
+        raise UserInputError(f"{weights}: not a readable safetensors file ({err})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserInputError(

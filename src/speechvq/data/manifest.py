@@ -63,7 +63,8 @@ def parse_manifest(path: str | os.PathLike) -> tuple[Manifest, list[str]]:
         raise UserInputError(f"{path}: manifest is not UTF-8 text ({err.reason})") from None
     except OSError as err:
         raise UserInputError(f"{path}: cannot read manifest ({err.strerror})") from None
-    lines = text.splitlines()
+    # lines end at "\n" (or "\r\n") only: file names may hold other characters str.splitlines breaks at
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     if not lines or not lines[0].strip():
         raise UserInputError(f"{path}:1: the first line must be the audio root directory, but is empty")
     root = Path(lines[0].strip())
@@ -108,13 +109,16 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
 
     Raises:
         UserInputError: naming ``file:line`` and the problem for a missing file, an empty file,
-            or a line that is not ``relpath<TAB>num_samples`` with a non-negative integer length.
+            a line that is not ``relpath<TAB>num_samples`` with a non-negative integer length, or
+            a missing audio root directory.
     """
     manifest, problems = parse_manifest(path)
     if problems:
         raise UserInputError(
             problems[0] + (f" (and {len(problems) - 1} more bad lines)" if len(problems) > 1 else "")
         )
+    if not manifest.root.is_dir():
+        raise UserInputError(f"{path}:1: the audio root directory {manifest.root} does not exist")
     return manifest
 
 
@@ -155,7 +159,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
             labels.append(raw.decode("utf-8").rstrip("\r"))
         except UnicodeDecodeError:
             raise UserInputError(f"{path}:{lineno}: transcript is not valid UTF-8") from None
-    if labels and labels[-1] == "" and data.endswith(b"\n"):
+    if labels and labels[-1] == "" and (data.endswith(b"\n") or not data):  # an empty file has no lines
         labels.pop()
     return labels
 

@@ -23,6 +23,7 @@ import logging
 import os
 import pickle
 import re
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,7 @@ def load_fairseq_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: refused to load: the pickle references {what}, which is not on speechvq's "
             f"allow-list of safe checkpoint types{hint}; speechvq never unpickles arbitrary objects"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, struct.error) as err:
         raise UserInputError(f"{path}: not a readable torch checkpoint: {str(err).splitlines()[0]}") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserInputError(f"{path}: not a fairseq checkpoint (no 'model' state dict)")

@@ -5,28 +5,57 @@ Layout of ``exp_dir/checkpoints/``::
     step_00001000/model.safetensors   weights (the unwrapped model's state dict)
     step_00001000/state.pt            optimizer, schedule, every RNG (per rank), sampler, counters
     step_00001000/config.yaml         the resolved run config
-    step_00001000/meta.json           step and validation loss
+    step_00001000/meta.json           step, validation loss, and the sha256 of every other file
     best.json                         the step and validation loss of the best checkpoint
 
 A checkpoint is written into a temporary directory, every file is fsync'ed, and the directory is
-then renamed to its final name, so a ``step_*`` directory is always complete.
+then renamed to its final name, so a ``step_*`` directory is always complete. ``meta.json`` is
+written last and holds the sha256 of every other file; :func:`latest_checkpoint` verifies them and
+skips (with a warning) a checkpoint that is incomplete or corrupt, falling back to the previous one.
+Leftovers of a killed writer (``.tmp_*``, ``.old_*``, ``.del_*``) are cleaned up by the next save.
+
+A write that fails (a full disk) removes its temporary directory and raises
+:class:`CheckpointWriteError`; earlier checkpoints are untouched.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from speechvq.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_LEFTOVER = re.compile(r"^\.(tmp|old|del)_step_(\d+)_(\d+)$")
+_FILES = ("model.safetensors", "state.pt", "config.yaml")
+WRITE_DELAY_ENV = "SPEECHVQ_CKPT_WRITE_DELAY_S"
+"""Test hook for fault injection: seconds to sleep after each file of a checkpoint is written, so
+that a kill can be made to land in the middle of a write. Unset (or 0) in normal use."""
+
+
+class CheckpointWriteError(UserInputError):
+    """A checkpoint could not be written (e.g. no space left); the previous ones are intact."""
+
+
+class CorruptCheckpointError(UserInputError):
+    """A checkpoint is incomplete, fails its checksums, or holds something that is not plain data."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -104,19 +133,41 @@ def save_checkpoint(
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"step": str(step)})
-    torch.save(_plain(state), tmp / "state.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "valid_loss": valid_loss}) + "\n")
-    for name in ("model.safetensors", "state.pt", "config.yaml", "meta.json"):
-        _fsync_file(tmp / name)
-    _fsync_dir(tmp)
+    delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
+    current = tmp
+    try:
+        tmp.mkdir()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        current = tmp / "model.safetensors"
+        save_file(tensors, str(current), metadata={"step": str(step)})
+        _pause(delay)
+        current = tmp / "state.pt"
+        torch.save(_plain(state), current)
+        _pause(delay)
+        current = tmp / "config.yaml"
+        current.write_text(config_yaml)
+        _pause(delay)
+        sums = {name: sha256_file(tmp / name) for name in _FILES}
+        current = tmp / "meta.json"
+        current.write_text(json.dumps({"step": step, "valid_loss": valid_loss, "sha256": sums}) + "\n")
+        for name in (*_FILES, "meta.json"):
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save reports a full disk as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = _write_failure(err)
+        previous = latest_checkpoint(root, verify=False)
+        kept = (
+            f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        )
+        raise CheckpointWriteError(
+            f"{final}: checkpoint not written: {what} while writing {current.name}; {kept}"
+        ) from err
     if final.exists():  # the same step written again (e.g. after a resume): replace it
         old = root / f".old_step_{step:08d}_{os.getpid()}"
         os.replace(final, old)
@@ -128,6 +179,86 @@ def save_checkpoint(
     return final
 
 
+def _write_failure(err: BaseException) -> str:
+    """What went wrong in a failed write, in a few words."""
+    if isinstance(err, OSError):
+        return "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return "no space left on device" if "No space left" in str(err) else text
+
+
+def _pause(seconds: float) -> None:
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def clean_leftovers(root: str | Path) -> list[Path]:
+    """Remove what a killed writer left in ``root``; returns the removed paths.
+
+    ``.tmp_step_*`` (a write that never finished) and ``.del_step_*`` (a rotation that never
+    finished) are deleted. An ``.old_step_N_*`` (a replaced checkpoint whose replacement never
+    arrived) is renamed back to ``step_N`` when that is missing and it verifies, else deleted.
+    """
+    root = Path(root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for path in sorted(root.iterdir()):
+        m = _LEFTOVER.match(path.name)
+        if not m or not path.is_dir():
+            continue
+        final = root / f"step_{int(m.group(2)):08d}"
+        if m.group(1) == "old" and not final.exists() and verify_checkpoint(path) is None:
+            os.replace(path, final)
+            logger.warning("restored %s from %s left by an interrupted write", final.name, path.name)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        logger.info(
+            "removed leftovers of an interrupted checkpoint write: %s", ", ".join(p.name for p in removed)
+        )
+    return removed
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None if the checkpoint directory is complete and every file matches its sha256, else the problem.
+
+    Checkpoints written before checksums existed (no ``sha256`` in ``meta.json``) are only
+    checked for completeness.
+    """
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        return "incomplete: meta.json is missing"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"meta.json is not valid JSON ({err})"
+    if not isinstance(meta, dict):
+        return "meta.json must hold a JSON object"
+    sums = meta.get("sha256")
+    for name in _FILES:
+        if not (path / name).is_file():
+            return f"incomplete: {name} is missing"
+        if isinstance(sums, dict):
+            expected = sums.get(name)
+            if expected is None:
+                return f"meta.json has no sha256 for {name}"
+            if sha256_file(path / name) != expected:
+                return f"{name} does not match its sha256 in meta.json (corrupt or modified)"
+    return None
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoint directories under ``root``, oldest first."""
     root = Path(root)
@@ -137,17 +268,60 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
+def latest_checkpoint(root: str | Path, *, verify: bool = True) -> Path | None:
+    """The newest checkpoint that verifies (see :func:`verify_checkpoint`), or None if there is none.
+
+    Newer checkpoints that fail verification are skipped with a warning naming them.
+
+    Raises:
+        CorruptCheckpointError: there are checkpoints, but none of them verifies.
+    """
     found = list_checkpoints(root)
-    return found[-1] if found else None
+    if not verify:
+        return found[-1] if found else None
+    for path in reversed(found):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        logger.warning("skipping checkpoint %s: %s", path, problem)
+    if found:
+        raise CorruptCheckpointError(
+            f"{Path(root)}: none of the {len(found)} checkpoints is intact (see the warnings); move them "
+            "away to start from scratch"
+        )
+    return None
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(weights, state) of one checkpoint directory."""
+    """(weights, state) of one checkpoint directory, after verifying its checksums.
+
+    ``state.pt`` is read with ``torch.load(weights_only=True)``: it can hold tensors and plain
+    Python values only, never objects whose unpickling would run code.
+
+    Raises:
+        CorruptCheckpointError: the checkpoint fails verification, or ``state.pt`` is refused.
+    """
     path = Path(path)
-    weights = load_file(str(path / "model.safetensors"))
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CorruptCheckpointError(f"{path}: {problem}")
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+    except Exception as err:  # safetensors raises its own error types for a malformed file
+        raise CorruptCheckpointError(
+            f"{path / 'model.safetensors'}: not a readable safetensors file ({err})"
+        ) from err
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        why = lines[0].rstrip(".") if lines else type(err).__name__
+        raise CorruptCheckpointError(
+            f"{path / 'state.pt'}: refused to load: it holds objects other than tensors and plain values, "
+            f"whose unpickling could run code ({why})"
+        ) from err
+    except (RuntimeError, EOFError) as err:
+        raise CorruptCheckpointError(f"{path / 'state.pt'}: not a readable torch file ({err})") from err
     return weights, state
 
 
@@ -175,6 +349,9 @@ def rotate_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     removed = []
     for path in found[: max(len(found) - keep_last, 0)]:
         if path.name != best_name:
-            shutil.rmtree(path)
+            # rename first, so that a kill during the deletion never leaves a partial step_* directory
+            doomed = path.with_name(f".del_{path.name}_{os.getpid()}")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed)
             removed.append(path)
     return removed

@@ -148,6 +148,10 @@ class TrainSection:
     keep_last: int = 2
     """Checkpoints to keep besides the best one."""
 
+    on_save_error: Literal["stop", "continue"] = "stop"
+    """When a checkpoint cannot be written (e.g. the disk is full): ``stop`` ends the run with a
+    one-line error; ``continue`` logs the error and trains on (earlier checkpoints stay intact)."""
+
     max_nonfinite: int = 20
     """Stop the run after this many skipped (non-finite) updates in a row."""
 
@@ -323,20 +327,18 @@ def _section_from_dict(cls: type, data: Any, name: str) -> Any:
     return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in data.items()})
 
 
-_SECTIONS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
-
-
-def config_from_dict(data: dict[str, Any]) -> PretrainConfig:
-    """Build a :class:`PretrainConfig` from a plain mapping, type-checking every value."""
+def config_from_dict(data: dict[str, Any], cls: type = PretrainConfig) -> Any:
+    """Build a ``cls`` (default :class:`PretrainConfig`) from a plain mapping, type-checking every value."""
     if not isinstance(data, dict):
         raise UserInputError(
             f"the config must be a mapping of sections, but is {type(data).__name__} instead."
         )
-    unknown = sorted(set(data) - set(_SECTIONS))
+    sections = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - sections)
     if unknown:
-        raise UserInputError(f"unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
-    hints = get_type_hints(PretrainConfig)
-    return PretrainConfig(**{k: _section_from_dict(hints[k], v, k) for k, v in data.items()})
+        raise UserInputError(f"unknown section(s) {unknown}; known: {sorted(sections)}")
+    hints = get_type_hints(cls)
+    return cls(**{k: _section_from_dict(hints[k], v, k) for k, v in data.items()})
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -347,7 +349,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else None
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = PretrainConfig) -> dict[str, Any]:
     """Apply ``--set`` overrides to a plain config dict (in place; returns it).
 
     ``model.<path>`` keys below ``model.preset/overrides/config`` go into ``model.overrides``, so
@@ -356,17 +358,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for text in overrides:
         key, value = parse_override(text)
         parts = key.split(".")
-        if parts[0] == "model" and len(parts) > 1 and parts[1] not in ("preset", "overrides", "config"):
+        sections = {f.name for f in dataclasses.fields(cls)}
+        nested_model = cls is PretrainConfig  # only pretraining nests model fields under `overrides`
+        if (
+            nested_model
+            and parts[0] == "model"
+            and len(parts) > 1
+            and parts[1] not in ("preset", "overrides", "config")
+        ):
             model = data.setdefault("model", {}) or {}
             data["model"] = model
             model.setdefault("overrides", {})
             model["overrides"] = {**(model["overrides"] or {}), ".".join(parts[1:]): value}
             continue
-        if len(parts) < 2 or parts[0] not in _SECTIONS:
+        if len(parts) < 2 or parts[0] not in sections:
             raise UserInputError(
-                f"--set {text}: `{key}` must be <section>.<field> with a section in {sorted(_SECTIONS)}"
+                f"--set {text}: `{key}` must be <section>.<field> with a section in {sorted(sections)}"
             )
-        defaults = PretrainConfig().to_dict()
+        defaults = _plain(dataclasses.asdict(cls()))
         _set_dotted(defaults, key, value, where=f"--set {text}")  # checks that the field exists
         section = data.setdefault(parts[0], {}) or {}
         data[parts[0]] = section
@@ -383,8 +392,9 @@ def _nested(node: Any, keys: list[str], value: Any) -> Any:
     return node
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PretrainConfig:
-    """Read a YAML config, apply ``--set`` overrides, type-check and validate it."""
+def load_config(path: str | Path, overrides: list[str] | None = None, cls: type = PretrainConfig) -> Any:
+    """Read a YAML config into ``cls`` (default :class:`PretrainConfig`), apply ``--set`` overrides,
+    type-check and validate it (``cls.validate()``)."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"{path}: config file not found")
@@ -395,7 +405,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pretrai
         line = f":{mark.line + 1}" if mark is not None else ""
         raise UserInputError(f"{path}{line}: invalid YAML: {getattr(err, 'problem', err)}") from err
     try:
-        cfg = config_from_dict(apply_overrides(data, overrides or []))
+        cfg = config_from_dict(apply_overrides(data, overrides or [], cls), cls)
         cfg.validate()
     except UserInputError as err:
         raise UserInputError(f"{path}: {err}") from err

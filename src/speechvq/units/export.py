@@ -272,6 +272,12 @@ def export_units(
                 else:
                     assert kmeans is not None and layer is not None
                     feats, frames = layer_features(model, batch.waveforms, batch.lengths, layer)
+                    if feats.size(-1) != kmeans.centroids.shape[1]:
+                        raise UserInputError(
+                            f"{info.get('km') or 'the k-means model'}: centroids have dim "
+                            f"{kmeans.centroids.shape[1]}, but layer {layer} of the model gives "
+                            f"{feats.size(-1)}-dim features (fitted on another model or layer?)"
+                        )
                     labels = kmeans.predict(feats)
                     for pos, lab, n in zip(batch.usable, labels, frames.tolist()):
                         per_item[pos] = [int(x) for x in lab[:n].tolist()]

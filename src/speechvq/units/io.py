@@ -189,6 +189,21 @@ def _read_lines(path: Path) -> list[str]:
         raise UserInputError(f"{path}: not UTF-8 text ({err.reason})") from None
 
 
+def _check_ids(path: Path, tokens: list[list[str]], vocab_size: int) -> None:
+    for lineno, toks in enumerate(tokens, start=1):
+        for tok in toks:
+            try:
+                value = int(tok)
+            except ValueError:
+                raise UserInputError(
+                    f"{path}:{lineno}: unit {tok!r} is not an integer id (meta.json vocab_size is {vocab_size})"
+                ) from None
+            if not 0 <= value < vocab_size:
+                raise UserInputError(
+                    f"{path}:{lineno}: unit id {value} is out of range [0, {vocab_size}) (meta.json vocab_size)"
+                )
+
+
 def read_units(directory: str | os.PathLike[str]) -> Units:
     """Read a units directory written by :class:`UnitWriter` (or by hand: ``units.txt`` alone).
 
@@ -204,9 +219,17 @@ def read_units(directory: str | os.PathLike[str]) -> Units:
         units_path = root / UNITS_NAME
         meta = {}
         if (root / META_NAME).is_file():
-            meta = json.loads((root / META_NAME).read_text())
+            try:
+                meta = json.loads((root / META_NAME).read_text())
+            except (ValueError, UnicodeDecodeError) as err:
+                raise UserInputError(f"{root / META_NAME}: invalid JSON: {err}") from None
+            if not isinstance(meta, dict):
+                raise UserInputError(f"{root / META_NAME}: must hold a JSON object")
     lines = _read_lines(units_path)
     tokens = [line.split() for line in lines]
+    vocab_size = meta.get("vocab_size")
+    if isinstance(vocab_size, int):  # integer units: every id in [0, vocab_size)
+        _check_ids(units_path, tokens, vocab_size)
     utts_path = root / UTTS_NAME
     if meta and utts_path.is_file():
         utterances = _read_lines(utts_path)

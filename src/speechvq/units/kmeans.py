@@ -157,10 +157,21 @@ class KMeansModel:
         meta_path, cent_path = root / META_NAME, root / CENTROIDS_NAME
         if not meta_path.is_file() or not cent_path.is_file():
             raise UserInputError(f"{root}: not a k-means model (needs {META_NAME} and {CENTROIDS_NAME})")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT:
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserInputError(f"{meta_path}: invalid JSON: {err}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserInputError(f'{meta_path}: not a k-means model (missing "format": "{FORMAT}")')
-        centroids = np.load(cent_path, allow_pickle=False).astype(np.float32)
+        for key in ("k", "dim"):
+            if not isinstance(meta.get(key), int):
+                raise UserInputError(
+                    f"{meta_path}: `{key}` must be an integer, but is {meta.get(key)!r} instead"
+                )
+        try:
+            centroids = np.load(cent_path, allow_pickle=False).astype(np.float32)
+        except (ValueError, OSError, EOFError) as err:  # not .npy, truncated, or pickled objects
+            raise UserInputError(f"{cent_path}: not a .npy array of floats ({err})") from None
         if centroids.shape != (meta["k"], meta["dim"]):
             raise UserInputError(
                 f"{cent_path}: shape {centroids.shape} does not match k={meta['k']}, dim={meta['dim']}"
