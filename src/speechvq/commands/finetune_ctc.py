@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+
+from speechvq.commands._run_args import add_run_arguments, run_training
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML run config (see conf/finetune_*.yaml)")
+    add_run_arguments(
+        parser,
+        configs="conf/finetune_*.yaml",
+        example="optim.lr=5e-5 train.max_steps=100 model.freeze_updates=0",
+    )
     parser.add_argument(
         "--init",
         required=True,
@@ -31,25 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--train", help="training manifest (overrides data.train)")
     parser.add_argument("--valid", help="validation manifest (overrides data.valid)")
-    parser.add_argument(
-        "--exp-dir", required=True, help="experiment directory (checkpoints, metrics, best_model)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="type-checked config override, e.g. optim.lr=5e-5 train.max_steps=100 model.freeze_updates=0",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="fail unless a checkpoint exists to resume from"
-    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from speechvq.train import NonFiniteError
     from speechvq.train.config import load_config
     from speechvq.train.finetune import FinetuneConfig, finetune
 
@@ -60,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.valid={args.valid}")
     cfg = load_config(args.config, overrides, FinetuneConfig)
     init = None if args.init.lower() == "none" else args.init
-    try:
-        summary = finetune(cfg, init, args.exp_dir, require_resume=args.resume)
-    except NonFiniteError as err:
-        print(f"speechvq finetune-ctc: stopped: {err}", file=sys.stderr)
+    summary = run_training(
+        "finetune-ctc", lambda: finetune(cfg, init, args.exp_dir, require_resume=args.resume)
+    )
+    if summary is None:
         return 1
     if summary.main_process and summary.last_valid:
         v = summary.last_valid

@@ -12,36 +12,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+
+from speechvq.commands._run_args import add_run_arguments, run_training
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML run config (see conf/pretrain_*.yaml)")
-    parser.add_argument("--exp-dir", required=True, help="experiment directory (checkpoints, metrics, logs)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="type-checked config override, e.g. optim.lr=5e-4 train.max_steps=100 model.context.dropout_p=0",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="fail unless a checkpoint exists to resume from"
+    add_run_arguments(
+        parser,
+        configs="conf/pretrain_*.yaml",
+        example="optim.lr=5e-4 train.max_steps=100 model.context.dropout_p=0",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from speechvq.train import NonFiniteError, load_config, pretrain
+    from speechvq.train import load_config, pretrain
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        summary = pretrain(cfg, args.exp_dir, require_resume=args.resume)
-    except NonFiniteError as err:
-        print(f"speechvq pretrain: stopped: {err}", file=sys.stderr)
+    summary = run_training("pretrain", lambda: pretrain(cfg, args.exp_dir, require_resume=args.resume))
+    if summary is None:
         return 1
     rec = summary.last_train
     if rec and summary.main_process:

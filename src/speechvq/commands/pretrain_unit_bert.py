@@ -14,35 +14,24 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+
+from speechvq.commands._run_args import add_run_arguments, run_training
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config (see conf/unit_bert_*.yaml)")
+    add_run_arguments(
+        parser,
+        configs="conf/unit_bert_*.yaml",
+        example="optim.lr=5e-4 train.max_steps=100 model.mask_span=5",
+    )
     parser.add_argument("--units", help="training units directory (overrides data.train)")
     parser.add_argument("--valid-units", help="validation units directory (overrides data.valid)")
-    parser.add_argument(
-        "--exp-dir", required=True, help="experiment directory (checkpoints, metrics, best_model)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="type-checked config override, e.g. optim.lr=5e-4 train.max_steps=100 model.mask_span=5",
-    )
-    parser.add_argument(
-        "--resume", action="store_true", help="fail unless a checkpoint exists to resume from"
-    )
 
 
 def run(args: argparse.Namespace) -> int:
     from speechvq.errors import UserInputError
-    from speechvq.train import NonFiniteError
     from speechvq.train.config import load_config
     from speechvq.train.unit_bert import UnitBertRunConfig, pretrain_unit_bert
 
@@ -57,10 +46,10 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(err, UserInputError):
             raise
         raise UserInputError(f"{args.config}: invalid unit BERT config: {err}") from None
-    try:
-        summary = pretrain_unit_bert(cfg, args.exp_dir, require_resume=args.resume)
-    except NonFiniteError as err:
-        print(f"speechvq pretrain-unit-bert: stopped: {err}", file=sys.stderr)
+    summary = run_training(
+        "pretrain-unit-bert", lambda: pretrain_unit_bert(cfg, args.exp_dir, require_resume=args.resume)
+    )
+    if summary is None:
         return 1
     rec = summary.last_train
     if rec and summary.main_process:

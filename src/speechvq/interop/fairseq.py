@@ -42,11 +42,10 @@ from speechvq.config import (
     Wav2Vec2Config,
 )
 from speechvq.errors import UserInputError
+from speechvq.interop.keymap import KeyTable, rename_keys
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer
 
 logger = logging.getLogger(__name__)
-
-KeyTable = list[tuple[str, str]]
 
 WAV2VEC2_KEY_MAP: KeyTable = [
     # (fairseq Wav2Vec2Model prefix, speechvq Wav2Vec2Model prefix); first match wins.
@@ -210,32 +209,6 @@ def _plain(value: Any) -> Any:
 
 
 # -- key maps ----------------------------------------------------------------------------------
-
-
-def _compile(template: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)"))
-
-
-def rename_keys(keys: list[str], table: KeyTable, *, reverse: bool = False) -> dict[str, str]:
-    """Map each key through the first matching prefix template of ``table`` (fairseq -> speechvq,
-    or speechvq -> fairseq with ``reverse``).
-
-    Raises:
-        KeyError: for a key that no template matches.
-    """
-    pairs = [(b, a) if reverse else (a, b) for a, b in table]
-    compiled = [(_compile(src), dst) for src, dst in pairs]
-    out = {}
-    for key in keys:
-        for pattern, dst in compiled:
-            match = pattern.match(key)
-            if match:
-                prefix = dst.replace("{i}", match.group("i")) if "i" in pattern.groupindex else dst
-                out[key] = prefix + key[match.end() :]
-                break
-        else:
-            raise KeyError(f"no conversion rule for parameter {key!r}")
-    return out
 
 
 # -- configs -----------------------------------------------------------------------------------

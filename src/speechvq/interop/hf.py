@@ -9,7 +9,6 @@ lossless; a config without it (any checkpoint made by transformers) is mapped fi
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from speechvq.config import (
     Wav2Vec2Config,
 )
 from speechvq.errors import UserInputError
+from speechvq.interop.keymap import rename_keys
 from speechvq.io import state_dict_for_save
 from speechvq.models.wav2vec2 import Wav2Vec2Model, build_wav2vec2
 
@@ -58,31 +58,6 @@ _LEGACY_WEIGHT_NORM = {
 
 # Buffers speechvq keeps that transformers has no slot for (carried in the config instead).
 _SPEECHVQ_ONLY = ("quantizer.num_updates",)
-
-
-def _compile(template: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)"))
-
-
-def rename_keys(keys: list[str], table: list[tuple[str, str]], *, reverse: bool = False) -> dict[str, str]:
-    """Map each key through the first matching template of ``table`` (source -> target).
-
-    Raises:
-        KeyError: for a key that no template matches.
-    """
-    pairs = [(b, a) if reverse else (a, b) for a, b in table]
-    compiled = [(_compile(src), dst) for src, dst in pairs]
-    out = {}
-    for key in keys:
-        for pattern, dst in compiled:
-            match = pattern.match(key)
-            if match:
-                prefix = dst.replace("{i}", match.group("i")) if "i" in pattern.groupindex else dst
-                out[key] = prefix + key[match.end() :]
-                break
-        else:
-            raise KeyError(f"no conversion rule for parameter {key!r}")
-    return out
 
 
 def speechvq_to_hf_state_dict(model: Wav2Vec2Model) -> dict[str, torch.Tensor]:

@@ -164,6 +164,23 @@ class TrainSection:
     tensorboard: bool = True
     """Write TensorBoard event files to ``exp_dir/tensorboard`` (needs ``tensorboard``)."""
 
+    def validate(self) -> None:
+        """Counts and intervals at least 1, a known precision; raises :class:`UserInputError`."""
+        for name in (
+            "max_steps",
+            "grad_accum",
+            "log_interval",
+            "valid_interval",
+            "save_interval",
+            "keep_last",
+        ):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"`train.{name}` must be >= 1, but is {getattr(self, name)} instead.")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise UserInputError(
+                f"`train.precision` must be fp32, bf16 or fp16, but is {self.precision!r} instead."
+            )
+
 
 @dataclass(kw_only=True)
 class DiagnosticsSection:
@@ -223,15 +240,7 @@ class PretrainConfig:
     def validate(self) -> None:
         """Cross-field checks; raises :class:`UserInputError`."""
         t = self.train
-        for name in ("max_steps", "grad_accum", "log_interval", "valid_interval", "save_interval"):
-            if getattr(t, name) < 1:
-                raise UserInputError(f"`train.{name}` must be >= 1, but is {getattr(t, name)} instead.")
-        if t.keep_last < 1:
-            raise UserInputError(f"`train.keep_last` must be >= 1, but is {t.keep_last} instead.")
-        if t.precision not in ("fp32", "bf16", "fp16"):
-            raise UserInputError(
-                f"`train.precision` must be fp32, bf16 or fp16, but is {t.precision!r} instead."
-            )
+        t.validate()
         if self.schedule.name not in ("polynomial", "tri_stage", "cosine", "constant"):
             raise UserInputError(
                 "`schedule.name` must be polynomial, tri_stage, cosine or constant, "

@@ -146,16 +146,7 @@ class FinetuneConfig:
     def validate(self) -> None:
         """Cross-field checks; raises :class:`UserInputError`."""
         t = self.train
-        for name in (
-            "max_steps",
-            "grad_accum",
-            "log_interval",
-            "valid_interval",
-            "save_interval",
-            "keep_last",
-        ):
-            if getattr(t, name) < 1:
-                raise UserInputError(f"`train.{name}` must be >= 1, but is {getattr(t, name)} instead.")
+        t.validate()
         if abs(sum(self.schedule.phase_ratio) - 1.0) > 1e-6:
             raise UserInputError(
                 f"`schedule.phase_ratio` must sum to 1, but is {list(self.schedule.phase_ratio)} instead."

@@ -57,16 +57,7 @@ class UnitBertRunConfig:
     def validate(self) -> None:
         """Cross-field checks; raises :class:`UserInputError`."""
         t = self.train
-        for name in (
-            "max_steps",
-            "grad_accum",
-            "log_interval",
-            "valid_interval",
-            "save_interval",
-            "keep_last",
-        ):
-            if getattr(t, name) < 1:
-                raise UserInputError(f"`train.{name}` must be >= 1, but is {getattr(t, name)} instead.")
+        t.validate()
         if not self.data.train:
             raise UserInputError("`data.train` must name a units directory, but is empty instead.")
         if self.data.max_tokens < self.model.max_positions:

@@ -1,0 +1,46 @@
+"""Arguments and error handling shared by the training commands (pretrain, finetune-ctc,
+pretrain-unit-bert)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, configs: str, example: str) -> None:
+    """``--config``, ``--exp-dir``, ``--set`` and ``--resume``.
+
+    Args:
+        parser: the command's parser.
+        configs: where its configs live, for the help (e.g. ``conf/pretrain_*.yaml``).
+        example: example overrides for the help.
+    """
+    parser.add_argument("--config", required=True, help=f"YAML run config (see {configs})")
+    parser.add_argument(
+        "--exp-dir", required=True, help="experiment directory (checkpoints, metrics, best_model)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"type-checked config override, e.g. {example}",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="fail unless a checkpoint exists to resume from"
+    )
+
+
+def run_training(command: str, train: Callable[[], Any]) -> Any | None:
+    """``train()``, or None (after a one-line message) when it stopped on non-finite updates."""
+    from speechvq.train import NonFiniteError
+
+    try:
+        return train()
+    except NonFiniteError as err:
+        print(f"speechvq {command}: stopped: {err}", file=sys.stderr)
+        return None
