@@ -1,0 +1,47 @@
+"""The embedded demo, `recipes/toy/run.sh --quick`, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPE = Path(__file__).parents[2] / "recipes" / "toy" / "run.sh"
+
+
+def _numbers(value: object) -> list[float]:
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)]
+    return []
+
+
+def test_toy_recipe_quick_runs_every_stage_and_writes_finite_results(tmp_path: Path) -> None:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    args = [
+        "bash",
+        str(RECIPE),
+        "--quick",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--exp-dir",
+        str(tmp_path / "exp"),
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in range(7):
+        assert f"Stage {stage}:" in done.stderr
+    results = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert set(results["units"]) == {"codes", "kmeans"}
+    assert set(results["ctc"]) == {"pretrained", "scratch"}
+    assert all(results["ctc"][init] for init in ("pretrained", "scratch"))
+    numbers = _numbers(results)
+    assert len(numbers) >= 15
+    assert all(math.isfinite(n) for n in numbers)
+    assert 0.0 <= results["units"]["codes"]["pnmi"] <= 1.0
+    assert (tmp_path / "exp" / "pretrain" / "curves.png").is_file()
+    assert (tmp_path / "exp" / "results.md").read_text().startswith("| stage |")
