@@ -257,8 +257,34 @@ class LossConfig:
     """Weight of the L2 penalty on the encoder output (fairseq ``loss_weights[1]``)."""
 
 
+class _QuantizedModelConfig:
+    """What the wav2vec 2.0 and vq-wav2vec configs share: the active quantizer's output size and
+    plain-dict (JSON/YAML) conversion. Subclasses have ``quantizer_type``, ``quantizer`` and
+    ``kmeans`` fields."""
+
+    quantizer_type: str
+    quantizer: QuantizerConfig
+    kmeans: KMeansQuantizerConfig
+
+    @property
+    def codevector_dim(self) -> int:
+        """Dimension of the quantized vectors of the active quantizer."""
+        if self.quantizer_type == "kmeans":
+            return self.kmeans.codevector_dim
+        return self.quantizer.codevector_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON/YAML-safe dict (tuples become lists)."""
+        return _to_plain(dataclasses.asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming the key."""
+        return _from_plain(cls, data)
+
+
 @dataclass(kw_only=True)
-class Wav2Vec2Config:
+class Wav2Vec2Config(_QuantizedModelConfig):
     """wav2vec 2.0 pretraining model. The defaults are the paper's BASE."""
 
     encoder: FeatureEncoderConfig = field(default_factory=FeatureEncoderConfig)
@@ -297,22 +323,6 @@ class Wav2Vec2Config:
             raise ValueError(
                 f"`quantizer_type` must be 'gumbel' or 'kmeans', but is {self.quantizer_type!r} instead."
             )
-
-    @property
-    def codevector_dim(self) -> int:
-        """Dimension of the quantized vectors of the active quantizer."""
-        if self.quantizer_type == "kmeans":
-            return self.kmeans.codevector_dim
-        return self.quantizer.codevector_dim
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON/YAML-safe dict (tuples become lists)."""
-        return _to_plain(dataclasses.asdict(self))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Wav2Vec2Config:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming the key."""
-        return _from_plain(cls, data)
 
 
 def _to_plain(value: Any) -> Any:
@@ -409,7 +419,7 @@ VQ_WAV2VEC_AGGREGATOR_LAYERS: tuple[ConvSpec, ...] = tuple((512, k, 1) for k in 
 
 
 @dataclass(kw_only=True)
-class VqWav2VecConfig:
+class VqWav2VecConfig(_QuantizedModelConfig):
     """vq-wav2vec (Baevski et al., 2019) with wav2vec's future-prediction objective (fairseq
     ``wav2vec`` model). The defaults are the paper's Gumbel model; see :func:`vq_wav2vec_kmeans`."""
 
@@ -505,22 +515,6 @@ class VqWav2VecConfig:
             raise ValueError(f"`num_negatives` must be >= 1, but is {self.num_negatives} instead.")
         if self.offset is not None and self.offset < 1:
             raise ValueError(f"`offset` must be >= 1 or None, but is {self.offset} instead.")
-
-    @property
-    def codevector_dim(self) -> int:
-        """Dimension of the quantized vectors of the active quantizer."""
-        if self.quantizer_type == "kmeans":
-            return self.kmeans.codevector_dim
-        return self.quantizer.codevector_dim
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON/YAML-safe dict (tuples become lists)."""
-        return _to_plain(dataclasses.asdict(self))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VqWav2VecConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming the key."""
-        return _from_plain(cls, data)
 
 
 def vq_wav2vec_gumbel() -> VqWav2VecConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -69,16 +70,10 @@ def save_pretrained(
         old = target.with_name(f".{target.name}.old")
         os.replace(target, old)
         os.replace(tmp, target)
-        _rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
     return target
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:

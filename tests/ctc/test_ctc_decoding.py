@@ -137,7 +137,7 @@ def test_arpa_file_round_trips(tmp_path):
 
 
 def test_kenlm_scores_our_arpa_files_like_arpalm(tmp_path):
-    pytest.importorskip("kenlm")
+    pytest.importorskip("kenlm", reason="KenLM is the optional [lm] extra (compiled from source)")
     from speechvq.text import KenLMScorer
 
     lm = train_ngram([s.split() for s in ["a b c", "a b", "b c a"]], order=3)

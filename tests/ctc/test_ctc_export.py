@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import transformers
 from ctc_toy import SAMPLE_RATE, synthesize, tiny_ctc_config
 
 from speechvq.decoding import greedy_decode
 from speechvq.models.ctc import build_ctc_model, normalize_waveforms
 from speechvq.text import Vocabulary
 
-transformers = pytest.importorskip("transformers")
 ATOL = 1e-4
 
 

@@ -119,8 +119,9 @@ def _wav_bytes(n: int, rate: int, seed: int) -> bytes:
 
 
 def test_dataset_reads_a_parquet_dataset_with_audio_bytes_and_text(tmp_path: Path) -> None:
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     audio = [
         {"bytes": _wav_bytes(8000, SR, 0), "path": "a.wav"},
         {"bytes": _wav_bytes(11025, 22050, 1), "path": "b.wav"},
@@ -134,7 +135,8 @@ def test_dataset_reads_a_parquet_dataset_with_audio_bytes_and_text(tmp_path: Pat
 
 
 def test_dataset_reads_a_save_to_disk_directory(tmp_path: Path) -> None:
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
+
     # the layout datasets' save_to_disk writes: arrow stream files listed in state.json
     table = pa.table({"audio": [{"bytes": _wav_bytes(4000, SR, 2), "path": None}], "sentence": ["HI"]})
     with (
@@ -167,10 +169,8 @@ def test_dataset_raises_for_a_datasetdict_root_naming_the_splits(tmp_path: Path)
 
 
 def test_dataset_reads_what_datasets_save_to_disk_writes(tmp_path: Path) -> None:
-    try:
-        import datasets
-    except Exception as err:  # a broken pandas/numpy pairing makes the import fail with other errors too
-        pytest.skip(f"datasets does not import here: {err}")
+    import datasets  # a hard dependency: failing to import it is a failure
+
     audio = [{"bytes": _wav_bytes(4000 + k, SR, k), "path": f"{k}.wav"} for k in range(3)]
     ds_hf = datasets.Dataset.from_dict({"audio": audio, "text": ["A", "B", "C"]})
     ds_hf = ds_hf.cast_column("audio", datasets.Audio(decode=False))
@@ -183,8 +183,9 @@ def test_dataset_reads_what_datasets_save_to_disk_writes(tmp_path: Path) -> None
 def test_validate_accepts_a_local_dataset_and_reports_its_bad_rows(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from speechvq.cli import main
 
     audio = [{"bytes": _wav_bytes(8000, SR, 0), "path": "a.wav"}, {"bytes": b"not audio", "path": "b.wav"}]

@@ -15,8 +15,6 @@ from speechvq.data import read_manifest
 from speechvq.data.synth import make_speakers, make_utterance
 from speechvq.data.synth_words import vocabulary
 
-pytest.importorskip("espeakng_loader")
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -27,6 +27,36 @@ def conv_output_lengths(lengths: Tensor, conv_layers: tuple[tuple[int, int, int]
     return out
 
 
+def receptive_field(conv_layers: tuple[tuple[int, int, int], ...]) -> int:
+    """Samples that the first frame of the conv stack depends on (the minimum input length)."""
+    field, jump = 1, 1
+    for _, kernel, stride in conv_layers:
+        field += (kernel - 1) * jump
+        jump *= stride
+    return field
+
+
+def check_waveforms(waveforms: Tensor, lengths: Tensor | None, min_samples: int) -> Tensor:
+    """Validate a ``[B, S]`` batch and return its ``[B]`` lengths (all S when None).
+
+    Raises:
+        ValueError: if ``waveforms`` is not 2-D, or an utterance is shorter than ``min_samples``.
+    """
+    if waveforms.ndim != 2:
+        raise ValueError(
+            f"`waveforms` must be 2-D [batch, samples], but has shape {tuple(waveforms.shape)} instead."
+        )
+    batch, num_samples = waveforms.shape
+    if lengths is None:
+        lengths = torch.full((batch,), num_samples, dtype=torch.long, device=waveforms.device)
+    if batch and int(lengths.min()) < min_samples:
+        raise ValueError(
+            f"every input must hold at least {min_samples} samples (one frame), "
+            f"but the shortest holds {int(lengths.min())} instead."
+        )
+    return lengths
+
+
 class MaskedGroupNorm(nn.Module):
     """GroupNorm with one group per channel whose statistics skip padded frames.
 
@@ -114,11 +144,7 @@ class ConvFeatureEncoder(nn.Module):
     @property
     def receptive_field(self) -> int:
         """Samples that the first frame depends on (the minimum input length)."""
-        field, jump = 1, 1
-        for _, kernel, stride in self.conv_layers:
-            field += (kernel - 1) * jump
-            jump *= stride
-        return field
+        return receptive_field(self.conv_layers)
 
     def output_lengths(self, lengths: Tensor) -> Tensor:
         """``[B]`` samples -> ``[B]`` frames (see :func:`conv_output_lengths`)."""
@@ -137,19 +163,7 @@ class ConvFeatureEncoder(nn.Module):
         Raises:
             ValueError: if ``waveforms`` is not 2-D, or an utterance is shorter than one frame.
         """
-        if waveforms.ndim != 2:
-            raise ValueError(
-                f"`waveforms` must be 2-D [batch, samples], but has shape {tuple(waveforms.shape)} instead."
-            )
-        batch, num_samples = waveforms.shape
-        if lengths is None:
-            lengths = torch.full((batch,), num_samples, dtype=torch.long, device=waveforms.device)
-        shortest = int(lengths.min()) if batch else 0
-        if batch and shortest < self.receptive_field:
-            raise ValueError(
-                f"every input must hold at least {self.receptive_field} samples (one frame), "
-                f"but the shortest holds {shortest} instead."
-            )
+        lengths = check_waveforms(waveforms, lengths, self.receptive_field)
         frame_lengths: Tensor | None = lengths
         x = waveforms[:, :, None]  # (B, S) -> (B, S, 1)
         if self.grad_mult == 0.0:

@@ -18,7 +18,7 @@ from speechvq.losses_wav2vec import (
     sample_future_distractors,
 )
 from speechvq.models.common import lengths_to_padding_mask
-from speechvq.models.encoder import conv_output_lengths
+from speechvq.models.encoder import check_waveforms, conv_output_lengths, receptive_field
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer, build_kmeans_quantizer
 from speechvq.models.quantizer import GumbelVectorQuantizer, QuantizerOutput, build_quantizer
 
@@ -105,29 +105,14 @@ class Wav2VecFeatureEncoder(nn.Module):
 
     @property
     def receptive_field(self) -> int:
-        field, jump = 1, 1
-        for _, kernel, stride in self.conv_layers:
-            field += (kernel - 1) * jump
-            jump *= stride
-        return field
+        return receptive_field(self.conv_layers)
 
     def output_lengths(self, lengths: Tensor) -> Tensor:
         return conv_output_lengths(lengths, self.conv_layers)
 
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``[B, S]`` samples (and ``[B]`` lengths) -> features ``[B, T, C]`` and ``[B]`` frames."""
-        if waveforms.ndim != 2:
-            raise ValueError(
-                f"`waveforms` must be 2-D [batch, samples], but has shape {tuple(waveforms.shape)} instead."
-            )
-        batch, num_samples = waveforms.shape
-        if lengths is None:
-            lengths = torch.full((batch,), num_samples, dtype=torch.long, device=waveforms.device)
-        if batch and int(lengths.min()) < self.receptive_field:
-            raise ValueError(
-                f"every input must hold at least {self.receptive_field} samples (one frame), "
-                f"but the shortest holds {int(lengths.min())} instead."
-            )
+        lengths = check_waveforms(waveforms, lengths, self.receptive_field)
         x = waveforms[:, None, :]  # (B, S) -> (B, 1, S)
         frame_lengths: Tensor | None = lengths
         for block in self.blocks:

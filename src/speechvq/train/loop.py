@@ -286,7 +286,7 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
     names = task.stat_names
     metrics = MetricsLogger(exp_dir, tensorboard=t.tensorboard) if main else None
     summary = RunSummary(step=step, skipped_steps=skipped, main_process=main)
-    summary_stop = [False]  # set when the time budget ends the run
+    stop = False  # set when the time budget ends the run
     interval = torch.zeros(len(names), dtype=torch.float64)
     grad_norms: list[float] = []
     bar = tqdm(total=t.max_steps, initial=step, disable=not (main and t.progress_bar), desc=task.name)
@@ -377,14 +377,13 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
             best = ckpt.read_best(ckpt_dir)
         if stop:
             logger.info("step %d: time budget of %.0f s spent, stopping", step, t.max_wall_s)
-            summary_stop[0] = True
             break
 
     bar.close()
     if metrics is not None:
         metrics.close()
     # the run is over (all updates done, or its time budget spent; not a simulated interruption)
-    finished = step >= t.max_steps or (stop_at_step is None and summary_stop[0])
+    finished = step >= t.max_steps or (stop_at_step is None and stop)
     if main and finished and task.export_name is not None:
         _export_best(task, model, ckpt_dir, exp_dir / task.export_name)
     acc.wait_for_everyone()
