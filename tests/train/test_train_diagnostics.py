@@ -11,7 +11,13 @@ from speechvq.train.config import DiagnosticsSection, PretrainConfig
 from speechvq.train.diagnostics import collapse_warnings
 from speechvq.train.loop import pretrain
 
-HEALTHY = {"contrastive": 2.0, "accuracy": 0.4, "code_perplexity": 200.0, "grad_norm": 0.8}
+HEALTHY = {
+    "contrastive": 2.0,
+    "accuracy": 0.4,
+    "code_perplexity": 200.0,
+    "prob_perplexity": 240.0,
+    "grad_norm": 0.8,
+}
 
 
 def _codes(records: list[dict[str, float]], **kwargs: float) -> list[str]:
@@ -37,6 +43,28 @@ def test_collapse_warnings_flag_codebook_collapse_trivial_task_and_vanishing_gra
     assert _codes(_run(1000, code_perplexity=2.3)) == ["codebook_collapse"]
     assert _codes(_run(1000, accuracy=1.0, contrastive=0.001)) == ["trivial_task"]
     assert _codes(_run(1000, grad_norm=1e-9)) == ["vanishing_gradient"]
+
+
+def test_collapse_warnings_flag_codes_diverging_from_probs_and_falling_code_perplexity() -> None:
+    # The measured failure of a bf16 SMALL run: argmax codes 210 -> 24 while the softmax spread rose.
+    assert _codes(_run(1000, code_perplexity=24.0, prob_perplexity=279.0)) == ["codes_diverge_from_probs"]
+    assert _codes(_run(1000, code_perplexity=100.0, prob_perplexity=279.0)) == []
+    falling = _run(900, code_perplexity=210.0) + _run(1000, code_perplexity=40.0, prob_perplexity=60.0)
+    assert _codes(falling) == ["code_perplexity_falling"]
+    assert (
+        _codes(_run(900, code_perplexity=210.0) + _run(1000, code_perplexity=60.0, prob_perplexity=60.0))
+        == []
+    )
+
+
+def test_loss_at_chance_grace_period_follows_the_warmup_unless_set() -> None:
+    chance = math.log(101)
+    records = _run(600, contrastive=chance)
+    auto = DiagnosticsSection(window=3)
+    found = collapse_warnings(records, num_negatives=100, num_codebooks=2, cfg=auto, chance_after_steps=500)
+    assert [w.code for w in found] == ["loss_at_chance"]
+    found = collapse_warnings(records, num_negatives=100, num_codebooks=2, cfg=auto, chance_after_steps=2000)
+    assert found == []
 
 
 def test_collapse_warnings_need_the_whole_window() -> None:

@@ -115,6 +115,12 @@ class ScheduleSection:
     final_lr_scale: float = 0.05
     """Tri-stage lr at the end as a fraction of the peak."""
 
+    def warmup_updates(self, max_steps: int) -> int:
+        """Updates spent warming up under this schedule."""
+        if self.name == "tri_stage":
+            return int(self.phase_ratio[0] * max_steps)
+        return self.warmup_steps
+
 
 @dataclass(kw_only=True)
 class TrainSection:
@@ -189,8 +195,9 @@ class DiagnosticsSection:
     window: int = 3
     """Consecutive log records a condition must hold for before it is reported."""
 
-    chance_after_steps: int = 2000
-    """Only report a loss stuck at chance after this many updates."""
+    chance_after_steps: int | None = None
+    """Only report a loss stuck at chance after this many updates; None: twice the warmup, at
+    least 500 (a healthy run can sit at chance through its warmup)."""
 
     chance_rel_tol: float = 0.02
     """"Stuck at chance": contrastive loss per target within this fraction of log(K + 1)."""
@@ -206,6 +213,14 @@ class DiagnosticsSection:
 
     min_grad_norm: float = 1e-6
     """Warn when the gradient norm stays below this."""
+
+    hard_soft_ratio: float = 0.25
+    """Warn when the code (argmax) perplexity stays below this fraction of the prob (softmax)
+    perplexity: the codes concentrate on a few entries while the diversity loss is met by flat
+    soft distributions, so the targets are losing information."""
+
+    falling_fraction: float = 0.25
+    """Warn when the code perplexity stays below this fraction of its peak earlier in the run."""
 
 
 @dataclass(kw_only=True)

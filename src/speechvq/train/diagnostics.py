@@ -2,8 +2,9 @@
 
 The failure modes are the ones users report most for wav2vec 2.0 pretraining (fairseq#3661,
 #3687, #3718, transformers#14387): the contrastive loss stuck at chance, log(K + 1); the quantizer
-using only a handful of codes; a trivial task (accuracy ~1 with loss ~0, e.g. every target equal
-to its distractors); and vanishing gradients.
+using only a handful of codes, or on its way there (the argmax codes concentrating while the softmax
+stays spread, which the diversity loss does not see); a trivial task (accuracy ~1 with loss ~0, e.g.
+every target equal to its distractors); and vanishing gradients.
 """
 
 from __future__ import annotations
@@ -29,23 +30,28 @@ def collapse_warnings(
     num_negatives: int,
     num_codebooks: int,
     cfg: DiagnosticsSection,
+    chance_after_steps: int | None = None,
 ) -> list[CollapseWarning]:
     """Diagnose the latest ``cfg.window`` training records.
 
     Each record holds at least ``step``, ``contrastive`` (loss per target, nats), ``accuracy``,
-    ``code_perplexity`` and ``grad_norm``. A condition must hold in every one of the last
-    ``cfg.window`` records to be reported.
+    ``code_perplexity`` and ``grad_norm`` (``prob_perplexity`` where present). A condition must
+    hold in every one of the last ``cfg.window`` records to be reported; the falling-perplexity
+    check compares them with the peak over all ``records``.
 
     Args:
         records: metric records in step order (older ones are ignored).
         num_negatives: K, distractors per target (chance loss is log(K + 1)).
         num_codebooks: G, codebook groups (the minimum code perplexity is G).
         cfg: thresholds.
+        chance_after_steps: grace period of the stuck-at-chance check when
+            ``cfg.chance_after_steps`` is None (the caller derives it from the warmup; 500 if None).
 
     Returns:
         The warnings, empty for a healthy run.
     """
-    recent = list(records)[-cfg.window :]
+    history = list(records)
+    recent = history[-cfg.window :]
     if len(recent) < cfg.window or not recent:
         return []
 
@@ -56,7 +62,10 @@ def collapse_warnings(
     found: list[CollapseWarning] = []
     chance = math.log(num_negatives + 1)
     last = recent[-1]
-    if float(recent[0].get("step", 0)) >= cfg.chance_after_steps and always(
+    grace = cfg.chance_after_steps
+    if grace is None:
+        grace = chance_after_steps if chance_after_steps is not None else 500
+    if float(recent[0].get("step", 0)) >= grace and always(
         "contrastive", lambda v: abs(v - chance) <= cfg.chance_rel_tol * chance
     ):
         found.append(
@@ -77,6 +86,37 @@ def collapse_warnings(
                 "temperature, or check that the input is not silent).",
             )
         )
+    else:
+        diverging = [
+            r for r in recent if r.get("prob_perplexity") and math.isfinite(float(r["prob_perplexity"]))
+        ]
+        if len(diverging) == len(recent) and all(
+            float(r["code_perplexity"]) < cfg.hard_soft_ratio * float(r["prob_perplexity"]) for r in recent
+        ):
+            found.append(
+                CollapseWarning(
+                    "codes_diverge_from_probs",
+                    f"code perplexity {last['code_perplexity']:.1f} is below {cfg.hard_soft_ratio:g} x the prob "
+                    f"perplexity {float(last['prob_perplexity']):.1f}: the chosen codes concentrate on a few "
+                    "entries while each frame's softmax flattens, which keeps the diversity loss low without "
+                    "using the codebook; the targets are losing information (lower the lr, or check the "
+                    "curves with `speechvq plot`).",
+                )
+            )
+        peak_values = [
+            float(r["code_perplexity"])
+            for r in history
+            if r.get("code_perplexity") is not None and math.isfinite(float(r["code_perplexity"]))
+        ]
+        peak = max(peak_values) if peak_values else 0.0
+        if peak > floor and always("code_perplexity", lambda v: v < cfg.falling_fraction * peak):
+            found.append(
+                CollapseWarning(
+                    "code_perplexity_falling",
+                    f"code perplexity {last['code_perplexity']:.1f} has fallen below {cfg.falling_fraction:g} x "
+                    f"its peak of {peak:.1f}: the quantizer is heading for a handful of codes.",
+                )
+            )
     if always("accuracy", lambda v: v >= cfg.trivial_accuracy) and always(
         "contrastive", lambda v: v <= cfg.trivial_loss
     ):

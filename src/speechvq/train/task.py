@@ -233,7 +233,7 @@ class Wav2Vec2PretrainTask:
         q = self.model_cfg.quantizer
         found = collapse_warnings(
             self.history, num_negatives=self.model_cfg.loss.num_negatives, num_codebooks=q.num_codebooks,
-            cfg=self.cfg.diagnostics,
+            cfg=self.cfg.diagnostics, chance_after_steps=max(500, 2 * self.cfg.schedule.warmup_updates(self.cfg.train.max_steps)),
         )  # fmt: skip
         return [(w.code, w.message) for w in found]
 
