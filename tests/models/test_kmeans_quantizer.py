@@ -162,3 +162,30 @@ def test_wav2vec2_trains_with_the_kmeans_quantizer() -> None:
     loss.total.backward()
     assert model.quantizer.codebook.grad is not None and model.quantizer.codebook.grad.abs().sum() > 0
     assert model.feature_encoder.layers[0].conv.weight.grad.abs().sum() > 0
+
+
+def test_kmeans_quantizer_runs_in_fp32_under_bf16_autocast() -> None:
+    # The encoder hands the quantizer bf16 activations under autocast; its projection, distances
+    # and losses must still run in fp32 (this crashed before: bf16 input, fp32 conv weight).
+    cfg = wav2vec2_tiny()
+    cfg.quantizer_type = "kmeans"
+    cfg.kmeans = KMeansQuantizerConfig(codebook_size=16, codevector_dim=16)
+    torch.manual_seed(0)
+    model = build_wav2vec2(cfg)
+    waves = torch.randn(2, 8000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(waves, generator=torch.Generator().manual_seed(0))
+        loss = model.compute_loss(out)
+    assert out.quantizer.quantized.dtype == torch.float32 and out.quantizer.extra_loss.dtype == torch.float32
+    loss.total.backward()
+    assert model.quantizer.input_proj.weight.grad is not None
+    assert torch.isfinite(model.quantizer.input_proj.weight.grad).all()
+    # the same frames, quantized without autocast, mostly pick the same codes (bf16 encoder noise)
+    with torch.no_grad():
+        features = model.encode(waves, None)[0]
+        _, normed = model.feature_projection(features)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ze_bf16 = model.quantizer.project(normed.bfloat16())
+        ze = model.quantizer.project(normed)
+    assert ze_bf16.dtype == torch.float32
+    torch.testing.assert_close(ze_bf16, ze, rtol=0.05, atol=0.05)

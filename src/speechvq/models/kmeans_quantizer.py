@@ -163,7 +163,14 @@ class KMeansVectorQuantizer(nn.Module):
         channels and the utterance's time axis (fairseq ``Fp32GroupNorm(G, D)``); with
         ``frame_mask`` (``[B, T]``, True = valid) padded frames are left out of the statistics.
         """
-        h = self.input_proj(x.transpose(1, 2)).float()  # (B, T, C) -> (B, D, T)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 on bf16/fp16 input too
+            return self._project(x.float(), frame_mask)
+
+    def _project(self, x: Tensor, frame_mask: Tensor | None) -> Tensor:
+        weight_proj = self.input_proj.weight.float()
+        h = F.conv1d(
+            x.transpose(1, 2), weight_proj, None, groups=self.num_codebooks
+        )  # (B, T, C) -> (B, D, T)
         weight, bias = self.input_norm.weight.float(), self.input_norm.bias.float()
         eps = self.input_norm.eps
         if frame_mask is None or bool(frame_mask.all()):
