@@ -273,6 +273,13 @@ class _QuantizedModelConfig:
             return self.kmeans.codevector_dim
         return self.quantizer.codevector_dim
 
+    @property
+    def codebook_shape(self) -> tuple[int, int]:
+        """(G, V) of the active quantizer: codebook groups and entries per group."""
+        if self.quantizer_type == "kmeans":
+            return self.kmeans.num_codebooks, self.kmeans.codebook_size
+        return self.quantizer.num_codebooks, self.quantizer.codebook_size
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON/YAML-safe dict (tuples become lists)."""
         return _to_plain(dataclasses.asdict(self))  # type: ignore[call-overload]

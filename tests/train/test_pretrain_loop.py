@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from speechvq.cli import main
@@ -168,3 +169,17 @@ def test_pretrain_validates_and_keeps_the_last_and_the_best_checkpoint(
     assert ckpt.read_best(tmp_path / "exp" / "checkpoints")["step"] == best_step
     kept = {p.name for p in ckpt.list_checkpoints(tmp_path / "exp" / "checkpoints")}
     assert kept == {f"step_{best_step:08d}", "step_00000004"}
+
+
+def test_pretrain_runs_with_the_kmeans_quantizer_in_bf16(
+    corpus: Path, tmp_path: Path, tiny_cfg: Callable[..., PretrainConfig]
+) -> None:
+    # codebook usage is counted over the active quantizer's (G, V), not the Gumbel config's
+    overrides = {"quantizer_type": "kmeans", "kmeans.codebook_size": 24, "kmeans.codevector_dim": 16}
+    cfg = tiny_cfg(
+        corpus, model={"preset": "tiny", "overrides": overrides}, train={"max_steps": 2, "precision": "bf16"}
+    )
+    summary = pretrain(cfg, tmp_path / "exp")
+    assert summary.step == 2 and summary.skipped_steps == 0
+    usage = yaml.safe_load((tmp_path / "exp" / "codebook_usage.json").read_text())
+    assert len(usage["counts"]) == 2 and all(len(row) == 24 for row in usage["counts"])

@@ -124,11 +124,10 @@ class Wav2Vec2PretrainTask:
     def __init__(self, cfg: PretrainConfig, exp_dir: Path, model: Wav2Vec2Model | None = None) -> None:
         self.cfg, self.exp_dir, self._model = cfg, exp_dir, model
         self.model_cfg = cfg.model_config()
-        q = self.model_cfg.quantizer
         self.find_unused_parameters = (
             self.model_cfg.context.layer_drop_p > 0 or self.model_cfg.encoder.grad_mult == 0
         )
-        self.usage = torch.zeros(q.num_codebooks, q.codebook_size, dtype=torch.long)
+        self.usage = torch.zeros(*self.model_cfg.codebook_shape, dtype=torch.long)
         self.temperature = float("nan")
         self.history: list[dict[str, float]] = []
 
@@ -230,9 +229,9 @@ class Wav2Vec2PretrainTask:
             usage_path = self.exp_dir / "codebook_usage.json"
             usage_path.write_text(yaml.safe_dump({"step": step, "counts": self.usage.tolist()}))
         self.usage.zero_()
-        q = self.model_cfg.quantizer
         found = collapse_warnings(
-            self.history, num_negatives=self.model_cfg.loss.num_negatives, num_codebooks=q.num_codebooks,
+            self.history, num_negatives=self.model_cfg.loss.num_negatives,
+            num_codebooks=self.model_cfg.codebook_shape[0],
             cfg=self.cfg.diagnostics, chance_after_steps=max(500, 2 * self.cfg.schedule.warmup_updates(self.cfg.train.max_steps)),
         )  # fmt: skip
         return [(w.code, w.message) for w in found]
