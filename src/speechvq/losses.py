@@ -7,6 +7,7 @@ the training loop divides the total by N summed over data-parallel ranks and acc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,13 +61,25 @@ def diversity_loss(prob_perplexity: Tensor, num_codes: int) -> Tensor:
     return (num_codes - prob_perplexity) / num_codes
 
 
-def feature_penalty(features: Tensor, padding_mask: Tensor | None) -> Tensor:
-    """Mean squared activation of the feature encoder output over non-padded frames (fp32)."""
+def feature_penalty(
+    features: Tensor, padding_mask: Tensor | None, reduce: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """Mean squared activation of the feature encoder output over non-padded frames (fp32).
+
+    ``reduce`` sums the numerator and the count over data-parallel processes (with gradient), so
+    that the mean is over the global batch rather than this process's share of it.
+    """
     squares = features.float().pow(2)
-    if padding_mask is None:
+    if padding_mask is None and reduce is None:
         return squares.mean()
-    valid = (~padding_mask).to(squares.dtype)[..., None]
-    return (squares * valid).sum() / (valid.sum() * squares.size(-1)).clamp(min=1.0)
+    if padding_mask is None:
+        valid = torch.ones(squares.shape[:-1], dtype=squares.dtype, device=squares.device)[..., None]
+    else:
+        valid = (~padding_mask).to(squares.dtype)[..., None]
+    total, count = (squares * valid).sum(), valid.sum() * squares.size(-1)
+    if reduce is not None:
+        total, count = reduce(total), reduce(count)
+    return total / count.clamp(min=1.0)
 
 
 @dataclass

@@ -112,3 +112,28 @@ def test_sampler_load_state_dict_raises_when_the_data_changed() -> None:
     state = s.state_dict()
     with pytest.raises(ValueError, match="`num_items`"):
         BucketBatchSampler(_sizes(11), 120_000).load_state_dict(state)
+
+
+def test_two_ranks_with_budget_b_deal_out_what_one_rank_with_budget_2b_does() -> None:
+    # equal lengths: a per-rank batch of 2 items, a single-process batch of 4
+    sizes = [16000] * 24
+    one = BucketBatchSampler(sizes, 64000, seed=3)
+    ranks = [BucketBatchSampler(sizes, 32000, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    for epoch in (0, 1):
+        for s in (one, *ranks):
+            s.set_epoch(epoch)
+        per_rank = [list(s) for s in ranks]
+        updates = [sorted(a + b) for a, b in zip(*per_rank, strict=True)]
+        assert updates == [sorted(b) for b in one]
+
+
+def test_ranks_of_one_update_get_neighbouring_lengths() -> None:
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(16000, 160000, size=400)
+    ranks = [BucketBatchSampler(sizes, 400000, num_replicas=4, rank=r, seed=1) for r in range(4)]
+    spreads = []
+    for update in zip(*(list(s) for s in ranks), strict=True):
+        longest = [max(sizes[i] for i in batch) for batch in update]
+        spreads.append(max(longest) - min(longest))
+    # neighbours in the length order: the longest items of the 4 batches differ by little
+    assert np.median(spreads) < 0.05 * (sizes.max() - sizes.min())

@@ -137,3 +137,54 @@ def test_tiny_training_run_lowers_the_loss_with_finite_gradients():
     chance = math.log(model.cfg.loss.num_negatives + 1)  # uniform over target + K distractors
     assert last < first - 0.2
     assert last < chance  # better than guessing
+
+
+def _per_utterance(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_per_utterance_generators_make_an_utterance_independent_of_its_batch(waves):
+    # training mode with dropout off: the mask, distractors and Gumbel noise of utterance i come
+    # from generator i only, so i alone and i in a padded batch get the same logits
+    cfg = preset("tiny")
+    cfg.context.dropout_p = cfg.context.attention_dropout_p = cfg.feature_dropout_p = 0.0
+    torch.manual_seed(0)
+    model = build_wav2vec2(cfg).train()
+    x, lengths = waves
+    seeds = [11, 22, 33][: x.size(0)]
+    with torch.no_grad():
+        batched = model(x, lengths, generator=_per_utterance(seeds))
+        counts = batched.mask.sum(dim=1).tolist()
+        offsets = [sum(counts[:i]) for i in range(len(counts))]
+        for i, n in enumerate(lengths.tolist()):
+            alone = model(x[i : i + 1, :n], generator=_per_utterance([seeds[i]]))
+            t = int(batched.lengths[i])
+            assert torch.equal(batched.mask[i, :t], alone.mask[0])
+            assert torch.equal(batched.quantizer.codes[i, :t], alone.quantizer.codes[0])
+            rows = slice(offsets[i], offsets[i] + counts[i])
+            torch.testing.assert_close(batched.logits[rows], alone.logits, atol=1e-4, rtol=1e-4)
+            assert torch.equal(batched.distractor_index[rows] - i * batched.mask.size(1), alone.distractor_index)
+        # a different generator for one utterance changes that utterance's mask only
+        other = model(x, lengths, generator=_per_utterance([99] + seeds[1:]))
+        assert not torch.equal(other.mask[0], batched.mask[0])
+        assert torch.equal(other.mask[1:], batched.mask[1:])
+
+
+def test_cross_process_sum_identity_leaves_the_loss_unchanged(waves):
+    # with one process the cross-process sum is the identity: the same loss as without it
+    cfg = preset("tiny")
+    cfg.context.dropout_p = cfg.context.attention_dropout_p = cfg.feature_dropout_p = 0.0
+    torch.manual_seed(0)
+    model = build_wav2vec2(cfg).train()
+    x, lengths = waves
+    seeds = list(range(x.size(0)))
+    plain = model.compute_loss(model(x, lengths, generator=_per_utterance(seeds)))
+    model.set_cross_process_sum_(lambda t: t * 1.0)
+    summed = model.compute_loss(model(x, lengths, generator=_per_utterance(seeds)))
+    for name in ("contrastive", "diversity", "feature_penalty"):
+        torch.testing.assert_close(getattr(summed, name), getattr(plain, name))
+    # a sum over two identical "processes" doubles numerator and count alike: still the same means
+    model.set_cross_process_sum_(lambda t: t * 2.0)
+    doubled = model.compute_loss(model(x, lengths, generator=_per_utterance(seeds)))
+    torch.testing.assert_close(doubled.feature_penalty, plain.feature_penalty)
+    torch.testing.assert_close(doubled.diversity, plain.diversity)

@@ -1,7 +1,13 @@
-"""Data parallelism: 2 processes x batch b == 1 process x batch b x accumulation 2.
+"""Data parallelism: 2 processes x batch b == 1 process x batch 2b.
 
 Runs ``accelerate launch --multi_gpu --num_processes 2`` on the CPU (gloo). On a machine without a
 GPU, accelerate forms a process group only with ``--multi_gpu`` (or a MULTI_CPU config file).
+
+What makes the two runs equal: the sampler deals out update groups (two neighbouring per-rank
+batches = one single-process batch), each utterance's mask, distractors and Gumbel noise come from
+its own generator, LayerDrop from one generator per update, the diversity loss's perplexity is
+taken over the code distribution summed over the processes, and the loss is normalised by the
+targets of all processes. Dropout is the one source of randomness drawn per batch, so it is off.
 """
 
 from __future__ import annotations
@@ -28,20 +34,23 @@ def _losses(exp_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(exp_dir) if r["split"] == "train"]
 
 
-def test_two_processes_match_one_process_with_accumulation(
+def test_two_processes_with_batch_b_match_one_process_with_batch_2b(
     tmp_path: Path, tiny_cfg: Callable[..., PretrainConfig], corpus_factory: Callable[..., Path]
 ) -> None:
-    # 16 equal-length utterances, 2 per batch: 8 batches per epoch for either world size, so both
-    # runs see the same batches; LayerDrop 0.5 checks that ranks skip the same blocks under DDP.
+    # 16 equal-length utterances: 2 per process and update under DDP, 4 per update in one process.
+    # LayerDrop 0.5 checks that ranks skip the same blocks under DDP.
     (tmp_path / "audio").mkdir()
     manifest = corpus_factory(tmp_path / "audio", num_files=16, seconds=(1.0, 1.0))
-    overrides = {"context.dropout_p": 0.1, "feature_dropout_p": 0.0, "context.layer_drop_p": 0.5}
+    overrides = {
+        "context.dropout_p": 0.0, "context.attention_dropout_p": 0.0, "feature_dropout_p": 0.0,
+        "context.layer_drop_p": 0.5,
+    }  # fmt: skip
     base = dict(
         model={"preset": "tiny", "overrides": overrides},
         data={"max_sample_size": 16000, "max_tokens": 32000},
         train={"max_steps": 4, "log_interval": 1, "cpu": True},
     )
-    single_cfg = tiny_cfg(manifest, **{**base, "train": {**base["train"], "grad_accum": 2}})
+    single_cfg = tiny_cfg(manifest, **{**base, "data": {**base["data"], "max_tokens": 64000}})
     pretrain(single_cfg, tmp_path / "single")
 
     config_path = tmp_path / "ddp.yaml"
@@ -61,6 +70,9 @@ def test_two_processes_match_one_process_with_accumulation(
     single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
     assert len(single) == len(ddp) == 4
     assert ddp == pytest.approx(single, rel=1e-5)
+    # the diversity loss used the perplexity of both processes' frames, as one process does
+    perplexities = [[r["prob_perplexity"] for r in read_metrics(tmp_path / d) if r["split"] == "train"] for d in ("single", "ddp")]
+    assert perplexities[1] == pytest.approx(perplexities[0], rel=1e-5)
     wa = load_file(str(ckpt.latest_checkpoint(tmp_path / "single" / "checkpoints") / "model.safetensors"))
     wb = load_file(str(ckpt.latest_checkpoint(tmp_path / "ddp" / "checkpoints") / "model.safetensors"))
     for key in wa:

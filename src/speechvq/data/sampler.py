@@ -10,7 +10,15 @@ Per epoch the plan is a pure function of (sizes, max_tokens, seed, epoch, num_re
    multi-item batches in two (nothing is lost or duplicated), falling back to repeating batches
    from the start of the shuffled order only when there are too few items to split; with
    ``drop_last=True`` by dropping the last ``count % num_replicas`` batches of the shuffled order;
-4. shuffle the batch order (``shuffle=True``) and give rank ``r`` batches ``r, r + R, r + 2R, ...``.
+4. group consecutive batches of that length order in ``num_replicas``s (one group per update
+   across ranks), shuffle the order of the groups (``shuffle=True``), and give rank ``r`` batch
+   ``r`` of every group, i.e. batches ``r, r + R, r + 2R, ...`` of the dealt-out plan.
+
+Because the ranks of one update get neighbouring lengths, they wait less for each other; and
+because the plan only groups what one process would cut, R processes with budget b deal out, update
+for update, the same items as one process with budget R * b whenever the per-rank cuts tile the
+single-process ones (e.g. equal lengths with ``max_tokens`` a multiple of the item size). With one
+process the plan is the classic shuffled-batches plan.
 
 Every rank gets the same number of batches, and no item appears on two ranks in one epoch (except
 for the documented repetition fallback of step 3).
@@ -152,8 +160,11 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         rng = self._rng(epoch)
         batches = self._balance(self._cut(self._ordered(rng)))
         if self.shuffle:
-            # keep balance-splitting deterministic: shuffle after the count is fixed
-            batches = [batches[i] for i in rng.permutation(len(batches))]
+            # keep balance-splitting deterministic: shuffle after the count is fixed; shuffle whole
+            # update groups of R neighbouring batches (R = 1: plain batch shuffling)
+            r = self.num_replicas
+            groups = [batches[i : i + r] for i in range(0, len(batches), r)]
+            batches = [b for g in rng.permutation(len(groups)) for b in groups[g]]
         self._plan_cache = (epoch, batches)
         return batches
 

@@ -8,6 +8,8 @@ the inputs assigned to them (VQ-VAE-2), with optional reset of unused ("dead") c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -185,9 +187,16 @@ class KMeansVectorQuantizer(nn.Module):
         normed = normed * weight[None, :, None] + bias[None, :, None]
         return normed.transpose(1, 2)  # (B, D, T) -> (B, T, D)
 
-    def forward(self, x: Tensor, frame_mask: Tensor | None = None) -> QuantizerOutput:
+    def forward(
+        self,
+        x: Tensor,
+        frame_mask: Tensor | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> QuantizerOutput:
         """Quantize ``x`` (``[B, T, C]``); ``frame_mask`` (``[B, T]`` bool, True = valid) selects
-        the frames that count in the losses, the perplexity and the codebook updates."""
+        the frames that count in the losses, the perplexity and the codebook updates.
+        ``generators`` is accepted for interface parity with the Gumbel quantizer; nearest-codeword
+        assignment draws no noise."""
         batch, frames, _ = x.shape
         g = self.num_codebooks
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -1,10 +1,14 @@
 """Span masking and distractor sampling, in torch, on the model's device.
 
 Semantics follow fairseq's ``compute_mask_indices`` (static span lengths) and
-``Wav2Vec2Model.sample_negatives``; randomness comes from an optional ``torch.Generator``.
+``Wav2Vec2Model.sample_negatives``; randomness comes from an optional ``torch.Generator``, or from
+one generator per utterance (the ``*_per_utterance`` variants), which makes an utterance's draws
+independent of the batch it is in.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -110,3 +114,63 @@ def sample_distractors(
     sampled = torch.minimum(sampled, (n_of - 1).clamp(min=0)[:, None])
     distractor_index = target_index[offsets[utt][:, None] + sampled]  # packed -> flat (N, K)
     return target_index, distractor_index
+
+
+def compute_span_mask_per_utterance(
+    lengths: Tensor,
+    max_len: int,
+    *,
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int = 0,
+    require_same_masks: bool = False,
+    generators: Sequence[torch.Generator],
+) -> Tensor:
+    """:func:`compute_span_mask` with one generator per utterance.
+
+    Utterance ``b`` draws only from ``generators[b]`` and only for its own valid frames, so its
+    mask does not depend on the rest of the batch or on the padding (except for the batch-wide
+    trim of ``require_same_masks``, which draws from each row's generator as well).
+    """
+    _check_generators(generators, lengths.numel())
+    rows = []
+    for b, n in enumerate(lengths.tolist()):  # draw over the valid frames only, then pad
+        row = compute_span_mask(
+            lengths[b : b + 1], int(n), mask_prob=mask_prob, mask_length=mask_length,
+            min_masks=min_masks, generator=generators[b],
+        )  # fmt: skip
+        rows.append(torch.nn.functional.pad(row, (0, max_len - int(n))))
+    mask = torch.cat(rows) if rows else torch.zeros(0, max_len, dtype=torch.bool, device=lengths.device)
+    if require_same_masks and rows:
+        keep = int(mask.sum(dim=1).min())
+        trimmed = []
+        for b, n in enumerate(lengths.tolist()):
+            row = _keep_random(mask[b : b + 1, : int(n)], torch.full((1,), keep, device=mask.device), generators[b])
+            trimmed.append(torch.nn.functional.pad(row, (0, max_len - int(n))))
+        mask = torch.cat(trimmed)
+    return mask
+
+
+def sample_distractors_per_utterance(
+    mask: Tensor, num_negatives: int, generators: Sequence[torch.Generator]
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_distractors` with one generator per utterance (same output layout)."""
+    batch, frames = mask.shape
+    _check_generators(generators, batch)
+    targets, distractors = [], []
+    for b in range(batch):
+        # the draws only depend on this row's masked frames (their count and order), not on T
+        t, d = sample_distractors(mask[b : b + 1], num_negatives, generators[b])
+        targets.append(t + b * frames)
+        distractors.append(d + b * frames)
+    if not targets:
+        empty = torch.zeros(0, dtype=torch.long, device=mask.device)
+        return empty, empty.view(0, num_negatives)
+    return torch.cat(targets), torch.cat(distractors)
+
+
+def _check_generators(generators: Sequence[torch.Generator], batch: int) -> None:
+    if len(generators) != batch:
+        raise ValueError(
+            f"`generators` must hold one generator per utterance ({batch}), but holds {len(generators)} instead."
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,9 @@ class QuantizerOutput:
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
-def perplexity(probs: Tensor, frame_mask: Tensor | None) -> Tensor:
+def perplexity(
+    probs: Tensor, frame_mask: Tensor | None, reduce: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Sum over groups of exp(entropy) of the marginal distribution over the selected frames.
 
     The entropy uses ``p * log(max(p, tiny))``: equal to ``xlogy(p, p)`` in value, but its gradient
@@ -44,15 +47,21 @@ def perplexity(probs: Tensor, frame_mask: Tensor | None) -> Tensor:
     Args:
         probs: ``[N, G, V]`` per-frame distributions, fp32.
         frame_mask: ``[N]`` bool, frames to average over; None for all.
+        reduce: sums a tensor over data-parallel processes, with gradient (see
+            :attr:`GumbelVectorQuantizer.reduce_marginal`); None: this process's frames only.
 
     Returns:
         Scalar perplexity (between G and G x V).
     """
-    if frame_mask is None:
-        marginal = probs.mean(dim=0)
-    else:
-        weights = frame_mask.to(probs.dtype)[:, None, None]
-        marginal = (probs * weights).sum(dim=0) / weights.sum().clamp(min=1.0)
+    weights = (
+        frame_mask.to(probs.dtype)[:, None, None]
+        if frame_mask is not None
+        else torch.ones(probs.size(0), 1, 1, dtype=probs.dtype, device=probs.device)
+    )
+    total, count = (probs * weights).sum(dim=0), weights.sum()
+    if reduce is not None:
+        total, count = reduce(total), reduce(count)
+    marginal = total / count.clamp(min=1.0)
     tiny = torch.finfo(marginal.dtype).tiny
     entropy = -(marginal * torch.log(marginal.clamp(min=tiny))).sum(dim=-1)
     return torch.exp(entropy).sum()
@@ -124,6 +133,10 @@ class GumbelVectorQuantizer(nn.Module):
             torch.empty(1, num_books * codebook_size, codevector_dim // num_codebooks)
         )
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.reduce_marginal: Callable[[Tensor], Tensor] | None = None
+        """In training, sums the code distributions over data-parallel processes (with gradient)
+        before the perplexities, so that the diversity loss sees the whole global batch and W
+        processes with batch b train like one process with batch W * b. Set by the trainer."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -154,9 +167,16 @@ class GumbelVectorQuantizer(nn.Module):
         flat = self.codevectors[0][codes + offsets]  # (..., G) -> (..., G, d)
         return flat.flatten(-2)  # (..., G, d) -> (..., G*d)
 
-    def forward(self, x: Tensor, frame_mask: Tensor | None = None) -> QuantizerOutput:
+    def forward(
+        self,
+        x: Tensor,
+        frame_mask: Tensor | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> QuantizerOutput:
         """Quantize ``x`` (``[B, T, C]``); ``frame_mask`` (``[B, T]`` bool, True = counted) selects
-        the frames the perplexities are computed over (the non-padded frames)."""
+        the frames the perplexities are computed over (the non-padded frames). In training the
+        Gumbel noise comes from the global RNG, or with ``generators`` (one per utterance) from
+        utterance ``b``'s generator for its valid frames only."""
         batch, frames, _ = x.shape
         g, v = self.num_codebooks, self.codebook_size
         # Quantizer math in fp32 whatever the autocast context (vector-quantize-pytorch practice).
@@ -169,10 +189,14 @@ class GumbelVectorQuantizer(nn.Module):
             codes = logits.argmax(dim=-1)
             hard = torch.zeros_like(logits).scatter_(-1, codes[:, None], 1.0)
             flat_mask = frame_mask.reshape(-1) if frame_mask is not None else None
-            code_ppl = perplexity(hard.view(batch * frames, g, v), flat_mask)
-            prob_ppl = perplexity(torch.softmax(logits.view(batch * frames, g, v), dim=-1), flat_mask)
+            reduce = self.reduce_marginal if self.training else None
+            code_ppl = perplexity(hard.view(batch * frames, g, v), flat_mask, reduce)
+            prob_ppl = perplexity(torch.softmax(logits.view(batch * frames, g, v), dim=-1), flat_mask, reduce)
             temperature = self.temperature
-            if self.training:
+            if self.training and generators is not None:
+                noise = _gumbel_noise_per_utterance(logits.view(batch, frames, g, v), frame_mask, generators)
+                onehot = _straight_through_gumbel(logits, noise.view_as(logits), temperature)
+            elif self.training:
                 onehot = F.gumbel_softmax(logits, tau=temperature, hard=True)
             else:
                 onehot = hard
@@ -189,6 +213,33 @@ class GumbelVectorQuantizer(nn.Module):
             temperature=temperature,
             num_codes=g * v,
         )
+
+
+def _gumbel_noise_per_utterance(
+    logits: Tensor, frame_mask: Tensor | None, generators: Sequence[torch.Generator]
+) -> Tensor:
+    """``[B, T, G, V]`` Gumbel(0, 1) noise; row ``b`` drawn from ``generators[b]`` for its valid
+    frames (a prefix of the row), zeros on padding."""
+    batch, frames, g, v = logits.shape
+    if len(generators) != batch:
+        raise ValueError(
+            f"`generators` must hold one generator per utterance ({batch}), but holds {len(generators)} instead."
+        )
+    lengths = frame_mask.sum(dim=1).tolist() if frame_mask is not None else [frames] * batch
+    noise = torch.zeros_like(logits)
+    for b, n in enumerate(lengths):
+        gen = generators[b]
+        draw = torch.empty(int(n), g, v, device=gen.device).exponential_(generator=gen)
+        noise[b, : int(n)] = -draw.log().to(noise.device)  # -log(Exp(1)) ~ Gumbel(0, 1)
+    return noise
+
+
+def _straight_through_gumbel(logits: Tensor, noise: Tensor, tau: float) -> Tensor:
+    """Hard Gumbel-softmax sample with the given noise: the forward value is the one-hot argmax,
+    the gradient that of the relaxed sample (what ``F.gumbel_softmax(hard=True)`` computes)."""
+    soft = ((logits + noise) / tau).softmax(dim=-1)
+    hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
+    return hard - soft.detach() + soft
 
 
 def build_quantizer(cfg: QuantizerConfig, input_dim: int, activation: str = "gelu") -> GumbelVectorQuantizer:

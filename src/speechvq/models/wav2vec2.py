@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,12 @@ from speechvq.models.common import lengths_to_padding_mask
 from speechvq.models.context import ContextNetwork, build_context_network
 from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer, build_kmeans_quantizer
-from speechvq.models.masking import compute_span_mask, sample_distractors
+from speechvq.models.masking import (
+    compute_span_mask,
+    compute_span_mask_per_utterance,
+    sample_distractors,
+    sample_distractors_per_utterance,
+)
 from speechvq.models.quantizer import GumbelVectorQuantizer, QuantizerOutput, build_quantizer
 
 
@@ -100,6 +106,16 @@ class Wav2Vec2Model(nn.Module):
         self.quantizer_dropout = nn.Dropout(cfg.quantizer.dropout_p)
         self.project_q = nn.Linear(cfg.codevector_dim, cfg.final_dim)
         self.project_hid = nn.Linear(cfg.context.dim, cfg.final_dim)
+        self.cross_process_sum: Callable[[Tensor], Tensor] | None = None
+
+    def set_cross_process_sum_(self, fn: Callable[[Tensor], Tensor] | None) -> None:
+        """Batch statistics of the loss (the code perplexities of the diversity loss, the feature
+        penalty's mean) are taken over the whole data-parallel batch in training: ``fn`` sums a
+        tensor over the processes with gradient (e.g. ``torch.distributed.nn.functional.all_reduce``).
+        With it, W processes with batch b compute the loss of one process with batch W * b."""
+        self.cross_process_sum = fn
+        if isinstance(self.quantizer, GumbelVectorQuantizer):
+            self.quantizer.reduce_marginal = fn
 
     def set_num_updates_(self, num_updates: int) -> None:
         """Set the update count that anneals the Gumbel temperature."""
@@ -120,7 +136,7 @@ class Wav2Vec2Model(nn.Module):
         *,
         mask: Tensor | None = None,
         distractor_index: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         layer_drop_generator: torch.Generator | None = None,
     ) -> Wav2Vec2Output:
         """The pretraining forward pass.
@@ -131,7 +147,10 @@ class Wav2Vec2Model(nn.Module):
             mask: ``[B, T]`` frames to mask; drawn with :func:`compute_span_mask` if None.
             distractor_index: ``[N, K]`` flat distractor indices (see :func:`sample_distractors`);
                 drawn if None.
-            generator: RNG for the mask and distractors.
+            generator: RNG for the mask and distractors; or one generator per utterance, which
+                then also draws that utterance's Gumbel noise, so that an utterance's mask,
+                distractors and noise do not depend on the rest of the batch (training invariant
+                to how utterances are split over processes).
             layer_drop_generator: RNG for the LayerDrop decisions; seed it identically on every
                 data-parallel rank so that all ranks skip the same blocks.
 
@@ -141,11 +160,20 @@ class Wav2Vec2Model(nn.Module):
         # 1. encode the waveform and normalise + project the features
         features, frame_lengths, padding_mask = self.encode(waveforms, lengths)
         batch, frames, _ = features.shape
-        pen = feature_penalty(features, padding_mask)
+        pen = feature_penalty(features, padding_mask, self.cross_process_sum if self.training else None)
         projected, normed = self.feature_projection(features)
 
         # 2. mask spans of the projected features with the learned mask embedding
-        if mask is None:
+        per_utt = generator is not None and not isinstance(generator, torch.Generator)
+        gens = list(generator) if per_utt else None  # type: ignore[arg-type]
+        single = None if per_utt else generator
+        if mask is None and gens is not None:
+            m = self.cfg.mask
+            mask = compute_span_mask_per_utterance(
+                frame_lengths, frames, mask_prob=m.mask_prob, mask_length=m.mask_length,
+                min_masks=m.min_masks, require_same_masks=m.require_same_masks, generators=gens,
+            )  # fmt: skip
+        elif mask is None:
             m = self.cfg.mask
             mask = compute_span_mask(
                 frame_lengths,
@@ -154,7 +182,7 @@ class Wav2Vec2Model(nn.Module):
                 mask_length=m.mask_length,
                 min_masks=m.min_masks,
                 require_same_masks=m.require_same_masks,
-                generator=generator,
+                generator=single,
             )
         masked = torch.where(mask[..., None], self.mask_embedding.to(projected.dtype), projected)
 
@@ -163,11 +191,15 @@ class Wav2Vec2Model(nn.Module):
 
         # 4. quantize the (unmasked) normalised features; perplexities over the valid frames
         valid = ~padding_mask if padding_mask is not None else None
-        q = self.quantizer(self.quantizer_dropout(normed), valid)
+        q = self.quantizer(self.quantizer_dropout(normed), valid, generators=gens)
 
         # 5. project predictions and targets of the masked frames only to the final dim
-        if distractor_index is None:
-            target_index, distractor_index = sample_distractors(mask, self.cfg.loss.num_negatives, generator)
+        if distractor_index is None and gens is not None:
+            target_index, distractor_index = sample_distractors_per_utterance(
+                mask, self.cfg.loss.num_negatives, gens
+            )
+        elif distractor_index is None:
+            target_index, distractor_index = sample_distractors(mask, self.cfg.loss.num_negatives, single)
         else:
             target_index = mask.reshape(-1).nonzero().squeeze(-1)
         predictions = self.project_hid(ctx.last_hidden_state.reshape(batch * frames, -1)[target_index])

@@ -10,12 +10,15 @@ accumulated batch; after the last one the target count N is summed over batches 
 / N whatever the split over ranks and accumulation steps.
 
 Randomness, documented once: before each batch the global RNGs are seeded from (seed, update
-attempt, global batch slot), as fairseq seeds each update, and the task gets a generator seeded the
-same way. Masks, distractors, dropout and Gumbel noise are then a function of the step and data
-only, which makes resume exact and makes W ranks with accumulation A equal one rank with
-accumulation W * A. The task also gets a generator seeded from (seed, attempt) identically on every
-rank and batch of an update: wav2vec 2.0 pretraining draws LayerDrop from it, so all ranks skip the
-same blocks (DDP still needs ``find_unused_parameters`` for the skipped blocks' weights).
+attempt, global batch slot), as fairseq seeds each update (dropout draws from them), and the task
+gets a generator seeded the same way. The task also gets a generator seeded from (seed, attempt)
+identically on every rank and batch of an update: wav2vec 2.0 pretraining draws LayerDrop from it,
+so all ranks skip the same blocks (DDP still needs ``find_unused_parameters`` for the skipped
+blocks' weights), and derives from its seed one generator per utterance (with the utterance's
+dataset index) for masks, distractors and Gumbel noise. Everything is a function of the step and
+the data only, which makes resume exact; with per-utterance draws and cross-process batch
+statistics (see :meth:`~speechvq.models.wav2vec2.Wav2Vec2Model.set_cross_process_sum_`), W ranks
+with batch b equal one rank with batch W * b apart from dropout.
 """
 
 from __future__ import annotations

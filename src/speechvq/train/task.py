@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
+import torch.distributed.nn
 import yaml
 from torch import Tensor, nn
 
@@ -130,6 +132,7 @@ class Wav2Vec2PretrainTask:
         self.usage = torch.zeros(*self.model_cfg.codebook_shape, dtype=torch.long)
         self.temperature = float("nan")
         self.history: list[dict[str, float]] = []
+        self._world = 1
 
     def config_yaml(self) -> str:
         return dump_config(self.cfg)
@@ -142,6 +145,8 @@ class Wav2Vec2PretrainTask:
         return self._model if self._model is not None else build_wav2vec2(self.model_cfg)
 
     def open_data(self, path: str, *, train: bool, num_replicas: int, rank: int) -> DataParts:
+        if train:
+            self._world = num_replicas
         d = self.cfg.data
         try:
             ds = AudioDataset(
@@ -199,8 +204,18 @@ class Wav2Vec2PretrainTask:
         generator: torch.Generator,
         update_generator: torch.Generator,
     ) -> tuple[Tensor, dict[str, float]]:
-        # masks, distractors, dropout and Gumbel noise draw from the global RNG the loop seeded
-        out = module(batch.waveforms, batch.lengths, layer_drop_generator=update_generator)
+        # Masks, distractors and Gumbel noise: one generator per utterance, seeded from the update
+        # and the utterance's dataset index, so they do not depend on how the update's utterances
+        # are split over processes and batches. Dropout draws from the global RNG the loop seeded.
+        if self._world > 1 and model.cross_process_sum is None:
+            model.set_cross_process_sum_(_sum_over_processes)
+        device = batch.waveforms.device
+        base = update_generator.initial_seed()
+        gens = [
+            torch.Generator(device=device).manual_seed(_utterance_seed(base, int(i)))
+            for i in batch.indices.tolist()
+        ]
+        out = module(batch.waveforms, batch.lengths, generator=gens, layer_drop_generator=update_generator)
         self.usage += _code_counts(out, *self.usage.shape)
         self.temperature = float(out.quantizer.temperature)
         return self._stats(model, out, batch)
@@ -248,6 +263,17 @@ class Wav2Vec2PretrainTask:
         from speechvq.io import save_pretrained
 
         save_pretrained(model, directory)
+
+
+def _utterance_seed(update_seed: int, index: int) -> int:
+    """Seed of one utterance's randomness in one update (a SeedSequence hash of both)."""
+    state = np.random.SeedSequence([int(update_seed), 1_000_033, int(index)]).generate_state(1, np.uint64)
+    return int(state[0] % (2**63))
+
+
+def _sum_over_processes(tensor: Tensor) -> Tensor:
+    """Sum over the data-parallel processes, differentiably (the gradient is summed back)."""
+    return torch.distributed.nn.functional.all_reduce(tensor)
 
 
 def _code_counts(out: Wav2Vec2Output, num_codebooks: int, codebook_size: int) -> Tensor:
