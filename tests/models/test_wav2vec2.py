@@ -165,7 +165,7 @@ def test_per_utterance_generators_make_an_utterance_independent_of_its_batch(wav
             torch.testing.assert_close(batched.logits[rows], alone.logits, atol=1e-4, rtol=1e-4)
             assert torch.equal(batched.distractor_index[rows] - i * batched.mask.size(1), alone.distractor_index)
         # a different generator for one utterance changes that utterance's mask only
-        other = model(x, lengths, generator=_per_utterance([99] + seeds[1:]))
+        other = model(x, lengths, generator=_per_utterance([99, *seeds[1:]]))
         assert not torch.equal(other.mask[0], batched.mask[0])
         assert torch.equal(other.mask[1:], batched.mask[1:])
 
