@@ -163,7 +163,9 @@ def test_per_utterance_generators_make_an_utterance_independent_of_its_batch(wav
             assert torch.equal(batched.quantizer.codes[i, :t], alone.quantizer.codes[0])
             rows = slice(offsets[i], offsets[i] + counts[i])
             torch.testing.assert_close(batched.logits[rows], alone.logits, atol=1e-4, rtol=1e-4)
-            assert torch.equal(batched.distractor_index[rows] - i * batched.mask.size(1), alone.distractor_index)
+            assert torch.equal(
+                batched.distractor_index[rows] - i * batched.mask.size(1), alone.distractor_index
+            )
         # a different generator for one utterance changes that utterance's mask only
         other = model(x, lengths, generator=_per_utterance([99, *seeds[1:]]))
         assert not torch.equal(other.mask[0], batched.mask[0])

@@ -71,7 +71,10 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(
     assert len(single) == len(ddp) == 4
     assert ddp == pytest.approx(single, rel=1e-5)
     # the diversity loss used the perplexity of both processes' frames, as one process does
-    perplexities = [[r["prob_perplexity"] for r in read_metrics(tmp_path / d) if r["split"] == "train"] for d in ("single", "ddp")]
+    perplexities = [
+        [r["prob_perplexity"] for r in read_metrics(tmp_path / d) if r["split"] == "train"]
+        for d in ("single", "ddp")
+    ]
     assert perplexities[1] == pytest.approx(perplexities[0], rel=1e-5)
     wa = load_file(str(ckpt.latest_checkpoint(tmp_path / "single" / "checkpoints") / "model.safetensors"))
     wb = load_file(str(ckpt.latest_checkpoint(tmp_path / "ddp" / "checkpoints") / "model.safetensors"))

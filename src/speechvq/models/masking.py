@@ -145,7 +145,9 @@ def compute_span_mask_per_utterance(
         keep = int(mask.sum(dim=1).min())
         trimmed = []
         for b, n in enumerate(lengths.tolist()):
-            row = _keep_random(mask[b : b + 1, : int(n)], torch.full((1,), keep, device=mask.device), generators[b])
+            row = _keep_random(
+                mask[b : b + 1, : int(n)], torch.full((1,), keep, device=mask.device), generators[b]
+            )
             trimmed.append(torch.nn.functional.pad(row, (0, max_len - int(n))))
         mask = torch.cat(trimmed)
     return mask
