@@ -42,6 +42,13 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("Pretraining run: schedule", "speechvq.train.config:ScheduleSection", "`schedule:`"),
     ("Pretraining run: training", "speechvq.train.config:TrainSection", "`train:`"),
     ("Pretraining run: diagnostics", "speechvq.train.config:DiagnosticsSection", "`diagnostics:`"),
+    (
+        "CTC over unit-BERT features",
+        "speechvq.units.ctc:UnitCtcRunConfig",
+        "A `speechvq finetune-ctc --init UNIT_BERT --config` YAML (e.g. `conf/finetune_units_small_cpu.yaml`).",
+    ),
+    ("CTC over unit-BERT features: model", "speechvq.units.ctc:UnitCtcModelSection", "`model:`"),
+    ("CTC over unit-BERT features: data", "speechvq.units.ctc:UnitCtcDataSection", "`data:`"),
 ]
 
 
