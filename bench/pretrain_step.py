@@ -90,12 +90,15 @@ def speechvq_step_fn(cfg, x, lengths, precision: str) -> tuple[Callable[[], floa
     torch.manual_seed(0)
     model = build_wav2vec2(cfg).train()
     optim = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
-    gen = torch.Generator().manual_seed(0)
+    counter = iter(range(10**9))
 
     def step() -> float:
+        # one generator per utterance, as the trainer draws masks, distractors and Gumbel noise
+        k = next(counter)
+        gens = [torch.Generator().manual_seed(1000 * k + i) for i in range(x.size(0))]
         optim.zero_grad(set_to_none=True)
         with autocast(precision):
-            out = model(x, lengths, generator=gen)
+            out = model(x, lengths, generator=gens)
             loss = model.compute_loss(out)
         (loss.total / loss.num_targets).backward()
         optim.step()
@@ -187,8 +190,21 @@ def fairseq_step_fn(cfg, x, lengths, precision: str):
         num_negatives=cfg.loss.num_negatives,
         cross_sample_negatives=0,
         logit_temp=cfg.loss.logit_temp,
-        feature_grad_mult=1.0,
+        feature_grad_mult=e.grad_mult,
+        quantize_targets=True,  # fairseq's default is False: without it there is no quantizer
     )
+    # fairseq writes its fp32 mask embedding into bf16 activations with index_put, which fails
+    # under autocast ("Index put requires the source and destination dtypes match"); cast it.
+    import fairseq.models.wav2vec.wav2vec2 as fs_w2v2
+
+    if not getattr(fs_w2v2.index_put, "_bench_cast", False):
+        original = fs_w2v2.index_put
+
+        def index_put(tensor, indices, value):
+            return original(tensor, indices, value.to(tensor.dtype) if torch.is_tensor(value) else value)
+
+        index_put._bench_cast = True  # type: ignore[attr-defined]
+        fs_w2v2.index_put = index_put
     torch.manual_seed(0)
     model = FSModel(fs_cfg).train()
     optim = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6)

@@ -91,3 +91,19 @@ def test_pretrain_warns_on_a_collapsed_quantizer_and_not_on_a_healthy_run(
     assert "codebook_collapse" in collapsed.warnings
     assert "trivial_task" in collapsed.warnings
     assert collapsed.last_train["code_perplexity"] < 2.5
+
+
+def test_code_persistence_counts_equal_consecutive_codes_over_valid_frames() -> None:
+    from types import SimpleNamespace
+
+    from speechvq.train.task import _code_persistence_sums
+
+    codes = torch.tensor(
+        [
+            [[1, 2], [1, 2], [1, 3], [1, 3], [0, 0]],  # pairs: same, differ, same, (padding)
+            [[4, 4], [4, 4], [4, 4], [5, 4], [5, 4]],  # same, same, differ, same
+        ]
+    )
+    out = SimpleNamespace(quantizer=SimpleNamespace(codes=codes), lengths=torch.tensor([4, 5]))
+    sums = _code_persistence_sums(out)
+    assert sums == {"same_code_pairs": 5.0, "frame_pairs": 7.0}

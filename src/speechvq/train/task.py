@@ -118,7 +118,7 @@ class Wav2Vec2PretrainTask:
     name = "pretrain"
     stat_names = ("loss", "contrastive", "diversity", "feature_penalty", "targets", "correct", "counted",
                   "code_perplexity", "prob_perplexity", "batches", "masked_frames", "frames", "samples",
-                  "nonfinite")  # fmt: skip
+                  "same_code_pairs", "frame_pairs", "nonfinite")  # fmt: skip
     eval_stat_names = stat_names
     lower_is_better = True
     export_name = "best_model"  # a speechvq model dir (save_pretrained) for units, convert, --init
@@ -190,6 +190,7 @@ class Wav2Vec2PretrainTask:
             batches=1.0,
             masked_frames=float(out.mask.sum()),
             frames=float(out.lengths.sum()),
+            **_code_persistence_sums(out),
             samples=float(batch.lengths.sum()),
         )
         s["nonfinite"] = 0.0 if math.isfinite(s["loss"]) else 1.0
@@ -231,6 +232,7 @@ class Wav2Vec2PretrainTask:
         rec["code_perplexity"] = sums["code_perplexity"] / b
         rec["prob_perplexity"] = sums["prob_perplexity"] / b
         rec["masked_fraction"] = sums["masked_frames"] / max(sums["frames"], 1.0)
+        rec["code_persistence"] = sums["same_code_pairs"] / max(sums["frame_pairs"], 1.0)
         rec["targets_per_update"] = n
         return rec
 
@@ -274,6 +276,20 @@ def _utterance_seed(update_seed: int, index: int) -> int:
 def _sum_over_processes(tensor: Tensor) -> Tensor:
     """Sum over the data-parallel processes, differentiably (the gradient is summed back)."""
     return torch.distributed.nn.functional.all_reduce(tensor)
+
+
+def _code_persistence_sums(out: Wav2Vec2Output) -> dict[str, float]:
+    """Consecutive valid frame pairs, and how many of them have the same code in every group.
+
+    Their ratio, ``code_persistence``, says how predictable the targets are from their neighbours:
+    about 1/V at a random initialisation (the random encoder's features vary from frame to frame),
+    rising as the features become phonetic. A run whose contrastive loss sits at chance with a
+    flat persistence has targets that no context can predict yet.
+    """
+    codes = out.quantizer.codes.detach()  # (B, T, G)
+    same = (codes[:, 1:] == codes[:, :-1]).all(dim=-1)  # (B, T-1)
+    valid = torch.arange(1, codes.size(1), device=codes.device)[None, :] < out.lengths[:, None]
+    return {"same_code_pairs": float((same & valid).sum()), "frame_pairs": float(valid.sum())}
 
 
 def _code_counts(out: Wav2Vec2Output, num_codebooks: int, codebook_size: int) -> Tensor:
