@@ -18,7 +18,20 @@ BASE_CONV_LAYERS: tuple[ConvSpec, ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + 
 
 @dataclass(kw_only=True)
 class FeatureEncoderConfig:
-    """The raw-waveform CNN feature encoder (fairseq ``conv_feature_layers``)."""
+    """The feature encoder: the raw-waveform CNN (fairseq ``conv_feature_layers``), or a log-mel
+    filterbank front end (fairseq2's fbank extractor) for small compute budgets."""
+
+    kind: Literal["conv", "fbank"] = "conv"
+    """``conv``: the raw-waveform CNN of the paper (the fields below). ``fbank``: parameter-free
+    per-utterance normalised log-mel frames (``num_mels`` x ``fbank_stack``, 20 ms frames with a
+    stack of 2); the context network learns from the first updates, see
+    :mod:`speechvq.models.fbank`. Only ``conv`` models convert to transformers and fairseq."""
+
+    num_mels: int = 80
+    """``fbank``: mel channels per 10 ms frame."""
+
+    fbank_stack: int = 2
+    """``fbank``: 10 ms frames concatenated into one output frame."""
 
     conv_layers: tuple[ConvSpec, ...] = BASE_CONV_LAYERS
     """(channels, kernel, stride) per layer. The default gives 49 Hz frames (stride 320 samples)
@@ -50,14 +63,24 @@ class FeatureEncoderConfig:
             )
         if self.grad_mult < 0:
             raise ValueError(f"`grad_mult` must be >= 0, but is {self.grad_mult} instead.")
+        if self.kind not in ("conv", "fbank"):
+            raise ValueError(f"`kind` must be 'conv' or 'fbank', but is {self.kind!r} instead.")
+        if self.num_mels < 1 or self.fbank_stack < 1:
+            raise ValueError(
+                f"`num_mels` and `fbank_stack` must be >= 1, but are {self.num_mels} and {self.fbank_stack} instead."
+            )
 
     @property
     def out_channels(self) -> int:
+        if self.kind == "fbank":
+            return self.num_mels * self.fbank_stack
         return self.conv_layers[-1][0]
 
     @property
     def stride(self) -> int:
-        """Samples per output frame (product of the strides)."""
+        """Samples per output frame (product of the strides; 160 x stack for ``fbank``)."""
+        if self.kind == "fbank":
+            return 160 * self.fbank_stack
         total = 1
         for _, _, s in self.conv_layers:
             total *= s

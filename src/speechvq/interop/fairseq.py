@@ -661,6 +661,10 @@ def speechvq_to_fairseq(model: nn.Module) -> dict[str, Any]:
             f"but is {type(model).__name__} instead."
         )
     cfg = model.cfg
+    if cfg.encoder.kind != "conv":
+        raise UserInputError(
+            f"`model.encoder.kind` must be 'conv' to export to fairseq, but is {cfg.encoder.kind!r} instead."
+        )
     if cfg.quantizer_type != "gumbel" or cfg.quantizer.combine_groups:
         raise UserInputError(
             "`model` must use fairseq's Gumbel quantizer (no k-means, no shared codebooks) to export."

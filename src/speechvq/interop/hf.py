@@ -86,6 +86,11 @@ def hf_config_from_speechvq(cfg: Wav2Vec2Config, num_updates: int = 0) -> Any:
     from transformers import Wav2Vec2Config as HFConfig
 
     e, c, q, m, loss = cfg.encoder, cfg.context, cfg.quantizer, cfg.mask, cfg.loss
+    if e.kind != "conv":
+        raise UserInputError(
+            f"`model.encoder.kind` must be 'conv' to convert to transformers (its wav2vec 2.0 has only the "
+            f"raw-waveform CNN), but is {e.kind!r} instead; keep the speechvq format (save_pretrained)."
+        )
     return HFConfig(
         conv_dim=[ch for ch, _, _ in e.conv_layers],
         conv_kernel=[k for _, k, _ in e.conv_layers],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -146,6 +148,11 @@ class ConvFeatureEncoder(nn.Module):
         """Samples that the first frame depends on (the minimum input length)."""
         return receptive_field(self.conv_layers)
 
+    @property
+    def frame_stride(self) -> int:
+        """Samples between consecutive output frames (product of the strides)."""
+        return math.prod(s for _, _, s in self.conv_layers)
+
     def output_lengths(self, lengths: Tensor) -> Tensor:
         """``[B]`` samples -> ``[B]`` frames (see :func:`conv_output_lengths`)."""
         return conv_output_lengths(lengths, self.conv_layers)
@@ -180,7 +187,11 @@ class ConvFeatureEncoder(nn.Module):
 
 
 def build_feature_encoder(cfg: FeatureEncoderConfig) -> ConvFeatureEncoder:
-    """Build the conv feature encoder of ``cfg``."""
+    """Build the feature encoder of ``cfg``: the CNN, or the log-mel front end for ``kind: fbank``."""
+    if cfg.kind == "fbank":
+        from speechvq.models.fbank import FbankFeatureEncoder
+
+        return FbankFeatureEncoder(num_mels=cfg.num_mels, stack=cfg.fbank_stack)  # type: ignore[return-value]
     layers = []
     in_channels = 1
     for i, (channels, kernel, stride) in enumerate(cfg.conv_layers):

@@ -31,8 +31,12 @@ SAMPLE_RATE = 16000
 
 
 def frame_stride_samples(model: nn.Module) -> int:
-    """Samples between consecutive frames of ``model`` (product of its encoder's conv strides)."""
+    """Samples between consecutive frames of ``model`` (its encoder's ``frame_stride``, or the
+    product of its conv strides)."""
     m: Any = model
+    stride = getattr(m.feature_encoder, "frame_stride", None)
+    if stride is not None:
+        return int(stride)
     strides: list[int] = [int(s) for _, _, s in m.feature_encoder.conv_layers]
     return math.prod(strides)
 
