@@ -62,6 +62,9 @@ class FinetuneModelSection:
 
     preset: str = "base"
     """Architecture when training from scratch (``--init none``); ignored otherwise."""
+    encoder_kind: Literal["conv", "fbank"] | None = None
+    """Front end when training from scratch (``model.encoder.kind``; None: the preset's), so that a
+    from-scratch baseline can match a pretrained model's architecture; ignored with ``--init``."""
     freeze_updates: int = 10000
     """Updates during which only the output layer trains (fairseq ``freeze_finetune_updates``)."""
     dropout_p: float = 0.0
@@ -160,7 +163,7 @@ class FinetuneConfig:
 
     def settings(self) -> dict[str, Any]:
         """Keyword settings for :func:`ctc_config_from_wav2vec2`."""
-        model = {k: v for k, v in dataclasses.asdict(self.model).items() if k != "preset"}
+        model = {k: v for k, v in dataclasses.asdict(self.model).items() if k not in ("preset", "encoder_kind")}
         return {**model, "mask": dataclasses.asdict(self.mask)}
 
 
@@ -281,7 +284,10 @@ class CtcTask:
         settings = cfg.settings()
         if init is None:
             self._pretrained = None
-            self.ctc_cfg = ctc_config_from_wav2vec2(preset(cfg.model.preset), len(self.vocab), **settings)
+            arch = preset(cfg.model.preset)
+            if cfg.model.encoder_kind is not None:
+                arch.encoder = dataclasses.replace(arch.encoder, kind=cfg.model.encoder_kind)
+            self.ctc_cfg = ctc_config_from_wav2vec2(arch, len(self.vocab), **settings)
             self.ctc_cfg = dataclasses.replace(
                 self.ctc_cfg,
                 encoder=dataclasses.replace(self.ctc_cfg.encoder, grad_mult=1.0),
