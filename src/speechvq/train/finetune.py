@@ -163,7 +163,9 @@ class FinetuneConfig:
 
     def settings(self) -> dict[str, Any]:
         """Keyword settings for :func:`ctc_config_from_wav2vec2`."""
-        model = {k: v for k, v in dataclasses.asdict(self.model).items() if k not in ("preset", "encoder_kind")}
+        model = {
+            k: v for k, v in dataclasses.asdict(self.model).items() if k not in ("preset", "encoder_kind")
+        }
         return {**model, "mask": dataclasses.asdict(self.mask)}
 
 
