@@ -15,6 +15,7 @@ from speechvq.cli import main
 from speechvq.config import wav2vec2_tiny
 from speechvq.data.manifest import ManifestItem, write_manifest
 from speechvq.io import save_pretrained
+from speechvq.models.ctc import load_ctc_pretrained
 from speechvq.models.wav2vec2 import build_wav2vec2
 from speechvq.train import checkpoint as ckpt
 from speechvq.train.config import load_config
@@ -211,3 +212,13 @@ def test_finetune_two_processes_match_one_process_with_accumulation(tmp_path: Pa
     wb = load_file(str(ckpt.latest_checkpoint(tmp_path / "ddp" / "checkpoints") / "model.safetensors"))
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_finetune_from_scratch_with_the_log_mel_front_end(toy_manifest: Path, tmp_path: Path) -> None:
+    # model.encoder_kind gives a from-scratch baseline the architecture of a log-mel pretrained model
+    path = _config(tmp_path, model={"encoder_kind": "fbank"}, train={"max_steps": 2, "valid_interval": 1000})
+    cfg = load_config(path, [f"data.train={toy_manifest}"], FinetuneConfig)
+    finetune(cfg, None, tmp_path / "exp")
+    model, _ = load_ctc_pretrained(tmp_path / "exp" / "best_model")
+    assert model.cfg.encoder.kind == "fbank"
+    assert sum(p.numel() for p in model.feature_encoder.parameters()) == 0
