@@ -53,15 +53,17 @@ SECTIONS: list[tuple[str, str, str]] = [
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the docstring directly under its annotated assignment in the class body."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    """Field name -> the docstring directly under its annotated assignment in the class body (of
+    ``cls`` or of the dataclass it inherits the field from)."""
     docs: dict[str, str] = {}
-    for node, following in zip(body, [*body[1:], None]):
-        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-        if is_field and is_doc and isinstance(following.value.value, str):  # type: ignore[union-attr]
-            docs[node.target.id] = inspect.cleandoc(following.value.value)  # type: ignore[union-attr]
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, following in zip(body, [*body[1:], None]):
+            is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+            if is_field and is_doc and isinstance(following.value.value, str):  # type: ignore[union-attr]
+                docs[node.target.id] = inspect.cleandoc(following.value.value)  # type: ignore[union-attr]
     return docs
 
 

@@ -100,11 +100,9 @@ class MaskSection:
 
 
 @dataclass(kw_only=True)
-class FinetuneDataSection:
-    """Labelled data, vocabulary and batching."""
+class LabelSection:
+    """Where the transcripts are and what the model outputs (shared by every CTC data section)."""
 
-    train: str = ""
-    """Training manifest (TSV) or dataset directory."""
     valid: str | None = None
     """Validation manifest; None disables validation (the last checkpoint is then exported)."""
     labels: Literal["ltr", "wrd"] = "ltr"
@@ -115,6 +113,14 @@ class FinetuneDataSection:
     """Sentencepiece vocabulary size (an upper bound on a small corpus)."""
     sentencepiece_model_type: Literal["unigram", "bpe"] = "unigram"
     """Sentencepiece algorithm."""
+
+
+@dataclass(kw_only=True)
+class FinetuneDataSection(LabelSection):
+    """Labelled data, vocabulary and batching."""
+
+    train: str = ""
+    """Training manifest (TSV) or dataset directory."""
     sample_rate: int = 16000
     """Sample rate the audio is resampled to."""
     max_tokens: int = 3200000

@@ -60,7 +60,14 @@ from speechvq.losses_ctc import ctc_loss
 from speechvq.metrics_asr import char_errors, word_errors
 from speechvq.text.vocab import Vocabulary
 from speechvq.train.config import OptimSection, TrainSection
-from speechvq.train.finetune import VOCAB_NAME, CtcTask, FinetuneScheduleSection, _lists, _text
+from speechvq.train.finetune import (
+    VOCAB_NAME,
+    CtcTask,
+    FinetuneScheduleSection,
+    LabelSection,
+    _lists,
+    _text,
+)
 from speechvq.train.task import DataParts
 from speechvq.units.bert import (
     BASE_DICT_NAME,
@@ -157,25 +164,15 @@ class UnitBertCtcConfig(UnitCtcModelSection):
 
 
 @dataclass(kw_only=True)
-class UnitCtcDataSection:
+class UnitCtcDataSection(LabelSection):
     """Labelled units: manifests (for the labels and the utterance order), units, vocabulary, batching."""
 
     train: str = ""
     """Training manifest; its ``.ltr``/``.wrd`` label file lies beside it."""
-    valid: str | None = None
-    """Validation manifest; None disables validation (the last checkpoint is then exported)."""
     train_units: str = ""
     """Units of the training manifest (``speechvq export-units`` directory, same order)."""
     valid_units: str | None = None
     """Units of the validation manifest."""
-    labels: Literal["ltr", "wrd"] = "ltr"
-    """Label file beside each manifest: ``ltr`` (fairseq letters, ``|`` ends a word) or ``wrd`` (words)."""
-    vocab: Literal["letters", "sentencepiece"] = "letters"
-    """Output units: letters, or a sentencepiece model trained on the training transcripts."""
-    sentencepiece_vocab_size: int = 1000
-    """Sentencepiece vocabulary size (an upper bound on a small corpus)."""
-    sentencepiece_model_type: Literal["unigram", "bpe"] = "unigram"
-    """Sentencepiece algorithm."""
     max_tokens: int = 20000
     """Frames per batch per process, padding included."""
     num_workers: int = 0
