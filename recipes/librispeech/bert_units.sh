@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The vq-wav2vec pipeline: export units -> fit k-means -> unit quality -> BERT over units.
+# The vq-wav2vec pipeline: fit k-means -> export units -> BERT over units -> CTC on BERT features.
 #
 #   ./bert_units.sh --model exp/pretrain_base/best_model --layer 6 --k 500
 #   ./bert_units.sh --dry-run true
@@ -18,6 +18,9 @@ k=500
 percent=10                   # of the training frames used to fit k-means
 kind=kmeans                  # kmeans | codes (the quantizer's own codes)
 bert_config=../../conf/unit_bert_base.yaml
+ctc_config=../../conf/finetune_units_small_cpu.yaml   # CTC head on BERT features (scale it up for LibriSpeech)
+ctc_train_subset=$train_subset                    # labelled subset the CTC head trains on (units exported in stage 1)
+ctc_valid_subset=dev-other
 exp_dir=exp/units
 extra_set=""
 . ../../tools/parse_options.sh || exit 1
@@ -48,4 +51,12 @@ if stage_begin 2 "BERT over units"; then
   stage_end 2
 fi
 
-log "Done. Units in $exp_dir/<subset>/units.txt, BERT in $exp_dir/bert/best_model"
+if stage_begin 3 "CTC on BERT features (${ctc_train_subset})"; then
+  run speechvq finetune-ctc --config "$ctc_config" --init "$exp_dir/bert" \
+    --train "$data_dir/manifests/$ctc_train_subset.tsv" --units "$exp_dir/$ctc_train_subset" \
+    --valid "$data_dir/manifests/$ctc_valid_subset.tsv" --valid-units "$exp_dir/$ctc_valid_subset" \
+    --exp-dir "$exp_dir/ctc"
+  stage_end 3
+fi
+
+log "Done. Units in $exp_dir/<subset>/units.txt, BERT in $exp_dir/bert/best_model, CTC in $exp_dir/ctc/best_model"

@@ -49,8 +49,8 @@ def _speechvq_commands(stderr: str) -> list[list[str]]:
             {"pretrain", "plot"},
         ),
         ("finetune_ctc.sh", ["--lm", "lm.arpa"], {"finetune-ctc", "transcribe"}),
-        ("bert_units.sh", [], {"fit-kmeans", "export-units", "pretrain-unit-bert"}),
-        ("bert_units.sh", ["--kind", "codes"], {"export-units", "pretrain-unit-bert"}),
+        ("bert_units.sh", [], {"fit-kmeans", "export-units", "pretrain-unit-bert", "finetune-ctc"}),
+        ("bert_units.sh", ["--kind", "codes"], {"export-units", "pretrain-unit-bert", "finetune-ctc"}),
     ],
 )
 def test_every_stage_dry_runs_with_valid_commands(script, args, expected, tmp_path):
