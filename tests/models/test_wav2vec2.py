@@ -190,3 +190,23 @@ def test_cross_process_sum_identity_leaves_the_loss_unchanged(waves):
     doubled = model.compute_loss(model(x, lengths, generator=_per_utterance(seeds)))
     torch.testing.assert_close(doubled.feature_penalty, plain.feature_penalty)
     torch.testing.assert_close(doubled.diversity, plain.diversity)
+
+
+@pytest.mark.parametrize(("kernel", "stride"), [(10, 5), (3, 2), (2, 2), (4, 1)])
+def test_conv_block_matches_conv1d_in_output_and_gradients(kernel, stride):
+    # the encoder's im2col matmul (kernel-major columns, custom backward) is nn.Conv1d
+    from speechvq.models.encoder import ConvLayerBlock
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 5, kernel, stride=stride, bias=True)
+    block = ConvLayerBlock(conv, None)
+    x = torch.randn(3, 41, 6, requires_grad=True)
+    out, _ = block(x, None)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.gelu(conv(ref_x.transpose(1, 2))).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, conv.weight, conv.bias], upstream)
+    ref_grads = torch.autograd.grad(ref, [ref_x, conv.weight, conv.bias], upstream)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
