@@ -66,6 +66,12 @@ def save_pretrained(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     save_file(state_dict_for_save(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return replace_directory(tmp, target)
+
+
+def replace_directory(tmp: Path, target: Path) -> Path:
+    """Move the fully written directory ``tmp`` to ``target`` with renames only, so that a reader
+    sees the old or the new directory, never a half-written one; returns ``target``."""
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         os.replace(target, old)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 from speechvq.commands._run_args import add_run_arguments, run_training
 
@@ -76,12 +77,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_training(
         "finetune-ctc", lambda: finetune(cfg, init, args.exp_dir, require_resume=args.resume)
     )
-    if summary is None:
-        return 1
-    if summary.main_process and summary.last_valid:
-        v = summary.last_valid
-        logger.info("done at step %d: valid WER %.4f, CER %.4f", summary.step, v["wer"], v["cer"])
-    return 0
+    return _report(summary)
 
 
 def _unit_bert_front_end(init: str | None, args: argparse.Namespace) -> bool:
@@ -111,6 +107,11 @@ def _run_unit_bert(args: argparse.Namespace, overrides: list[str]) -> int:
         "finetune-ctc",
         lambda: finetune_unit_bert_ctc(cfg, args.init, args.exp_dir, require_resume=args.resume),
     )
+    return _report(summary)
+
+
+def _report(summary: Any) -> int:
+    """Exit code of a run, and its final validation WER/CER on the main process."""
     if summary is None:
         return 1
     if summary.main_process and summary.last_valid:

@@ -76,7 +76,6 @@ class FbankFeatureEncoder(nn.Module):
         )
         self.register_buffer("window", window, persistent=False)
         self.register_buffer("filters", filters, persistent=False)
-        self.grad_mult = 0.0  # no parameters: nothing to scale
 
     @property
     def out_channels(self) -> int:

@@ -107,6 +107,11 @@ class Wav2VecFeatureEncoder(nn.Module):
     def receptive_field(self) -> int:
         return receptive_field(self.conv_layers)
 
+    @property
+    def frame_stride(self) -> int:
+        """Samples between consecutive output frames (product of the strides)."""
+        return math.prod(s for _, _, s in self.conv_layers)
+
     def output_lengths(self, lengths: Tensor) -> Tensor:
         return conv_output_lengths(lengths, self.conv_layers)
 

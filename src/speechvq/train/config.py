@@ -236,7 +236,7 @@ class PretrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A YAML-safe dict (tuples become lists)."""
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def model_config(self) -> Wav2Vec2Config:
         """The :class:`Wav2Vec2Config` this run trains."""
@@ -275,11 +275,12 @@ class PretrainConfig:
             raise UserInputError(f"`model` is not a valid model config: {err}") from err
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """Dicts, lists and tuples (as lists) of scalars: a YAML/JSON-safe copy of a dataclass dict."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
@@ -399,7 +400,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = Pret
             raise UserInputError(
                 f"--set {text}: `{key}` must be <section>.<field> with a section in {sorted(sections)}"
             )
-        defaults = _plain(dataclasses.asdict(cls()))
+        defaults = plain(dataclasses.asdict(cls()))
         _set_dotted(defaults, key, value, where=f"--set {text}")  # checks that the field exists
         section = data.setdefault(parts[0], {}) or {}
         data[parts[0]] = section

@@ -47,7 +47,7 @@ from speechvq.models.ctc import (
 from speechvq.models.wav2vec2 import Wav2Vec2Model, build_wav2vec2
 from speechvq.text.vocab import Vocabulary
 from speechvq.train import checkpoint as ckpt
-from speechvq.train.config import OptimSection, ScheduleSection, TrainSection, config_from_dict
+from speechvq.train.config import OptimSection, ScheduleSection, TrainSection, config_from_dict, plain
 from speechvq.train.task import DataParts
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,13 @@ class FinetuneScheduleSection(ScheduleSection):
     name: Literal["polynomial", "tri_stage", "cosine", "constant"] = "tri_stage"
     """See :class:`ScheduleSection`."""
 
+    def validate(self) -> None:
+        """``phase_ratio`` sums to 1; raises :class:`UserInputError`."""
+        if abs(sum(self.phase_ratio) - 1.0) > 1e-6:
+            raise UserInputError(
+                f"`schedule.phase_ratio` must sum to 1, but is {list(self.phase_ratio)} instead."
+            )
+
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
@@ -150,16 +157,12 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A YAML-safe dict."""
-        return yaml.safe_load(yaml.safe_dump(_lists(dataclasses.asdict(self))))
+        return plain(dataclasses.asdict(self))
 
     def validate(self) -> None:
         """Cross-field checks; raises :class:`UserInputError`."""
-        t = self.train
-        t.validate()
-        if abs(sum(self.schedule.phase_ratio) - 1.0) > 1e-6:
-            raise UserInputError(
-                f"`schedule.phase_ratio` must sum to 1, but is {list(self.schedule.phase_ratio)} instead."
-            )
+        self.train.validate()
+        self.schedule.validate()
         if not self.data.train:
             raise UserInputError("`data.train` must name a manifest, but is empty instead.")
         if self.model.freeze_updates < 0:
@@ -173,14 +176,6 @@ class FinetuneConfig:
             k: v for k, v in dataclasses.asdict(self.model).items() if k not in ("preset", "encoder_kind")
         }
         return {**model, "mask": dataclasses.asdict(self.mask)}
-
-
-def _lists(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _lists(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_lists(v) for v in value]
-    return value
 
 
 # -- --init --------------------------------------------------------------------------------------------

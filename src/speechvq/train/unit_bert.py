@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from speechvq.data import BucketBatchSampler
 from speechvq.errors import UserInputError
-from speechvq.train.config import OptimSection, ScheduleSection, TrainSection
+from speechvq.train.config import OptimSection, ScheduleSection, TrainSection, plain
 from speechvq.train.task import DataParts
 from speechvq.units.bert import UnitBatch, UnitBertConfig, UnitBertTask
 
@@ -52,7 +52,7 @@ class UnitBertRunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A YAML-safe dict."""
-        return yaml.safe_load(yaml.safe_dump(_lists(dataclasses.asdict(self))))
+        return plain(dataclasses.asdict(self))
 
     def validate(self) -> None:
         """Cross-field checks; raises :class:`UserInputError`."""
@@ -65,14 +65,6 @@ class UnitBertRunConfig:
                 f"`data.max_tokens` must be >= model.max_positions ({self.model.max_positions}), "
                 f"but is {self.data.max_tokens} instead."
             )
-
-
-def _lists(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _lists(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_lists(v) for v in value]
-    return value
 
 
 class UnitBertLoopTask:

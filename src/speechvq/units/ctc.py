@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,16 +55,16 @@ from speechvq.data import BucketBatchSampler
 from speechvq.data.source import open_source
 from speechvq.decoding import greedy_decode
 from speechvq.errors import UserInputError
+from speechvq.io import replace_directory
 from speechvq.losses_ctc import ctc_loss
 from speechvq.metrics_asr import char_errors, word_errors
 from speechvq.text.vocab import Vocabulary
-from speechvq.train.config import OptimSection, TrainSection
+from speechvq.train.config import OptimSection, TrainSection, plain
 from speechvq.train.finetune import (
     VOCAB_NAME,
     CtcTask,
     FinetuneScheduleSection,
     LabelSection,
-    _lists,
     _text,
 )
 from speechvq.train.task import DataParts
@@ -191,16 +190,13 @@ class UnitCtcRunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A YAML-safe dict."""
-        return yaml.safe_load(yaml.safe_dump(_lists(dataclasses.asdict(self))))
+        return plain(dataclasses.asdict(self))
 
     def validate(self) -> None:
         """Cross-field checks; raises :class:`UserInputError`."""
         self.train.validate()
+        self.schedule.validate()
         d = self.data
-        if abs(sum(self.schedule.phase_ratio) - 1.0) > 1e-6:
-            raise UserInputError(
-                f"`schedule.phase_ratio` must sum to 1, but is {list(self.schedule.phase_ratio)} instead."
-            )
         if not d.train:
             raise UserInputError("`data.train` must name a manifest, but is empty instead.")
         if not d.train_units:
@@ -494,14 +490,7 @@ def save_unit_bert_ctc(
     if tokenizer.bpe is not None:
         tokenizer.bpe.base.save(tmp / BASE_DICT_NAME)
         (tmp / BPE_NAME).write_bytes(tokenizer.bpe.model_file.read_bytes())
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    return target
+    return replace_directory(tmp, target)
 
 
 def load_unit_bert_ctc(

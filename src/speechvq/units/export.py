@@ -8,7 +8,6 @@ the aggregator's output.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,14 +30,9 @@ SAMPLE_RATE = 16000
 
 
 def frame_stride_samples(model: nn.Module) -> int:
-    """Samples between consecutive frames of ``model`` (its encoder's ``frame_stride``, or the
-    product of its conv strides)."""
+    """Samples between consecutive frames of ``model`` (its encoder's ``frame_stride``)."""
     m: Any = model
-    stride = getattr(m.feature_encoder, "frame_stride", None)
-    if stride is not None:
-        return int(stride)
-    strides: list[int] = [int(s) for _, _, s in m.feature_encoder.conv_layers]
-    return math.prod(strides)
+    return int(m.feature_encoder.frame_stride)
 
 
 def receptive_field(model: nn.Module) -> int:
