@@ -43,6 +43,22 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("Pretraining run: training", "speechvq.train.config:TrainSection", "`train:`"),
     ("Pretraining run: diagnostics", "speechvq.train.config:DiagnosticsSection", "`diagnostics:`"),
     (
+        "CTC fine-tuning run",
+        "speechvq.train.finetune:FinetuneConfig",
+        "A `speechvq finetune-ctc --config` YAML.",
+    ),
+    ("CTC fine-tuning run: model", "speechvq.train.finetune:FinetuneModelSection", "`model:`"),
+    ("CTC fine-tuning run: masking", "speechvq.train.finetune:MaskSection", "`mask:`"),
+    ("CTC fine-tuning run: data", "speechvq.train.finetune:FinetuneDataSection", "`data:`"),
+    ("CTC fine-tuning run: schedule", "speechvq.train.finetune:FinetuneScheduleSection", "`schedule:`"),
+    ("Unit BERT", "speechvq.units.bert:UnitBertConfig", "`model:` of a `speechvq pretrain-unit-bert` YAML."),
+    (
+        "Unit BERT run",
+        "speechvq.train.unit_bert:UnitBertRunConfig",
+        "A `speechvq pretrain-unit-bert --config` YAML.",
+    ),
+    ("Unit BERT run: data", "speechvq.train.unit_bert:UnitDataSection", "`data:`"),
+    (
         "CTC over unit-BERT features",
         "speechvq.units.ctc:UnitCtcRunConfig",
         "A `speechvq finetune-ctc --init UNIT_BERT --config` YAML (e.g. `conf/finetune_units_small_cpu.yaml`).",

@@ -119,6 +119,30 @@ def test_from_pretrained_wav2vec2_copies_the_encoder_and_context():
     assert not any(p.requires_grad for p in model.feature_encoder.parameters())
 
 
+def test_from_pretrained_wav2vec2_reinitialises_the_top_blocks():
+    w2v = build_wav2vec2(wav2vec2_tiny())
+    top = w2v.cfg.context.num_layers - 1
+    with torch.no_grad():  # pretrained LayerNorms differ from a fresh one's ones and zeros
+        for p in w2v.context.parameters():
+            p.add_(0.5)
+    other = build_wav2vec2(wav2vec2_tiny())
+    torch.manual_seed(0)
+    model = from_pretrained_wav2vec2(w2v, 9, reinit_layers=1)
+    torch.manual_seed(0)
+    fresh = from_pretrained_wav2vec2(other, 9, reinit_layers=1)
+    theirs, fresh_sd = w2v.state_dict(), fresh.state_dict()
+    for key, value in model.state_dict().items():
+        if key.startswith(f"context.layers.{top}."):
+            assert not torch.equal(value, theirs[key]), key
+            assert torch.equal(value, fresh_sd[key]), key  # the fresh initialisation, not a copy
+        elif key.startswith(("feature_projection.", "context.", "mask_embedding")):
+            assert torch.equal(value, theirs[key]), key
+    norm = model.context.layers[top].attention_norm
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+    with pytest.raises(ValueError, match="`reinit_layers` must be in"):
+        from_pretrained_wav2vec2(w2v, 9, reinit_layers=top + 2)
+
+
 def test_ctc_config_from_wav2vec2_raises_on_unknown_setting():
     with pytest.raises(TypeError, match="learning_rate"):
         ctc_config_from_wav2vec2(wav2vec2_tiny(), 9, learning_rate=1.0)

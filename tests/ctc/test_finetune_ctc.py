@@ -222,3 +222,47 @@ def test_finetune_from_scratch_with_the_log_mel_front_end(toy_manifest: Path, tm
     model, _ = load_ctc_pretrained(tmp_path / "exp" / "best_model")
     assert model.cfg.encoder.kind == "fbank"
     assert sum(p.numel() for p in model.feature_encoder.parameters()) == 0
+
+
+@pytest.mark.parametrize("metric", ["wer", "cer", "loss"])
+def test_finetune_best_checkpoint_follows_data_best_metric(
+    toy_manifest: Path, tmp_path: Path, metric: str
+) -> None:
+    from speechvq.train.finetune import CtcTask
+
+    cfg = load_config(
+        _config(tmp_path), [f"data.train={toy_manifest}", f"data.best_metric={metric}"], FinetuneConfig
+    )
+    task = CtcTask(cfg, None, tmp_path / "exp")
+    sums = {
+        "loss": 30.0,
+        "utterances": 3.0,
+        "word_errors": 9.0,
+        "words": 9.0,
+        "char_errors": 5.0,
+        "chars": 50.0,
+    }
+    record, score = task.eval_record(sums)
+    assert record == {"loss": 10.0, "wer": 1.0, "cer": 0.1}
+    assert score == record[metric]
+
+
+def test_finetune_reinit_layers_is_checked_against_the_pretrained_model(
+    toy_manifest: Path, tmp_path: Path
+) -> None:
+    from speechvq.errors import UserInputError
+
+    torch.manual_seed(0)
+    init = save_pretrained(build_wav2vec2(wav2vec2_tiny()), tmp_path / "pretrained")
+    blocks = wav2vec2_tiny().context.num_layers
+    cfg = load_config(
+        _config(tmp_path, train={"max_steps": 2, "valid_interval": 1000}),
+        [f"data.train={toy_manifest}", f"model.reinit_layers={blocks + 1}"],
+        FinetuneConfig,
+    )
+    with pytest.raises(UserInputError, match=r"`model\.reinit_layers` must be at most"):
+        finetune(cfg, str(init), tmp_path / "bad")
+    cfg.model.reinit_layers = 1
+    finetune(cfg, str(init), tmp_path / "exp")
+    tuned = yaml.safe_load((tmp_path / "exp" / "config.yaml").read_text())
+    assert tuned["model"]["reinit_layers"] == 1

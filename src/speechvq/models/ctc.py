@@ -352,7 +352,9 @@ def build_ctc_model(cfg: CtcConfig) -> CtcModel:
 _PRETRAINED_PARTS = ("feature_encoder.", "feature_projection.", "context.", "mask_embedding")
 
 
-def from_pretrained_wav2vec2(w2v_model: Wav2Vec2Model, vocab_size: int, **settings: Any) -> CtcModel:
+def from_pretrained_wav2vec2(
+    w2v_model: Wav2Vec2Model, vocab_size: int, *, reinit_layers: int = 0, **settings: Any
+) -> CtcModel:
     """A :class:`CtcModel` initialised from a pretrained wav2vec 2.0 model.
 
     The feature encoder, feature projection, context network and mask embedding are copied; the
@@ -361,16 +363,34 @@ def from_pretrained_wav2vec2(w2v_model: Wav2Vec2Model, vocab_size: int, **settin
     Args:
         w2v_model: the pretrained model.
         vocab_size: V, including the blank.
+        reinit_layers: re-initialise the top this many Transformer blocks instead of copying them
+            (they keep the fresh initialisation of :func:`build_ctc_model`). The top blocks of a
+            wav2vec 2.0 model are the most specialised to the contrastive task and the least
+            phonetic (Pasad et al., 2021, "Layer-wise analysis of a self-supervised speech
+            representation model"); with little pretraining, re-initialising them fine-tunes faster.
         **settings: fine-tuning settings, see :func:`ctc_config_from_wav2vec2`.
 
     Returns:
         The model, in training mode, with the feature encoder frozen.
     """
+    num_layers = w2v_model.cfg.context.num_layers
+    if not 0 <= reinit_layers <= num_layers:
+        raise ValueError(
+            f"`reinit_layers` must be in [0, {num_layers}] (the model's blocks), but is {reinit_layers} instead."
+        )
     cfg = ctc_config_from_wav2vec2(w2v_model.cfg, vocab_size, **settings)
     model = build_ctc_model(cfg)
-    pretrained = {k: v for k, v in w2v_model.state_dict().items() if k.startswith(_PRETRAINED_PARTS)}
+    first_fresh = num_layers - reinit_layers
+
+    def copied(key: str) -> bool:
+        if not key.startswith(_PRETRAINED_PARTS):
+            return False
+        parts = key.split(".")
+        return not (parts[:2] == ["context", "layers"] and int(parts[2]) >= first_fresh)
+
+    pretrained = {k: v for k, v in w2v_model.state_dict().items() if copied(k)}
     missing, unexpected = model.load_state_dict(pretrained, strict=False)
-    not_copied = [k for k in missing if k.startswith(_PRETRAINED_PARTS)]
+    not_copied = [k for k in missing if copied(k)]
     if not_copied or unexpected:
         raise ValueError(
             f"`w2v_model` must match the CTC architecture, but {not_copied[:5]} were missing and "

@@ -67,6 +67,9 @@ class FinetuneModelSection:
     from-scratch baseline can match a pretrained model's architecture; ignored with ``--init``."""
     freeze_updates: int = 10000
     """Updates during which only the output layer trains (fairseq ``freeze_finetune_updates``)."""
+    reinit_layers: int = 0
+    """Re-initialise the top this many pretrained Transformer blocks instead of copying them (they
+    then train from random weights, and so need ``freeze_updates: 0``); ignored without ``--init``."""
     dropout_p: float = 0.0
     """Transformer dropout."""
     attention_dropout_p: float = 0.0
@@ -105,6 +108,10 @@ class LabelSection:
 
     valid: str | None = None
     """Validation manifest; None disables validation (the last checkpoint is then exported)."""
+    best_metric: Literal["wer", "cer", "loss"] = "wer"
+    """Validation score that picks the best checkpoint (lower is better; fairseq
+    ``best_checkpoint_metric``). Use ``cer`` while the WER is near 100%, as after a few CPU minutes
+    on 10 minutes of labels: there it does not rank checkpoints at all."""
     labels: Literal["ltr", "wrd"] = "ltr"
     """Label file beside each manifest: ``ltr`` (fairseq letters, ``|`` ends a word) or ``wrd`` (words)."""
     vocab: Literal["letters", "sentencepiece"] = "letters"
@@ -169,11 +176,17 @@ class FinetuneConfig:
             raise UserInputError(
                 f"`model.freeze_updates` must be >= 0, but is {self.model.freeze_updates} instead."
             )
+        if self.model.reinit_layers < 0:
+            raise UserInputError(
+                f"`model.reinit_layers` must be >= 0, but is {self.model.reinit_layers} instead."
+            )
 
     def settings(self) -> dict[str, Any]:
         """Keyword settings for :func:`ctc_config_from_wav2vec2`."""
         model = {
-            k: v for k, v in dataclasses.asdict(self.model).items() if k not in ("preset", "encoder_kind")
+            k: v
+            for k, v in dataclasses.asdict(self.model).items()
+            if k not in ("preset", "encoder_kind", "reinit_layers")
         }
         return {**model, "mask": dataclasses.asdict(self.mask)}
 
@@ -298,6 +311,12 @@ class CtcTask:
             )
         else:
             self._pretrained = load_init_model(init)
+            num_layers = self._pretrained.cfg.context.num_layers
+            if cfg.model.reinit_layers > num_layers:
+                raise UserInputError(
+                    f"`model.reinit_layers` must be at most {num_layers} (the blocks of {init}), "
+                    f"but is {cfg.model.reinit_layers} instead."
+                )
             self.ctc_cfg = ctc_config_from_wav2vec2(self._pretrained.cfg, len(self.vocab), **settings)
 
     def _vocabulary(self, path: Path, main: bool) -> Vocabulary:
@@ -344,7 +363,12 @@ class CtcTask:
     def build_model(self) -> nn.Module:
         if self._pretrained is None:
             return build_ctc_model(self.ctc_cfg)
-        model = from_pretrained_wav2vec2(self._pretrained, len(self.vocab), **self.cfg.settings())
+        model = from_pretrained_wav2vec2(
+            self._pretrained,
+            len(self.vocab),
+            reinit_layers=self.cfg.model.reinit_layers,
+            **self.cfg.settings(),
+        )
         self._pretrained = None  # free it
         return model
 
@@ -437,7 +461,7 @@ class CtcTask:
             "wer": sums["word_errors"] / max(sums["words"], 1.0),
             "cer": sums["char_errors"] / max(sums["chars"], 1.0),
         }
-        return rec, rec["wer"]
+        return rec, rec[self.cfg.data.best_metric]
 
     def export(self, model: nn.Module, directory: Path) -> None:
         """The best model with its vocabulary, for ``speechvq transcribe`` and ``convert``."""

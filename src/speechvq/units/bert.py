@@ -48,7 +48,9 @@ class UnitBertConfig:
     dim: int = 768
     """Hidden size (transformers ``hidden_size``)."""
     num_layers: int = 12
+    """Transformer blocks (``num_hidden_layers``)."""
     num_heads: int = 12
+    """Attention heads (``num_attention_heads``); must divide ``dim``."""
     ffn_dim: int = 3072
     """Feed-forward size (``intermediate_size``)."""
     dropout_p: float = 0.1
