@@ -65,3 +65,14 @@ def test_pretrain_unit_bert_resumes_exactly(units: Path, tmp_path: Path) -> None
     a = load_file(str(ckpt.latest_checkpoint(tmp_path / "straight" / "checkpoints") / "model.safetensors"))
     b = load_file(str(ckpt.latest_checkpoint(tmp_path / "resumed" / "checkpoints") / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["unit_bert_tiny", "unit_bert_base"])
+def test_shipped_unit_bert_configs_load_and_their_warmup_fits_the_run(name: str) -> None:
+    # a config without its own schedule inherits the 32k-update pretraining warmup; on a short
+    # run the lr then never leaves ~1% of its peak and the BERT learns nothing
+    path = Path(__file__).parents[2] / "conf" / f"{name}.yaml"
+    cfg = load_config(path, ["data.train=units"], UnitBertRunConfig)
+    cfg.validate()
+    assert cfg.schedule.warmup_steps <= cfg.train.max_steps // 10
+    assert cfg.data.max_tokens >= cfg.model.max_positions
