@@ -135,6 +135,29 @@ def test_unit_bert_loss_falls_in_a_short_run(tmp_path: Path, arch: str) -> None:
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["masked_share"] > 0.0
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_unit_masked_lm_scores_equal_transformers_logits_at_the_masked_positions(
+    tmp_path: Path, arch: str
+) -> None:
+    write_unit_corpus(tmp_path / "units", num_utts=6)
+    task = UnitBertTask(UnitBertConfig(arch=arch, **TINY), tmp_path / "units", work_dir=tmp_path / "work")
+    model = task.build_model().eval()
+    data = task.train_dataset()
+    batch = task.collate([data[i] for i in range(4)])  # differing lengths: padded
+    attention = (torch.arange(batch.ids.size(1))[None, :] < batch.lengths[:, None]).long()
+    predict = torch.rand(batch.ids.shape, generator=torch.Generator().manual_seed(0)) < 0.4
+    predict &= attention.bool()
+    with torch.no_grad():
+        full = model.hf(input_ids=batch.ids, attention_mask=attention).logits
+        scored = model(batch.ids, attention, predict)
+    assert scored.shape == (int(predict.sum()), len(task.dictionary))
+    torch.testing.assert_close(scored, full[predict], atol=1e-5, rtol=1e-5)
+    targets = torch.where(predict, batch.ids, torch.full_like(batch.ids, -100))
+    loss, n, correct = masked_lm_loss(scored, batch.ids[predict])
+    ref_loss, ref_n, ref_correct = masked_lm_loss(full, targets)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5) and (n, correct) == (ref_n, ref_correct)
+
+
 def test_unit_bert_export_loads_with_transformers(tmp_path: Path) -> None:
     write_unit_corpus(tmp_path / "units", num_utts=5)
     task = UnitBertTask(UnitBertConfig(**TINY), tmp_path / "units", work_dir=tmp_path / "work")
@@ -144,7 +167,9 @@ def test_unit_bert_export_loads_with_transformers(tmp_path: Path) -> None:
     assert bpe is None and dictionary.symbols == task.dictionary.symbols
     batch = task.collate([task.train_dataset()[0]])
     with torch.no_grad():
-        assert torch.allclose(model(input_ids=batch.ids).logits, back(input_ids=batch.ids).logits, atol=1e-6)
+        assert torch.allclose(
+            model.hf(input_ids=batch.ids).logits, back(input_ids=batch.ids).logits, atol=1e-6
+        )
     assert task.valid_dataset() is None
 
 

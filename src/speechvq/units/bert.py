@@ -150,6 +150,30 @@ def build_unit_bert(cfg: UnitBertConfig, dictionary: UnitDictionary) -> nn.Modul
     return BertForMaskedLM(BertConfig(max_position_embeddings=cfg.max_positions, **common))
 
 
+class UnitMaskedLM(nn.Module):
+    """A transformers masked LM (``.hf``) whose forward scores only the positions it is asked for.
+
+    transformers' ``BertForMaskedLM`` / ``RobertaForMaskedLM`` apply the MLM head to every
+    position, padding included, although the loss reads only the masked ones (~40% of the tokens
+    with vq-wav2vec's spans). The head over the unit vocabulary is the largest matmul of a small
+    BERT, so scoring only the masked positions, as fairseq's ``masked_lm`` does, saves most of it.
+    The scores are those of ``hf(...).logits`` at the same positions; ``.hf`` is what is exported.
+    """
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def head(self) -> nn.Module:
+        """The MLM head: ``cls`` (BERT) or ``lm_head`` (RoBERTa)."""
+        return self.hf.cls if hasattr(self.hf, "cls") else self.hf.lm_head
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, predict: Tensor) -> Tensor:
+        """input_ids, attention_mask, predict: ``[B, N]`` -> ``[M, V]`` scores of the M ``predict`` positions."""
+        hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head()(hidden[predict])  # (B, N, D) -> (M, D) -> (M, V)
+
+
 def compute_unit_span_mask(
     lengths: Tensor,
     max_len: int,
@@ -224,8 +248,8 @@ def masked_lm_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, int, int]:
     """Cross-entropy summed over the targets (fp32), their count, and how many were top-1 correct.
 
     Args:
-        logits: ``[B, N, V]``.
-        targets: ``[B, N]``, -100 where nothing is predicted.
+        logits: ``[B, N, V]``, or ``[M, V]`` scores of the predicted positions only.
+        targets: ``[B, N]`` (-100 where nothing is predicted), or ``[M]``.
     """
     keep = targets != -100
     scores = logits[keep].float()  # (B, N, V) -> (M, V)
@@ -379,8 +403,8 @@ class UnitBertTask:
     def _encode(self, corpus: list[list[str]]) -> list[np.ndarray]:
         return [self.dictionary.encode(self.tokenize(u), add_specials=False).astype(np.int32) for u in corpus]
 
-    def build_model(self) -> nn.Module:
-        return build_unit_bert(self.cfg, self.dictionary)
+    def build_model(self) -> UnitMaskedLM:
+        return UnitMaskedLM(build_unit_bert(self.cfg, self.dictionary))
 
     def train_dataset(self) -> UnitDataset:
         return UnitDataset(
@@ -420,8 +444,8 @@ class UnitBertTask:
             generator=generator,
         )
         attention = (torch.arange(ids.size(1), device=ids.device)[None, :] < batch.lengths[:, None]).long()
-        logits = model(input_ids=inputs, attention_mask=attention).logits
-        loss, n, correct = masked_lm_loss(logits, targets)
+        predict = targets != -100
+        loss, n, correct = masked_lm_loss(model(inputs, attention, predict), targets[predict])
         content = int((batch.lengths - 2).sum())
         metrics = {
             "accuracy": correct / max(n, 1),
@@ -433,7 +457,8 @@ class UnitBertTask:
     def save_export(self, model: nn.Module, directory: str | os.PathLike[str]) -> None:
         """transformers ``save_pretrained`` + ``dict.txt`` (+ BPE files) + ``unit_bert.json``."""
         out = Path(directory)
-        model.save_pretrained(out)  # type: ignore[operator]
+        hf = model.hf if isinstance(model, UnitMaskedLM) else model
+        hf.save_pretrained(out)  # type: ignore[operator]
         self.dictionary.save(out / DICT_NAME)
         if self.bpe is not None:
             self.base_dictionary.save(out / BASE_DICT_NAME)
