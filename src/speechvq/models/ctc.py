@@ -380,13 +380,10 @@ def from_pretrained_wav2vec2(
         )
     cfg = ctc_config_from_wav2vec2(w2v_model.cfg, vocab_size, **settings)
     model = build_ctc_model(cfg)
-    first_fresh = num_layers - reinit_layers
+    fresh = tuple(f"context.layers.{i}." for i in range(num_layers - reinit_layers, num_layers))
 
     def copied(key: str) -> bool:
-        if not key.startswith(_PRETRAINED_PARTS):
-            return False
-        parts = key.split(".")
-        return not (parts[:2] == ["context", "layers"] and int(parts[2]) >= first_fresh)
+        return key.startswith(_PRETRAINED_PARTS) and not key.startswith(fresh)
 
     pretrained = {k: v for k, v in w2v_model.state_dict().items() if copied(k)}
     missing, unexpected = model.load_state_dict(pretrained, strict=False)

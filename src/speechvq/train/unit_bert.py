@@ -23,7 +23,7 @@ from speechvq.data import BucketBatchSampler
 from speechvq.errors import UserInputError
 from speechvq.train.config import OptimSection, ScheduleSection, TrainSection, plain
 from speechvq.train.task import DataParts
-from speechvq.units.bert import UnitBatch, UnitBertConfig, UnitBertTask
+from speechvq.units.bert import UnitBatch, UnitBertConfig, UnitBertTask, UnitMaskedLM
 
 
 @dataclass(kw_only=True)
@@ -161,6 +161,7 @@ class UnitBertLoopTask:
 
     def export(self, model: nn.Module, directory: Path) -> None:
         """transformers ``save_pretrained`` + dictionary (+ BPE) + ``unit_bert.json``."""
+        assert isinstance(model, UnitMaskedLM)
         self.inner.save_export(model, directory)
 
 

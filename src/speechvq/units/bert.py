@@ -251,9 +251,11 @@ def masked_lm_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, int, int]:
         logits: ``[B, N, V]``, or ``[M, V]`` scores of the predicted positions only.
         targets: ``[B, N]`` (-100 where nothing is predicted), or ``[M]``.
     """
-    keep = targets != -100
-    scores = logits[keep].float()  # (B, N, V) -> (M, V)
-    wanted = targets[keep]
+    if logits.dim() == 2:  # already the predicted positions: no (M, V) copy
+        scores, wanted = logits.float(), targets
+    else:
+        keep = targets != -100
+        scores, wanted = logits[keep].float(), targets[keep]  # (B, N, V) -> (M, V)
     if wanted.numel() == 0:
         return logits.sum() * 0.0, 0, 0
     loss = F.cross_entropy(scores, wanted, reduction="sum")
@@ -454,11 +456,10 @@ class UnitBertTask:
         }
         return loss, n, metrics
 
-    def save_export(self, model: nn.Module, directory: str | os.PathLike[str]) -> None:
-        """transformers ``save_pretrained`` + ``dict.txt`` (+ BPE files) + ``unit_bert.json``."""
+    def save_export(self, model: UnitMaskedLM, directory: str | os.PathLike[str]) -> None:
+        """transformers ``save_pretrained`` of ``model.hf`` + ``dict.txt`` (+ BPE files) + ``unit_bert.json``."""
         out = Path(directory)
-        hf = model.hf if isinstance(model, UnitMaskedLM) else model
-        hf.save_pretrained(out)  # type: ignore[operator]
+        model.hf.save_pretrained(out)  # type: ignore[operator]
         self.dictionary.save(out / DICT_NAME)
         if self.bpe is not None:
             self.base_dictionary.save(out / BASE_DICT_NAME)
