@@ -210,3 +210,78 @@ def test_conv_block_matches_conv1d_in_output_and_gradients(kernel, stride):
     ref_grads = torch.autograd.grad(ref, [ref_x, conv.weight, conv.bias], upstream)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_first_layer_group_norm_from_window_moments_matches_conv1d_group_norm(bias):
+    # the first layer's GroupNorm statistics come from the 10 x 10 moments of the waveform windows
+    # (linear_output_moments); output and all gradients equal nn.Conv1d + nn.GroupNorm
+    from speechvq.models.encoder import ConvLayerBlock, MaskedGroupNorm
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(1, 16, 10, stride=5, bias=bias)
+    norm = MaskedGroupNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    block = ConvLayerBlock(conv, norm)
+    wave = torch.randn(3, 803) * 0.3 + 0.05  # a DC offset, so the centring matters
+    x = wave[:, :, None].requires_grad_(True)
+    out, _ = block(x, None)
+    ref_norm = torch.nn.GroupNorm(16, 16)
+    with torch.no_grad():
+        ref_norm.weight.copy_(norm.weight)
+        ref_norm.bias.copy_(norm.bias)
+    ref_x = wave[:, None, :].clone().requires_grad_(True)
+    ref = torch.nn.functional.gelu(ref_norm(conv(ref_x))).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, conv.weight, norm.weight, norm.bias], upstream, retain_graph=True)
+    ref_grads = torch.autograd.grad(
+        ref, [ref_x, conv.weight, ref_norm.weight, ref_norm.bias], upstream, retain_graph=True
+    )
+    torch.testing.assert_close(grads[0][:, :, 0], ref_grads[0][:, 0, :], atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads[1:], ref_grads[1:]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    if bias:  # the norm removes a conv bias: its gradient is zero up to rounding in both
+        (got,) = torch.autograd.grad(out, [conv.bias], upstream)
+        (want,) = torch.autograd.grad(ref, [conv.bias], upstream)
+        assert float(got.abs().max()) < 1e-3 and float(want.abs().max()) < 1e-3
+
+
+def test_window_moments_equal_output_statistics_per_utterance_with_padding():
+    from speechvq.models.encoder import _KernelMajorColumns, linear_output_moments
+
+    torch.manual_seed(0)
+    cols = _KernelMajorColumns.apply(torch.randn(3, 500, 1) + 0.2, 10, 5)  # (3, 99, 10)
+    weight, bias = torch.randn(8, 10), torch.randn(8)
+    lengths = torch.tensor([99, 60, 31])
+    var, mean = linear_output_moments(cols, weight, bias, lengths)
+    y = cols @ weight.t() + bias
+    for b, n in enumerate(lengths.tolist()):
+        want_var, want_mean = torch.var_mean(y[b, :n], dim=0, unbiased=False)
+        torch.testing.assert_close(var[b, 0], want_var, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(mean[b, 0], want_mean, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("c_in", "kernel", "stride"), [(1, 10, 5), (32, 3, 2), (32, 2, 2)])
+def test_conv_block_in_bf16_autocast_matches_conv1d(c_in, kernel, stride):
+    # in bf16 on the CPU the k = 3 / 2 layers run oneDNN's channels-last conv, the first the im2col
+    # matmul; both equal nn.Conv1d under the same autocast to bf16 rounding, gradients included
+    from speechvq.models.encoder import ConvLayerBlock
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(c_in, 48, kernel, stride=stride, bias=True)
+    block = ConvLayerBlock(conv, None)
+    x = torch.randn(2, 301, c_in, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = block(x, None)
+        ref = torch.nn.functional.gelu(conv(ref_x.transpose(1, 2))).transpose(1, 2)
+    assert out.dtype == ref.dtype == torch.bfloat16 and out.shape == ref.shape
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    upstream = torch.randn(out.shape)
+    grads = torch.autograd.grad(out.float(), [x, conv.weight, conv.bias], upstream)
+    ref_grads = torch.autograd.grad(ref.float(), [ref_x, conv.weight, conv.bias], upstream)
+    for got, want in zip(grads, ref_grads):
+        assert float((got - want).norm() / want.norm()) < 1e-2

@@ -75,10 +75,15 @@ class MaskedGroupNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
-    def forward(self, x: Tensor, lengths: Tensor | None) -> Tensor:
-        """x: ``[B, T, C]``; lengths: ``[B]`` frames or None."""
+    def forward(
+        self, x: Tensor, lengths: Tensor | None, stats: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """x: ``[B, T, C]``; lengths: ``[B]`` frames or None; stats: fp32 (var, mean), each
+        ``[B, 1, C]``, if the caller has them (see :func:`linear_output_moments`)."""
         batch = x.size(0)
-        if lengths is None:
+        if stats is not None:
+            var, mean = stats
+        elif lengths is None:
             var, mean = torch.var_mean(x.float(), dim=1, unbiased=False, keepdim=True)  # (B, 1, C)
         else:
             # per utterance over its valid frames; B is small, the reductions are the cost
@@ -92,6 +97,50 @@ class MaskedGroupNorm(nn.Module):
         return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
 
 
+_FEW_COLUMNS = 64
+"""A conv layer with at most this many input columns (k * C_in; the first layer has 10 x 1) runs as
+a batched matmul, and its GroupNorm statistics come from the moments of its input columns."""
+
+
+def linear_output_moments(
+    cols: Tensor, weight: Tensor, bias: Tensor | None, lengths: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Per-utterance, per-channel variance and mean over time of ``cols @ weight.T + bias``,
+    computed from the input's moments, without the output.
+
+    For ``y_t = W x_t + b``: ``mean(y) = W mean(x) + b`` and ``var(y_c) = w_c^T Cov(x) w_c``.
+    The first conv layer maps 10 samples to 512 (BASE) channels, so the 10 x 10 covariance of the
+    windows is ~50x cheaper than the statistics of the output and its backward (8% of a SMALL
+    step), and exact in fp32 whatever precision the layer's matmul ran in.
+
+    Args:
+        cols: ``[B, T, J]`` layer input columns.
+        weight: ``[C, J]``; bias: ``[C]`` or None.
+        lengths: ``[B]`` valid frames, or None for all T.
+
+    Returns:
+        (var, mean), fp32, each ``[B, 1, C]`` (biased variance, as GroupNorm).
+    """
+    with torch.autocast(device_type=cols.device.type, enabled=False):
+        rows = (
+            [cols] if lengths is None else [cols[b : b + 1, : int(lengths[b])] for b in range(cols.size(0))]
+        )
+        means, covs = [], []
+        for r in rows:  # (b, n, J), b = B without padding, 1 per utterance with it
+            r = r.float()
+            mu = r.mean(dim=1, keepdim=True)  # (b, 1, J)
+            centred = r - mu
+            covs.append(centred.transpose(1, 2) @ centred / r.size(1))  # (b, J, J)
+            means.append(mu)
+        mu, cov = torch.cat(means), torch.cat(covs)
+        w = weight.float().t()  # (J, C)
+        mean = mu @ w  # (B, 1, J) @ (J, C) -> (B, 1, C)
+        if bias is not None:
+            mean = mean + bias.float()
+        var = ((cov @ w) * w).sum(dim=1, keepdim=True).clamp(min=0.0)  # (B, J, C) -> (B, 1, C)
+    return var, mean
+
+
 class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of a ``[B, T, C]`` tensor (the LARGE model's conv norm)."""
 
@@ -102,11 +151,14 @@ class ChannelLayerNorm(nn.LayerNorm):
 class ConvLayerBlock(nn.Module):
     """Conv1d -> optional norm -> GELU on ``[B, T, C]`` features, propagating lengths.
 
-    The convolution runs as a matrix product over unfolded frames (im2col) in time-major layout:
-    the same result as ``nn.Conv1d`` to rounding, but in bf16 autocast it is one AMX/tensor-core
-    matmul with fp32 accumulation whose backward is also a matmul (oneDNN's bf16 conv1d backward is
-    slower than fp32 on CPU), and it needs no layout transposes between layers. ``conv`` only holds
-    the parameters (``conv.weight`` is ``[C_out, C_in, k]``, as in fairseq and transformers).
+    Activations stay time-major (``[B, T, C]``), so there are no layout transposes between layers.
+    The convolution (the same result as ``nn.Conv1d`` to rounding) runs as whichever form measured
+    fastest on this layer's shape and precision: a matrix product over unfolded frames (im2col,
+    one AMX/tensor-core matmul with fp32 accumulation, whose backward is also a matmul) for the
+    first layer, in fp32 and off the CPU; oneDNN's channels-last convolution for the other layers
+    in bf16 on the CPU. The first layer's GroupNorm statistics come from the moments of its input
+    windows (:func:`linear_output_moments`). ``conv`` only holds the parameters (``conv.weight`` is
+    ``[C_out, C_in, k]``, as in fairseq and transformers).
     """
 
     def __init__(self, conv: nn.Conv1d, norm: nn.Module | None) -> None:
@@ -118,15 +170,49 @@ class ConvLayerBlock(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """x: ``[B, S, C_in]`` -> ``[B, S', C_out]``; lengths in and out in steps of this layer."""
+        if lengths is not None:
+            lengths = (torch.div(lengths - self.kernel, self.stride, rounding_mode="floor") + 1).clamp(min=0)
+        if self.kernel * x.size(-1) > _FEW_COLUMNS and _bf16_on_cpu(x):
+            x = _conv_time_major(x, self.conv.weight, self.conv.bias, self.stride)
+            return F.gelu(self.norm(x, lengths) if self.norm is not None else x), lengths
         cols = _KernelMajorColumns.apply(x, self.kernel, self.stride)  # (B, S, C) -> (B, S', k*C)
         # (C_out, C_in, k) -> (C_out, k, C_in) -> (C_out, k*C_in), the columns' kernel-major order
         weight = self.conv.weight.permute(0, 2, 1).reshape(self.conv.out_channels, -1)
-        x = F.linear(cols, weight, self.conv.bias)
-        if lengths is not None:
-            lengths = (torch.div(lengths - self.kernel, self.stride, rounding_mode="floor") + 1).clamp(min=0)
-        if self.norm is not None:
+        few = cols.size(-1) <= _FEW_COLUMNS
+        if few:
+            # [B, S', k] @ [k, C] per utterance: autograd's weight gradient is then a bmm + sum,
+            # 2.5-3x faster than the [C, B*S'] @ [B*S', k] mm it derives from F.linear (bench in
+            # docs/performance.md)
+            x = torch.bmm(cols, weight.t().expand(cols.size(0), -1, -1))
+            if self.conv.bias is not None:
+                x = x + self.conv.bias.to(x.dtype)
+        else:
+            x = F.linear(cols, weight, self.conv.bias)
+        if isinstance(self.norm, MaskedGroupNorm) and few:
+            x = self.norm(x, lengths, stats=linear_output_moments(cols, weight, self.conv.bias, lengths))
+        elif self.norm is not None:
             x = self.norm(x, lengths)
         return F.gelu(x), lengths
+
+
+def _bf16_on_cpu(x: Tensor) -> bool:
+    """Whether this layer's convolution runs in bf16 on the CPU (bf16 input, or bf16 autocast)."""
+    if x.device.type != "cpu":
+        return False
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == torch.bfloat16 or autocast_bf16
+
+
+def _conv_time_major(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int) -> Tensor:
+    """``nn.Conv1d`` of a time-major ``[B, S, C]`` tensor without a layout copy: ``[B, S, C]`` is
+    the memory of a channels-last ``[B, C, 1, S]`` image, which oneDNN convolves directly (as a
+    ``1 x k`` conv2d) into a channels-last output, read back as ``[B, S', C_out]``. In bf16 on CPU
+    its forward + backward beat the im2col matmul by 15-30% on the k = 3 layers (bench in
+    docs/performance.md); the im2col matmul stays faster in fp32 and for the first layer."""
+    image = x.unsqueeze(1).permute(0, 3, 1, 2)  # (B, S, C) -> (B, C, 1, S), channels-last strides
+    kernel = weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (C_out, C_in, 1, k)
+    y = F.conv2d(image, kernel, bias, stride=(1, stride))  # (B, C_out, 1, S'), channels-last
+    return y.permute(0, 2, 3, 1).squeeze(1)  # (B, C_out, 1, S') -> (B, S', C_out)
 
 
 class _KernelMajorColumns(torch.autograd.Function):
