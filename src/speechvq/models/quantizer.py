@@ -172,11 +172,14 @@ class GumbelVectorQuantizer(nn.Module):
         x: Tensor,
         frame_mask: Tensor | None = None,
         generators: Sequence[torch.Generator] | None = None,
+        counted: Tensor | None = None,
     ) -> QuantizerOutput:
-        """Quantize ``x`` (``[B, T, C]``); ``frame_mask`` (``[B, T]`` bool, True = counted) selects
-        the frames the perplexities are computed over (the non-padded frames). In training the
-        Gumbel noise comes from the global RNG, or with ``generators`` (one per utterance) from
-        utterance ``b``'s generator for its valid frames only."""
+        """Quantize ``x`` (``[B, T, C]``); ``frame_mask`` (``[B, T]`` bool, True = valid) marks the
+        non-padded frames, a prefix of each row. ``counted`` (``[B, T]`` bool, default
+        ``frame_mask``) selects the frames the perplexities are computed over: wav2vec 2.0 passes its
+        masked frames, the ones fairseq quantizes and transformers counts. In training the Gumbel
+        noise comes from the global RNG, or with ``generators`` (one per utterance) from utterance
+        ``b``'s generator for its valid frames only."""
         batch, frames, _ = x.shape
         g, v = self.num_codebooks, self.codebook_size
         # Quantizer math in fp32 whatever the autocast context (vector-quantize-pytorch practice).
@@ -188,7 +191,8 @@ class GumbelVectorQuantizer(nn.Module):
             logits = logits.view(batch * frames * g, v)  # (B, T, G*V) -> (B*T*G, V)
             codes = logits.argmax(dim=-1)
             hard = torch.zeros_like(logits).scatter_(-1, codes[:, None], 1.0)
-            flat_mask = frame_mask.reshape(-1) if frame_mask is not None else None
+            counted = counted if counted is not None else frame_mask
+            flat_mask = counted.reshape(-1) if counted is not None else None
             reduce = self.reduce_marginal if self.training else None
             code_ppl = perplexity(hard.view(batch * frames, g, v), flat_mask, reduce)
             prob_ppl = perplexity(torch.softmax(logits.view(batch * frames, g, v), dim=-1), flat_mask, reduce)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from speechvq.config import Wav2Vec2Config
 from speechvq.losses import (
     LossBreakdown,
-    contrastive_logits,
+    contrastive_logits_indexed,
     contrastive_loss,
     diversity_loss,
     feature_penalty,
@@ -189,9 +189,13 @@ class Wav2Vec2Model(nn.Module):
         # 3. contextualise
         ctx = self.context(masked, padding_mask, layer_drop_generator=layer_drop_generator)
 
-        # 4. quantize the (unmasked) normalised features; perplexities over the valid frames
+        # 4. quantize the (unmasked) normalised features; the perplexities of the diversity loss
+        # over the masked frames, as fairseq (which quantizes only those) and transformers
         valid = ~padding_mask if padding_mask is not None else None
-        q = self.quantizer(self.quantizer_dropout(normed), valid, generators=gens)
+        if isinstance(self.quantizer, GumbelVectorQuantizer):
+            q = self.quantizer(self.quantizer_dropout(normed), valid, generators=gens, counted=mask)
+        else:
+            q = self.quantizer(self.quantizer_dropout(normed), valid, generators=gens)
 
         # 5. project predictions and targets of the masked frames only to the final dim
         if distractor_index is None and gens is not None:
@@ -203,12 +207,20 @@ class Wav2Vec2Model(nn.Module):
         else:
             target_index = mask.reshape(-1).nonzero().squeeze(-1)
         predictions = self.project_hid(ctx.last_hidden_state.reshape(batch * frames, -1)[target_index])
-        projected_q = self.project_q(q.quantized.reshape(batch * frames, -1).to(self.project_q.weight.dtype))
-        targets = projected_q[target_index]
-        distractors = projected_q[distractor_index]  # (N, K) -> (N, K, F)
+        # the frames that are a target or a distractor (the masked ones), in flat order
+        used = torch.zeros(batch * frames, dtype=torch.bool, device=mask.device)
+        used[target_index] = True
+        used[distractor_index.reshape(-1)] = True
+        row_of = used.cumsum(0) - 1  # flat index -> row among the used frames
+        quantized = q.quantized.reshape(batch * frames, -1)[used]
+        candidates = self.project_q(quantized.to(self.project_q.weight.dtype))  # (M, F)
+        target_pos, distractor_pos = row_of[target_index], row_of[distractor_index]
+        targets = candidates[target_pos]
 
-        # 6. cosine-similarity logits / kappa, in fp32 (eq. 3)
-        logits = contrastive_logits(predictions, targets, distractors, self.cfg.loss.logit_temp)
+        # 6. cosine-similarity logits / kappa, in fp32 (eq. 3), scored against the M used frames
+        logits = contrastive_logits_indexed(
+            predictions, candidates, target_pos, distractor_pos, self.cfg.loss.logit_temp
+        )
         return Wav2Vec2Output(
             features=features,
             lengths=frame_lengths,
