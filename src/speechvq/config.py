@@ -48,6 +48,11 @@ class FeatureEncoderConfig:
     """Scale of the gradient flowing into the encoder (fairseq ``feature_grad_mult``); 0 freezes
     the encoder and runs it without autograd."""
 
+    checkpoint_activations: bool = False
+    """Keep only each conv layer's input for the backward and recompute the rest (activation
+    checkpointing, transformers ``gradient_checkpointing``): less memory on long utterances for
+    one more forward of the encoder. The results are unchanged."""
+
     def __post_init__(self) -> None:
         self.conv_layers = tuple(tuple(int(v) for v in spec) for spec in self.conv_layers)  # type: ignore[misc]
         if not self.conv_layers:
@@ -250,6 +255,11 @@ class ContextConfig:
 
     layer_norm_eps: float = 1e-5
     """Epsilon of every LayerNorm."""
+
+    checkpoint_activations: bool = False
+    """Keep only each block's input for the backward and recompute the block (activation
+    checkpointing, fairseq ``checkpoint_activations``): less memory on long utterances for one
+    more forward of the blocks. Dropout draws are replayed, so the results are unchanged."""
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads != 0:

@@ -285,3 +285,30 @@ def test_conv_block_in_bf16_autocast_matches_conv1d(c_in, kernel, stride):
     ref_grads = torch.autograd.grad(ref.float(), [ref_x, conv.weight, conv.bias], upstream)
     for got, want in zip(grads, ref_grads):
         assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("norm_mode", ["group_norm", "layer_norm"])
+def test_activation_checkpointing_leaves_loss_and_gradients_unchanged(waves, norm_mode):
+    # training mode with every dropout on: the recomputed blocks replay their dropout draws
+    def run(checkpointing: bool):
+        cfg = preset("tiny")
+        cfg.encoder = FeatureEncoderConfig(
+            conv_layers=cfg.encoder.conv_layers, norm_mode=norm_mode, checkpoint_activations=checkpointing
+        )
+        cfg.context.checkpoint_activations = checkpointing
+        cfg.context.dropout_p = cfg.context.attention_dropout_p = cfg.context.activation_dropout_p = 0.2
+        torch.manual_seed(0)
+        model = build_wav2vec2(cfg).train()
+        x, lengths = waves
+        torch.manual_seed(5)
+        loss = model.compute_loss(model(x, lengths, generator=_per_utterance([1, 2, 3][: x.size(0)])))
+        loss.total.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return loss.total.detach(), grads
+
+    plain_loss, plain_grads = run(False)
+    ckpt_loss, ckpt_grads = run(True)
+    torch.testing.assert_close(ckpt_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    assert ckpt_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from speechvq.config import ContextConfig
 
@@ -136,8 +137,10 @@ class ContextNetwork(nn.Module):
         layer_norm_first: bool,
         layer_drop_p: float,
         eps: float,
+        checkpoint_activations: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpoint_activations = checkpoint_activations
         self.pos_conv = pos_conv
         self.layers = layers
         self.layer_norm = nn.LayerNorm(dim, eps=eps)
@@ -179,7 +182,11 @@ class ContextNetwork(nn.Module):
                 draw = torch.rand((), generator=layer_drop_generator)
                 if float(draw) < self.layer_drop_p:
                     continue
-            x = layer(x, padding_mask)
+            if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+                # keep only the block's input; the backward recomputes it, replaying its dropout
+                x = checkpoint(layer, x, padding_mask, use_reentrant=False)
+            else:
+                x = layer(x, padding_mask)
             hidden.append(x)
         if self.layer_norm_first and num_layers is None:
             x = self.layer_norm(x)
@@ -213,4 +220,5 @@ def build_context_network(cfg: ContextConfig) -> ContextNetwork:
         layer_norm_first=cfg.layer_norm_first,
         layer_drop_p=cfg.layer_drop_p,
         eps=cfg.layer_norm_eps,
+        checkpoint_activations=cfg.checkpoint_activations,
     )

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from speechvq.config import FeatureEncoderConfig
 from speechvq.models.common import GradMultiply
@@ -252,12 +253,17 @@ class ConvFeatureEncoder(nn.Module):
     """
 
     def __init__(
-        self, layers: nn.ModuleList, conv_layers: tuple[tuple[int, int, int], ...], grad_mult: float
+        self,
+        layers: nn.ModuleList,
+        conv_layers: tuple[tuple[int, int, int], ...],
+        grad_mult: float,
+        checkpoint_activations: bool = False,
     ):
         super().__init__()
         self.layers = layers
         self.conv_layers = conv_layers
         self.grad_mult = grad_mult
+        self.checkpoint_activations = checkpoint_activations
 
     @property
     def receptive_field(self) -> int:
@@ -294,8 +300,12 @@ class ConvFeatureEncoder(nn.Module):
                 for layer in self.layers:
                     x, frame_lengths = layer(x, frame_lengths)
         else:
+            recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
             for layer in self.layers:
-                x, frame_lengths = layer(x, frame_lengths)
+                if recompute:  # keep only the layer's input; recompute the rest in the backward
+                    x, frame_lengths = checkpoint(layer, x, frame_lengths, use_reentrant=False)
+                else:
+                    x, frame_lengths = layer(x, frame_lengths)
             if self.grad_mult != 1.0:
                 x = GradMultiply.apply(x, self.grad_mult)
         assert frame_lengths is not None
@@ -324,4 +334,4 @@ def build_feature_encoder(cfg: FeatureEncoderConfig) -> ConvFeatureEncoder:
             norm = None
         layers.append(ConvLayerBlock(conv, norm))
         in_channels = channels
-    return ConvFeatureEncoder(nn.ModuleList(layers), cfg.conv_layers, cfg.grad_mult)
+    return ConvFeatureEncoder(nn.ModuleList(layers), cfg.conv_layers, cfg.grad_mult, cfg.checkpoint_activations)
