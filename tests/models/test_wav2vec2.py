@@ -312,3 +312,26 @@ def test_activation_checkpointing_leaves_loss_and_gradients_unchanged(waves, nor
     assert ckpt_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
     for name, grad in plain_grads.items():
         torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("norm_mode", ["group_norm", "layer_norm"])
+def test_padded_batch_runs_the_encoder_per_utterance_with_the_batched_result(norm_mode):
+    # on the CPU a padded batch is convolved one utterance at a time (no padding computed): the
+    # valid frames and the weight gradients equal the batched run's, the padded frames are zeros
+    torch.manual_seed(0)
+    encoder = _eval_model("tiny", norm_mode).feature_encoder.train()
+    lengths = torch.tensor([4000, 3100, 2500])
+    x = torch.randn(3, 4000)
+    x[torch.arange(4000)[None, :] >= lengths[:, None]] = 0.0
+    features, frame_lengths = encoder(x, lengths)
+    batched, batched_lengths = encoder._layers(x[:, :, None], lengths)
+    assert torch.equal(frame_lengths, batched_lengths) and features.shape == batched.shape
+    valid = torch.arange(features.size(1))[None, :] < frame_lengths[:, None]
+    torch.testing.assert_close(features[valid], batched[valid], atol=1e-5, rtol=1e-5)
+    assert not features[~valid].any()
+    weight = torch.randn(features.shape[-1])
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((features[valid] * weight).sum(), params)
+    ref_grads = torch.autograd.grad((batched[valid] * weight).sum(), params)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -293,22 +294,38 @@ class ConvFeatureEncoder(nn.Module):
             ValueError: if ``waveforms`` is not 2-D, or an utterance is shorter than one frame.
         """
         lengths = check_waveforms(waveforms, lengths, self.receptive_field)
-        frame_lengths: Tensor | None = lengths
-        x = waveforms[:, :, None]  # (B, S) -> (B, S, 1)
-        if self.grad_mult == 0.0:
-            with torch.no_grad():
-                for layer in self.layers:
-                    x, frame_lengths = layer(x, frame_lengths)
-        else:
-            recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
-            for layer in self.layers:
-                if recompute:  # keep only the layer's input; recompute the rest in the backward
-                    x, frame_lengths = checkpoint(layer, x, frame_lengths, use_reentrant=False)
-                else:
-                    x, frame_lengths = layer(x, frame_lengths)
-            if self.grad_mult != 1.0:
-                x = GradMultiply.apply(x, self.grad_mult)
-        assert frame_lengths is not None
+        batch, samples = waveforms.shape
+        with torch.no_grad() if self.grad_mult == 0.0 else contextlib.nullcontext():
+            if waveforms.device.type == "cpu" and batch > 1 and bool((lengths < samples).any()):
+                # One utterance at a time, so no padding is convolved (11% of the conv FLOPs on
+                # the benchmark's batch). The valid frames are the same as in the padded batch
+                # (each depends on valid samples only, and the norms are per utterance); padded
+                # frames are zeros. On the GPU the batched call wins: one launch per layer.
+                frames = int(self.output_lengths(torch.tensor([samples]))[0])
+                parts = [
+                    self._layers(waveforms[b : b + 1, :n, None], None)[0][0]
+                    for b, n in enumerate(lengths.tolist())
+                ]
+                x = torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)  # (B, max n, C)
+                x = F.pad(x, (0, 0, 0, frames - x.size(1)))  # (B, T, C)
+                frame_lengths = self.output_lengths(lengths)
+            else:
+                x, frame_lengths = self._layers(waveforms[:, :, None], lengths)  # (B, S) -> (B, S, 1)
+        if self.grad_mult not in (0.0, 1.0):
+            x = GradMultiply.apply(x, self.grad_mult)
+        return x, frame_lengths
+
+    def _layers(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Run the conv layers on ``[B, S, 1]``; lengths in samples -> frames (None: all valid)."""
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
+        frame_lengths = lengths
+        for layer in self.layers:
+            if recompute:  # keep only the layer's input; recompute the rest in the backward
+                x, frame_lengths = checkpoint(layer, x, frame_lengths, use_reentrant=False)
+            else:
+                x, frame_lengths = layer(x, frame_lengths)
+        if frame_lengths is None:
+            frame_lengths = torch.full((x.size(0),), x.size(1), dtype=torch.long, device=x.device)
         return x, frame_lengths
 
 
@@ -334,4 +351,6 @@ def build_feature_encoder(cfg: FeatureEncoderConfig) -> ConvFeatureEncoder:
             norm = None
         layers.append(ConvLayerBlock(conv, norm))
         in_channels = channels
-    return ConvFeatureEncoder(nn.ModuleList(layers), cfg.conv_layers, cfg.grad_mult, cfg.checkpoint_activations)
+    return ConvFeatureEncoder(
+        nn.ModuleList(layers), cfg.conv_layers, cfg.grad_mult, cfg.checkpoint_activations
+    )
