@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from speechvq.config import ContextConfig
+from speechvq.models.common import Dropout, dropout
 
 
 class ConvPositionalEmbedding(nn.Module):
@@ -60,13 +61,19 @@ class SelfAttention(nn.Module):
         attn_mask = None
         if key_padding_mask is not None:
             attn_mask = ~key_padding_mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T), True = attend
-        y = F.scaled_dot_product_attention(
-            split(self.q_proj(x)),
-            split(self.k_proj(x)),
-            split(self.v_proj(x)),
-            attn_mask=attn_mask,
-            dropout_p=self.dropout_p if self.training else 0.0,
-        )
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        if self.training and self.dropout_p > 0.0 and x.device.type == "cpu":
+            # what SDPA's math path computes (the CPU has no fused kernel with dropout), with the
+            # faster dropout of the attention probabilities
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, H, T, T)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            probs = dropout(torch.softmax(scores, dim=-1), self.dropout_p, True)
+            y = probs.to(v.dtype) @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
+            )
         y = y.transpose(1, 2).reshape(batch, frames, dim)  # (B, H, T, D/H) -> (B, T, D)
         return self.out_proj(y)
 
@@ -77,9 +84,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, activation_dropout_p: float, dropout_p: float) -> None:
         super().__init__()
         self.linear1 = nn.Linear(dim, ffn_dim)
-        self.activation_dropout = nn.Dropout(activation_dropout_p)
+        self.activation_dropout = Dropout(activation_dropout_p)
         self.linear2 = nn.Linear(ffn_dim, dim)
-        self.dropout = nn.Dropout(dropout_p)
+        self.dropout = Dropout(dropout_p)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.linear2(self.activation_dropout(F.gelu(self.linear1(x)))))
@@ -101,7 +108,7 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.attention = attention
         self.feed_forward = feed_forward
-        self.dropout = nn.Dropout(dropout_p)
+        self.dropout = Dropout(dropout_p)
         self.attention_norm = nn.LayerNorm(dim, eps=eps)
         self.ffn_norm = nn.LayerNorm(dim, eps=eps)
         self.layer_norm_first = layer_norm_first
@@ -144,7 +151,7 @@ class ContextNetwork(nn.Module):
         self.pos_conv = pos_conv
         self.layers = layers
         self.layer_norm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = nn.Dropout(dropout_p)
+        self.dropout = Dropout(dropout_p)
         self.layer_norm_first = layer_norm_first
         self.layer_drop_p = layer_drop_p
 

@@ -16,7 +16,7 @@ from speechvq.losses import (
     diversity_loss,
     feature_penalty,
 )
-from speechvq.models.common import lengths_to_padding_mask
+from speechvq.models.common import Dropout, lengths_to_padding_mask
 from speechvq.models.context import ContextNetwork, build_context_network
 from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer, build_kmeans_quantizer
@@ -36,7 +36,7 @@ class FeatureProjection(nn.Module):
         super().__init__()
         self.layer_norm = nn.LayerNorm(in_dim, eps=eps)
         self.linear = nn.Linear(in_dim, out_dim)
-        self.dropout = nn.Dropout(dropout_p)
+        self.dropout = Dropout(dropout_p)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, T, C]`` -> (projected ``[B, T, D]``, normalised features ``[B, T, C]``)."""
@@ -103,7 +103,7 @@ class Wav2Vec2Model(nn.Module):
         self.quantizer = quantizer
         self.context = context
         self.mask_embedding = nn.Parameter(torch.empty(cfg.context.dim).uniform_())
-        self.quantizer_dropout = nn.Dropout(cfg.quantizer.dropout_p)
+        self.quantizer_dropout = Dropout(cfg.quantizer.dropout_p)
         self.project_q = nn.Linear(cfg.codevector_dim, cfg.final_dim)
         self.project_hid = nn.Linear(cfg.context.dim, cfg.final_dim)
         self.cross_process_sum: Callable[[Tensor], Tensor] | None = None

@@ -1,0 +1,51 @@
+"""Dropout and the training-mode attention path of the context network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import speechvq.models.context as context_module
+from speechvq.models.common import dropout
+from speechvq.models.context import SelfAttention
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keeps_one_minus_p_and_scales_like_f_dropout(dtype):
+    torch.manual_seed(0)
+    x = torch.ones(400_000, dtype=dtype, requires_grad=True)
+    y = dropout(x, 0.1, True)
+    assert y.dtype == dtype
+    kept = y != 0
+    assert abs(float(kept.float().mean()) - 0.9) < 3e-3  # ~7 standard deviations
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / 0.9))  # F.dropout's scale, exactly
+    (grad,) = torch.autograd.grad(y.float().sum(), x)
+    assert torch.equal(grad, y.detach())  # d(x * mask / 0.9) / dx = mask / 0.9
+    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+    assert not dropout(x, 1.0, True).any()
+
+
+def test_training_attention_path_is_sdpa_when_its_dropout_keeps_everything(monkeypatch):
+    # in training with attention dropout the CPU path computes attention itself (to use the
+    # faster dropout); with the dropout made the identity it must equal SDPA, padding included
+    torch.manual_seed(0)
+    attention = SelfAttention(32, 4, dropout_p=0.1)
+    x = torch.randn(3, 17, 32)
+    padding = torch.arange(17)[None, :] >= torch.tensor([17, 11, 5])[:, None]
+    attention.eval()
+    want = attention(x, padding)
+    monkeypatch.setattr(context_module, "dropout", lambda t, p, training: t)
+    attention.train()
+    got = attention(x, padding)
+    valid = ~padding
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_bf16 = attention(x, padding)
+    torch.testing.assert_close(got_bf16.float()[valid], want[valid], atol=5e-2, rtol=5e-2)
+
+
+def test_training_attention_drops_probabilities():
+    torch.manual_seed(0)
+    attention = SelfAttention(32, 4, dropout_p=0.5).train()
+    x = torch.randn(2, 9, 32)
+    assert not torch.allclose(attention(x, None), attention(x, None))  # fresh masks each call
