@@ -5,6 +5,10 @@ Usage:
     python bench/pretrain_step.py --configs small base --precisions fp32 bf16
     python bench/pretrain_step.py --configs small --memory        # + peak RSS per implementation
 
+Each is driven as its own training code drives it; the optimizer is torch's Adam for the
+references (faster on the CPU than fairseq's own FairseqAdam) and speechvq's trainer's fused AdamW
+(weight decay 0, the same update) for speechvq.
+
 The three implementations get the same architecture, the same weights where they can be mapped
 (speechvq -> transformers through the key map; fairseq is built from the equivalent config), the
 same padded batch (utterances of differing lengths), the same masking (mask_prob 0.65, spans of
@@ -87,9 +91,13 @@ def autocast(precision: str):
 
 
 def speechvq_step_fn(cfg, x, lengths, precision: str) -> tuple[Callable[[], float], torch.nn.Module]:
+    from speechvq.train.config import OptimSection
+    from speechvq.train.optim import build_optimizer
+
     torch.manual_seed(0)
     model = build_wav2vec2(cfg).train()
-    optim = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
+    # speechvq's trainer's optimizer (fused AdamW); with weight decay 0 it is the references' Adam
+    optim = build_optimizer(model, OptimSection(lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0))
     counter = iter(range(10**9))
 
     def step() -> float:

@@ -43,3 +43,25 @@ def test_build_optimizer_uses_wav2vec2_adam_settings() -> None:
     group = opt.param_groups[0]
     assert isinstance(opt, torch.optim.AdamW)
     assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-6 and group["weight_decay"] == 0.01
+
+
+def test_optimizer_is_fused_adamw_with_the_foreach_updates() -> None:
+    # the fused kernel is a speed choice only: five updates equal torch's default AdamW's
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    reference.load_state_dict(model.state_dict())
+    cfg = OptimSection(lr=1e-2, weight_decay=0.01)
+    optim = build_optimizer(model, cfg)
+    assert isinstance(optim, torch.optim.AdamW) and optim.defaults["fused"]
+    ref_optim = torch.optim.AdamW(
+        reference.parameters(), lr=1e-2, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=0.01
+    )
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for net, opt in ((model, optim), (reference, ref_optim)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
