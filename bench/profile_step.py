@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Where speechvq's training step spends its time: torch.profiler, grouped by kind of work.
+
+Usage:
+    python bench/profile_step.py --config small --precision bf16
+    python bench/profile_step.py --config base --precision bf16 --top 30   # + the op table
+
+Profiles ``--steps`` full steps of `bench/pretrain_step.py`'s speechvq step (same batch, masking
+and distractors) after two warm-up steps, and prints each group's share of the self CPU time. The
+groups come from the op name and its input shapes; the rules are in :func:`group_of`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pretrain_step as step_bench  # the sibling benchmark's step functions
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+CONVS = {"aten::mkldnn_convolution", "aten::convolution_backward"}
+
+
+def group_of(name: str, shapes: str, pos_conv_kernel: int) -> str:
+    """The kind of work an op (with its input shapes) belongs to."""
+    if name in MATMULS:
+        return "matmuls (Transformer, projections, first conv layer)"
+    if name in CONVS:  # the positional conv is the only one with the pos_conv kernel
+        if f", {pos_conv_kernel}]" in shapes:
+            return "positional convolution, forward + backward"
+        return "conv encoder convolutions, forward + backward"
+    if name in ("aten::uniform_", "aten::bernoulli_"):
+        return "dropout RNG"
+    if "adam" in name.lower():
+        return "optimizer"
+    if name in ("aten::copy_", "aten::_to_copy"):
+        return "copies and dtype casts"
+    return "elementwise, norms, softmax, indexing"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="small")
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--seconds", nargs="+", type=float, default=[4.0, 3.7, 3.4, 3.1])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--top", type=int, default=0, help="also print the N costliest ops by shape")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    cfg = step_bench.bench_config(args.config)
+    x, lengths = step_bench.make_batch(args.seconds)
+    step, _ = step_bench.speechvq_step_fn(cfg, x, lengths, args.precision)
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(args.steps):
+            step()
+    events = prof.key_averages(group_by_input_shape=True)
+    groups: collections.Counter[str] = collections.Counter()
+    for event in events:
+        groups[group_of(event.key, str(event.input_shapes), cfg.context.pos_conv_kernel)] += (
+            event.self_cpu_time_total
+        )
+    total = sum(groups.values())
+    print(
+        f"# {args.config}, {args.precision}, {args.threads} threads, {args.steps} steps, batch {args.seconds} s"
+    )
+    print(f"# self CPU time {total / 1e6:.2f} s")
+    print("| where | share |")
+    print("|---|---|")
+    for group, time in groups.most_common():
+        print(f"| {group} | {100 * time / total:.1f}% |")
+    if args.top:
+        print(events.table(sort_by="self_cpu_time_total", row_limit=args.top))
+
+
+if __name__ == "__main__":
+    main()
