@@ -16,31 +16,6 @@ from torch import Tensor
 
 
 def contrastive_logits(
-    predictions: Tensor, targets: Tensor, distractors: Tensor, logit_temp: float
-) -> Tensor:
-    """Cosine-similarity logits of each prediction against its target and distractors (eq. 3).
-
-    Computed in fp32. A distractor equal to the target (possible when few codewords are in use)
-    would make the task ill-posed, so its logit is set to -inf.
-
-    Args:
-        predictions: ``[N, F]`` context outputs projected to the final dim.
-        targets: ``[N, F]`` projected quantized targets.
-        distractors: ``[N, K, F]`` projected quantized distractors.
-        logit_temp: kappa.
-
-    Returns:
-        ``[N, K + 1]`` logits, the target at index 0.
-    """
-    candidates = torch.cat([targets[:, None, :], distractors], dim=1).float()  # (N, 1+K, F)
-    logits = torch.cosine_similarity(predictions.float()[:, None, :], candidates, dim=-1) / logit_temp
-    same = (distractors == targets[:, None, :]).all(dim=-1)  # (N, K)
-    if bool(same.any()):
-        logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(same, float("-inf"))], dim=1)
-    return logits
-
-
-def contrastive_logits_indexed(
     predictions: Tensor,
     candidates: Tensor,
     target_pos: Tensor,
@@ -48,13 +23,16 @@ def contrastive_logits_indexed(
     logit_temp: float,
     eps: float = 1e-8,
 ) -> Tensor:
-    """:func:`contrastive_logits` with the targets and distractors given as rows of ``candidates``.
+    """Cosine-similarity logits of each prediction against its target and K distractors (eq. 3),
+    computed in fp32, divided by kappa. A distractor equal to the target (possible when few
+    codewords are in use) would make the task ill-posed, so its logit is set to -inf.
 
-    The same logits (to rounding) without the ``[N, K + 1, F]`` candidate tensor: each vector is
-    normalised once (as ``torch.cosine_similarity`` does, norms clamped at ``eps``), every
-    prediction is scored against every candidate with one matmul (``[N, M]``, with M about N since
-    the distractors are masked frames), and the K + 1 logits are gathered from that. The elementwise
-    passes over ``[N, K + 1, F]`` it replaces were 17% of a SMALL training step.
+    The targets and distractors are given as rows of ``candidates``: each vector is normalised once
+    (as ``torch.cosine_similarity`` does, norms clamped at ``eps``), every prediction is scored
+    against every candidate with one matmul (``[N, M]``, with M about N since the distractors are
+    masked frames), and the K + 1 logits are gathered from that. That equals cosine similarity over
+    an ``[N, K + 1, F]`` candidate tensor to rounding, whose elementwise passes were 17% of a SMALL
+    training step.
 
     Args:
         predictions: ``[N, F]`` context outputs projected to the final dim.

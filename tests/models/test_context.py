@@ -1,4 +1,4 @@
-"""Dropout and the training-mode attention path of the context network."""
+"""Dropout, the training-mode attention path, and the contrastive logits."""
 
 from __future__ import annotations
 
@@ -49,3 +49,28 @@ def test_training_attention_drops_probabilities():
     attention = SelfAttention(32, 4, dropout_p=0.5).train()
     x = torch.randn(2, 9, 32)
     assert not torch.allclose(attention(x, None), attention(x, None))  # fresh masks each call
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contrastive_logits_equal_cosine_similarity_over_gathered_candidates(dtype):
+    # the [N, M] matmul + gather against the plain definition on an [N, K+1, F] tensor, including
+    # the -inf of a distractor whose vector equals its target's (here rows 5 and 7 are equal)
+    from speechvq.losses import contrastive_logits
+
+    g = torch.Generator().manual_seed(0)
+    predictions = torch.randn(50, 16, generator=g).to(dtype)
+    candidates = torch.randn(60, 16, generator=g).to(dtype)
+    candidates[7] = candidates[5]
+    target_pos = torch.randint(0, 60, (50,), generator=g)
+    distractor_pos = torch.randint(0, 60, (50, 20), generator=g)
+    target_pos[0], distractor_pos[0, 3] = 5, 7
+    got = contrastive_logits(predictions, candidates, target_pos, distractor_pos, 0.1)
+
+    stacked = candidates[torch.cat([target_pos[:, None], distractor_pos], dim=1)].float()  # (N, K+1, F)
+    want = torch.cosine_similarity(predictions.float()[:, None, :], stacked, dim=-1) / 0.1
+    same = (candidates[distractor_pos] == candidates[target_pos][:, None, :]).all(dim=-1)
+    want[:, 1:] = want[:, 1:].masked_fill(same, float("-inf"))
+    assert got.dtype == torch.float32 and bool(same[0, 3])
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)

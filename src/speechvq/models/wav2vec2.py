@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from speechvq.config import Wav2Vec2Config
 from speechvq.losses import (
     LossBreakdown,
-    contrastive_logits_indexed,
+    contrastive_logits,
     contrastive_loss,
     diversity_loss,
     feature_penalty,
@@ -218,7 +218,7 @@ class Wav2Vec2Model(nn.Module):
         targets = candidates[target_pos]
 
         # 6. cosine-similarity logits / kappa, in fp32 (eq. 3), scored against the M used frames
-        logits = contrastive_logits_indexed(
+        logits = contrastive_logits(
             predictions, candidates, target_pos, distractor_pos, self.cfg.loss.logit_temp
         )
         return Wav2Vec2Output(
