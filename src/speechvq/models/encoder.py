@@ -300,7 +300,8 @@ class ConvFeatureEncoder(nn.Module):
                 # One utterance at a time, so no padding is convolved (11% of the conv FLOPs on
                 # the benchmark's batch). The valid frames are the same as in the padded batch
                 # (each depends on valid samples only, and the norms are per utterance); padded
-                # frames are zeros. On the GPU the batched call wins: one launch per layer.
+                # frames are zeros. Off the CPU the batched call stays (one launch per layer;
+                # no GPU has been available to time the per-utterance form).
                 frames = int(self.output_lengths(torch.tensor([samples]))[0])
                 parts = [
                     self._layers(waveforms[b : b + 1, :n, None], None)[0][0]
