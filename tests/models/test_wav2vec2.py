@@ -315,12 +315,13 @@ def test_activation_checkpointing_leaves_loss_and_gradients_unchanged(waves, nor
 
 
 @pytest.mark.parametrize("norm_mode", ["group_norm", "layer_norm"])
-def test_padded_batch_runs_the_encoder_per_utterance_with_the_batched_result(norm_mode):
-    # on the CPU a padded batch is convolved one utterance at a time (no padding computed): the
-    # valid frames and the weight gradients equal the batched run's, the padded frames are zeros
+@pytest.mark.parametrize("sample_lengths", [(4000, 3100, 2500), (4000, 4000, 4000)])
+def test_cpu_encoder_runs_per_utterance_with_the_batched_result(norm_mode, sample_lengths):
+    # on the CPU a batch is convolved one utterance at a time (no padding computed): the valid
+    # frames and the weight gradients equal the batched run's, the padded frames are zeros
     torch.manual_seed(0)
     encoder = _eval_model("tiny", norm_mode).feature_encoder.train()
-    lengths = torch.tensor([4000, 3100, 2500])
+    lengths = torch.tensor(sample_lengths)
     x = torch.randn(3, 4000)
     x[torch.arange(4000)[None, :] >= lengths[:, None]] = 0.0
     features, frame_lengths = encoder(x, lengths)

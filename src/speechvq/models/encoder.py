@@ -296,12 +296,13 @@ class ConvFeatureEncoder(nn.Module):
         lengths = check_waveforms(waveforms, lengths, self.receptive_field)
         batch, samples = waveforms.shape
         with torch.no_grad() if self.grad_mult == 0.0 else contextlib.nullcontext():
-            if waveforms.device.type == "cpu" and batch > 1 and bool((lengths < samples).any()):
-                # One utterance at a time, so no padding is convolved (11% of the conv FLOPs on
-                # the benchmark's batch). The valid frames are the same as in the padded batch
-                # (each depends on valid samples only, and the norms are per utterance); padded
-                # frames are zeros. Off the CPU the batched call stays (one launch per layer;
-                # no GPU has been available to time the per-utterance form).
+            if waveforms.device.type == "cpu" and batch > 1:
+                # One utterance at a time: no padding is convolved (11% of the conv FLOPs on the
+                # benchmark's batch), and batch-1 convolutions run faster here even without
+                # padding (+10% bf16, +17% fp32 per SMALL step on 4 x 4 s). The valid frames are
+                # the batched call's (each depends on valid samples only, and the norms are per
+                # utterance); padded frames are zeros. Off the CPU the batched call stays (one
+                # launch per layer; no GPU has been available to time the per-utterance form).
                 frames = int(self.output_lengths(torch.tensor([samples]))[0])
                 parts = [
                     self._layers(waveforms[b : b + 1, :n, None], None)[0][0]
