@@ -76,7 +76,7 @@ def run_point(impl: str, seconds: float, args: argparse.Namespace) -> dict[str, 
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times), "peak_rss_mb": step_bench._peak_rss_mb()}
+    return {"step_s": statistics.median(times), "peak_rss_mb": step_bench.peak_rss_mb()}
 
 
 def main() -> None:

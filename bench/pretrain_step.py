@@ -292,10 +292,10 @@ def run_single(impl: str, config: str, precision: str, args: argparse.Namespace)
     step, _ = STEP_FNS[impl](bench_config(config), x, lengths, precision)
     for _ in range(3):
         step()
-    print(json.dumps({"peak_rss_mb": _peak_rss_mb()}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """This process's peak resident memory. ``VmHWM`` belongs to the address space created by exec;
     ``ru_maxrss`` is carried across exec on Linux, so a child would report its parent's peak."""
     try:

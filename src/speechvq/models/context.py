@@ -66,8 +66,8 @@ class SelfAttention(nn.Module):
             # what SDPA's math path computes (the CPU has no fused kernel with dropout), with the
             # faster dropout of the attention probabilities
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, H, T, T)
-            if attn_mask is not None:
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            if key_padding_mask is not None:
+                scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
             probs = dropout(torch.softmax(scores, dim=-1), self.dropout_p, True)
             y = probs.to(v.dtype) @ v
         else:

@@ -173,7 +173,7 @@ class ConvLayerBlock(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """x: ``[B, S, C_in]`` -> ``[B, S', C_out]``; lengths in and out in steps of this layer."""
         if lengths is not None:
-            lengths = (torch.div(lengths - self.kernel, self.stride, rounding_mode="floor") + 1).clamp(min=0)
+            lengths = conv_output_lengths(lengths, ((0, self.kernel, self.stride),))
         if self.kernel * x.size(-1) > _FEW_COLUMNS and _bf16_on_cpu(x):
             x = _conv_time_major(x, self.conv.weight, self.conv.bias, self.stride)
             return F.gelu(self.norm(x, lengths) if self.norm is not None else x), lengths

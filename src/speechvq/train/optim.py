@@ -19,7 +19,7 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimize
     params = [p for p in model.parameters() if p.requires_grad]
     # torch's fused kernel (CPU and CUDA): one pass over each parameter instead of foreach's
     # several; 3.3x faster on the BASE model's 95M parameters here (180 -> 55 ms per update)
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(
         params,
         lr=cfg.lr,
