@@ -74,3 +74,23 @@ def test_contrastive_logits_equal_cosine_similarity_over_gathered_candidates(dty
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[finite], want[finite], atol=1e-5, rtol=1e-5)
+
+
+def test_contrastive_accuracy_counts_only_targets_ranked_strictly_first():
+    from speechvq.losses import contrastive_accuracy
+
+    inf = float("-inf")
+    logits = torch.tensor(
+        [
+            [2.0, 1.0, 0.5, inf],  # strictly first: right
+            [1.0, 1.0, 0.5, 0.0],  # tied with the best distractor, lower ones elsewhere: wrong
+            [1.0, 1.0, 1.0, inf],  # all finite equal, a -inf distractor: wrong (fairseq: right)
+            [0.0, 0.0, 0.0, 0.0],  # all equal: wrong
+            [0.0, 1.0, -1.0, 0.5],  # a distractor above the target: wrong
+            [0.0, inf, inf, inf],  # every distractor equal to the target: right
+        ]
+    )
+    correct, counted = contrastive_accuracy(logits)
+    assert (int(correct), counted) == (2, 6)
+    assert int(contrastive_accuracy(torch.zeros(3, 1))[0]) == 0  # no distractors: nothing to rank
+    assert contrastive_accuracy(torch.zeros(0, 5))[1] == 0
