@@ -75,9 +75,9 @@ def contrastive_accuracy(logits: Tensor) -> tuple[Tensor, int]:
     distractors. fairseq's rule (argmax at the target, argmin elsewhere) only catches rows whose
     logits are *all* equal: when the target ties with the best distractors and some other logit is
     lower, argmax returns the target (the first of the tied entries) and the row counts as
-    correct. A model collapsed to one prediction for every frame produces exactly that under bf16
-    (its cosine scores round to a few values): one such run logged accuracy 0.65 with the loss at
-    chance, and on a batch from its checkpoint fairseq's rule gives 0.61 where this one gives 0.
+    correct. A model collapsed to one prediction for every frame produced such ties under bf16
+    autocast: the run logged accuracy 0.65 with the loss at chance, and on a batch from its
+    checkpoint fairseq's rule gives 0.61 where this one gives 0.
     """
     if logits.numel() == 0:
         return torch.zeros((), device=logits.device), 0
