@@ -24,45 +24,48 @@ from __future__ import annotations
 import argparse
 import time
 
-import soundfile as sf
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from speechvq.config import preset
 from speechvq.data.manifest import read_manifest
-from speechvq.models.wav2vec2 import Wav2Vec2Model, build_wav2vec2
+from speechvq.models.wav2vec2 import build_wav2vec2
 from speechvq.train.finetune import load_init_model
-from speechvq.units.export import layer_features
-from speechvq.units.quality import frame_labels, read_alignment
+from speechvq.units.export import iter_manifest, layer_features, num_layers
+from speechvq.units.quality import find_alignment, frame_labels, read_alignment
 
 FRAME_S = 0.02
 
 
-def load_split(manifest: str) -> list[tuple[Tensor, list[tuple[float, float, str]]]]:
-    """(waveform, phone segments) of every item; the alignment is the audio path with ``.phones``."""
-    m = read_manifest(manifest)
-    out = []
-    for item in m.items:
-        path = m.root / item.relpath
-        wav, _ = sf.read(path, dtype="float32")
-        out.append((torch.from_numpy(wav), read_alignment(path.with_suffix(".phones"))))
-    return out
-
-
 def labelled_frames(
-    model: Wav2Vec2Model, data: list[tuple[Tensor, list[tuple[float, float, str]]]], layer: int
-) -> tuple[Tensor, list[str]]:
-    """Features ``[N, D]`` of every frame a phone covers, and those phones."""
-    feats, phones = [], []
-    for wav, segments in data:
-        f, n = layer_features(model, wav[None], torch.tensor([wav.numel()]), layer)
-        f = f[0, : int(n[0])].float()
-        for t, phone in enumerate(frame_labels(segments, f.size(0), FRAME_S)):
-            if phone is not None:
-                feats.append(f[t])
-                phones.append(phone)
-    return torch.stack(feats), phones
+    model: nn.Module, manifest: str, layers: list[int]
+) -> dict[int, tuple[Tensor, list[str]]]:
+    """Per layer: features ``[N, D]`` of every frame a phone covers, and those phones.
+
+    The audio comes through :func:`iter_manifest` (the export's loader: resampling, the model's
+    waveform normalisation, one utterance at a time) and each alignment is the ``.phones`` file
+    beside the audio (:func:`find_alignment`).
+    """
+    root = read_manifest(manifest).root
+    feats: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    phones: list[str] = []
+    for batch in iter_manifest(manifest, model, max_items=1):
+        if not batch.usable:
+            continue
+        relpath = batch.relpaths[batch.usable[0]]
+        path = find_alignment(root, relpath, ".phones", None)
+        if path is None:
+            raise SystemExit(f"{root / relpath}: no .phones alignment beside it")
+        labels = None
+        for layer in layers:
+            f, n = layer_features(model, batch.waveforms, batch.lengths, layer)
+            f = f[0, : int(n[0])].float()
+            if labels is None:
+                labels = frame_labels(read_alignment(path), f.size(0), FRAME_S)
+                phones.extend(p for p in labels if p is not None)
+            feats[layer].extend(f[t] for t, p in enumerate(labels) if p is not None)
+    return {layer: (torch.stack(feats[layer]), phones) for layer in layers}
 
 
 def probe(train: tuple[Tensor, list[str]], test: tuple[Tensor, list[str]], steps: int) -> tuple[float, float]:
@@ -99,8 +102,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="full-batch Adam steps (default 400)")
     args = parser.parse_args()
 
-    train_data, test_data = load_split(args.train), load_split(args.test)
-    print(f"probe: {args.train} ({len(train_data)} utterances) -> {args.test} ({len(test_data)} utterances)")
+    print(f"probe: {args.train} -> {args.test}")
     print("| model | layer | dim | train acc | test acc |")
     print("|---|---|---|---|---|")
     for spec in args.models:
@@ -112,15 +114,15 @@ def main() -> None:
         else:
             model = load_init_model(spec)
         model.eval()
-        layers = args.layers or list(range(model.cfg.context.num_layers + 1))
+        layers = args.layers or list(range(num_layers(model) + 1))
+        trains = labelled_frames(model, args.train, layers)
+        tests = labelled_frames(model, args.test, layers)
         for layer in layers:
             start = time.time()
-            train = labelled_frames(model, train_data, layer)
-            test = labelled_frames(model, test_data, layer)
-            acc_tr, acc_te = probe(train, test, args.steps)
+            acc_tr, acc_te = probe(trains[layer], tests[layer], args.steps)
             print(
-                f"| {spec} | {layer} | {train[0].size(1)} | {acc_tr:.3f} | {acc_te:.3f} |"
-                f"  <!-- {len(train[1])} train frames, {time.time() - start:.0f} s -->",
+                f"| {spec} | {layer} | {trains[layer][0].size(1)} | {acc_tr:.3f} | {acc_te:.3f} |"
+                f"  <!-- {len(trains[layer][1])} train frames, fit {time.time() - start:.0f} s -->",
                 flush=True,
             )
 

@@ -58,9 +58,6 @@ class SelfAttention(nn.Module):
         def split(t: Tensor) -> Tensor:
             return t.view(batch, frames, heads, dim // heads).transpose(1, 2)  # (B, T, D) -> (B, H, T, D/H)
 
-        attn_mask = None
-        if key_padding_mask is not None:
-            attn_mask = ~key_padding_mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T), True = attend
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         if self.training and self.dropout_p > 0.0 and x.device.type == "cpu":
             # what SDPA's math path computes (the CPU has no fused kernel with dropout), with the
@@ -71,6 +68,9 @@ class SelfAttention(nn.Module):
             probs = dropout(torch.softmax(scores, dim=-1), self.dropout_p, True)
             y = probs.to(v.dtype) @ v
         else:
+            attn_mask = None
+            if key_padding_mask is not None:
+                attn_mask = ~key_padding_mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T), True = attend
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
             )
