@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,36 @@ def test_finetune_reinit_layers_is_checked_against_the_pretrained_model(
     finetune(cfg, str(init), tmp_path / "exp")
     tuned = yaml.safe_load((tmp_path / "exp" / "config.yaml").read_text())
     assert tuned["model"]["reinit_layers"] == 1
+
+
+def test_finetune_random_weights_keeps_the_init_architecture_and_drops_its_weights(
+    toy_manifest: Path, tmp_path: Path
+) -> None:
+    # the from-scratch baseline of a pretrained model: its sizes and front end, none of its weights
+    torch.manual_seed(0)
+    arch = wav2vec2_tiny()
+    arch.context = dataclasses.replace(arch.context, num_layers=3, dim=48, ffn_dim=96)
+    arch.encoder = dataclasses.replace(arch.encoder, kind="fbank")
+    pretrained = build_wav2vec2(arch)
+    init = save_pretrained(pretrained, tmp_path / "pretrained")
+    overrides = [f"data.train={toy_manifest}", "model.random_weights=true", "model.freeze_updates=5"]
+    cfg = load_config(
+        _config(tmp_path, train={"max_steps": 1, "valid_interval": 1000}), overrides, FinetuneConfig
+    )
+    from speechvq.train.finetune import CtcTask
+
+    task = CtcTask(cfg, str(init), tmp_path / "exp")
+    assert task.ctc_cfg.context == dataclasses.replace(
+        arch.context, **{k: getattr(task.ctc_cfg.context, k) for k in ("dropout_p", "attention_dropout_p",
+                                                                       "activation_dropout_p", "layer_drop_p")}
+    )  # fmt: skip
+    assert task.ctc_cfg.encoder.kind == "fbank" and task.ctc_cfg.freeze_updates == 0
+    model = task.build_model()
+    shared = pretrained.state_dict()
+    tuned = model.state_dict()
+    common = [
+        k for k in tuned if k in shared and tuned[k].shape == shared[k].shape and tuned[k].is_floating_point()
+    ]
+    assert len(common) > 10  # the same tensors exist (same architecture) ...
+    weights = [k for k in common if k.endswith("weight") and "norm" not in k]
+    assert weights and all(not torch.equal(tuned[k], shared[k]) for k in weights)  # ... with fresh values

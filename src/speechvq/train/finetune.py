@@ -70,6 +70,11 @@ class FinetuneModelSection:
     reinit_layers: int = 0
     """Re-initialise the top this many pretrained Transformer blocks instead of copying them (they
     then train from random weights, and so need ``freeze_updates: 0``); ignored without ``--init``."""
+    random_weights: bool = False
+    """With ``--init``: take its architecture (front end, sizes, waveform normalisation) but none of
+    its weights, and train everything from random initialisation, as ``--init none`` does. This is
+    the from-scratch baseline of exactly the model that was pretrained; ``reinit_layers`` and
+    ``freeze_updates`` then do not apply."""
     dropout_p: float = 0.0
     """Transformer dropout."""
     attention_dropout_p: float = 0.0
@@ -186,7 +191,7 @@ class FinetuneConfig:
         model = {
             k: v
             for k, v in dataclasses.asdict(self.model).items()
-            if k not in ("preset", "encoder_kind", "reinit_layers")
+            if k not in ("preset", "encoder_kind", "reinit_layers", "random_weights")
         }
         return {**model, "mask": dataclasses.asdict(self.mask)}
 
@@ -298,11 +303,14 @@ class CtcTask:
         self.cfg, self.init = cfg, init
         self.vocab = self._vocabulary(exp_dir / VOCAB_NAME, main)
         settings = cfg.settings()
-        if init is None:
+        if init is None or cfg.model.random_weights:
             self._pretrained = None
-            arch = preset(cfg.model.preset)
-            if cfg.model.encoder_kind is not None:
-                arch.encoder = dataclasses.replace(arch.encoder, kind=cfg.model.encoder_kind)
+            if init is None:
+                arch = preset(cfg.model.preset)
+                if cfg.model.encoder_kind is not None:
+                    arch.encoder = dataclasses.replace(arch.encoder, kind=cfg.model.encoder_kind)
+            else:
+                arch = load_init_model(init).cfg  # the architecture only; the weights are dropped
             self.ctc_cfg = ctc_config_from_wav2vec2(arch, len(self.vocab), **settings)
             self.ctc_cfg = dataclasses.replace(
                 self.ctc_cfg,
