@@ -20,7 +20,7 @@ from speechvq.models.ctc import load_ctc_pretrained
 from speechvq.models.wav2vec2 import build_wav2vec2
 from speechvq.train import checkpoint as ckpt
 from speechvq.train.config import load_config
-from speechvq.train.finetune import FinetuneConfig, finetune
+from speechvq.train.finetune import CtcTask, FinetuneConfig, finetune
 from speechvq.train.metrics import read_metrics
 
 
@@ -229,8 +229,6 @@ def test_finetune_from_scratch_with_the_log_mel_front_end(toy_manifest: Path, tm
 def test_finetune_best_checkpoint_follows_data_best_metric(
     toy_manifest: Path, tmp_path: Path, metric: str
 ) -> None:
-    from speechvq.train.finetune import CtcTask
-
     cfg = load_config(
         _config(tmp_path), [f"data.train={toy_manifest}", f"data.best_metric={metric}"], FinetuneConfig
     )
@@ -283,8 +281,6 @@ def test_finetune_random_weights_keeps_the_init_architecture_and_drops_its_weigh
     cfg = load_config(
         _config(tmp_path, train={"max_steps": 1, "valid_interval": 1000}), overrides, FinetuneConfig
     )
-    from speechvq.train.finetune import CtcTask
-
     task = CtcTask(cfg, str(init), tmp_path / "exp")
     assert task.ctc_cfg.context == dataclasses.replace(
         arch.context, **{k: getattr(task.ctc_cfg.context, k) for k in ("dropout_p", "attention_dropout_p",
