@@ -9,6 +9,7 @@ import yaml
 
 from speechvq.config import wav2vec2_base
 from speechvq.models.ctc import ctc_config_from_wav2vec2
+from speechvq.train.finetune import MODEL_CHOICE_FIELDS
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 BUDGETS = ["10min", "1h", "10h", "100h", "960h", "small_cpu"]
@@ -23,8 +24,7 @@ def _load(name: str) -> dict:
 def test_finetune_config_builds_a_ctc_config(name):
     conf = _load(name)
     assert set(conf) == SECTIONS
-    # preset and reinit_layers choose the model (architecture, which blocks are copied), not CtcConfig
-    settings = {k: v for k, v in conf["model"].items() if k not in ("preset", "reinit_layers")}
+    settings = {k: v for k, v in conf["model"].items() if k not in MODEL_CHOICE_FIELDS}
     cfg = ctc_config_from_wav2vec2(wav2vec2_base(), 32, mask=conf["mask"], **settings)
     assert cfg.encoder.grad_mult == 0.0
     assert conf["schedule"]["name"] == "tri_stage" and conf["schedule"]["phase_ratio"] == [0.1, 0.4, 0.5]

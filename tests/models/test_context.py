@@ -87,7 +87,7 @@ def test_contrastive_accuracy_counts_only_targets_ranked_strictly_first():
             [1.0, 1.0, 1.0, inf],  # all finite equal, a -inf distractor: wrong (fairseq: right)
             [0.0, 0.0, 0.0, 0.0],  # all equal: wrong
             [0.0, 1.0, -1.0, 0.5],  # a distractor above the target: wrong
-            [0.0, inf, inf, inf],  # every distractor equal to the target: right
+            [0.0, inf, inf, inf],  # every distractor masked to -inf (equal to the target): right
         ]
     )
     correct, counted = contrastive_accuracy(logits)

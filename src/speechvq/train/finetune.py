@@ -56,6 +56,11 @@ VOCAB_NAME = "vocab.json"
 """The run's vocabulary, written into the experiment directory on the first start."""
 
 
+MODEL_CHOICE_FIELDS = ("preset", "encoder_kind", "reinit_layers", "random_weights")
+"""Fields of :class:`FinetuneModelSection` that choose the model (architecture, which weights are
+copied) rather than set :class:`~speechvq.models.ctc.CtcConfig`."""
+
+
 @dataclass(kw_only=True)
 class FinetuneModelSection:
     """Fine-tuning settings of :class:`~speechvq.models.ctc.CtcConfig`; the architecture comes from ``--init``."""
@@ -188,15 +193,22 @@ class FinetuneConfig:
 
     def settings(self) -> dict[str, Any]:
         """Keyword settings for :func:`ctc_config_from_wav2vec2`."""
-        model = {
-            k: v
-            for k, v in dataclasses.asdict(self.model).items()
-            if k not in ("preset", "encoder_kind", "reinit_layers", "random_weights")
-        }
+        model = {k: v for k, v in dataclasses.asdict(self.model).items() if k not in MODEL_CHOICE_FIELDS}
         return {**model, "mask": dataclasses.asdict(self.mask)}
 
 
 # -- --init --------------------------------------------------------------------------------------------
+
+
+def scratch_architecture(model: FinetuneModelSection, init: str | None) -> Wav2Vec2Config:
+    """The architecture a from-scratch run trains: ``--init``'s with its weights dropped
+    (``model.random_weights``), else the preset's with ``model.encoder_kind``."""
+    if init is not None:
+        return load_init_model(init).cfg
+    arch = preset(model.preset)
+    if model.encoder_kind is not None:
+        arch.encoder = dataclasses.replace(arch.encoder, kind=model.encoder_kind)
+    return arch
 
 
 def load_init_model(spec: str) -> Wav2Vec2Model:
@@ -305,12 +317,7 @@ class CtcTask:
         settings = cfg.settings()
         if init is None or cfg.model.random_weights:
             self._pretrained = None
-            if init is None:
-                arch = preset(cfg.model.preset)
-                if cfg.model.encoder_kind is not None:
-                    arch.encoder = dataclasses.replace(arch.encoder, kind=cfg.model.encoder_kind)
-            else:
-                arch = load_init_model(init).cfg  # the architecture only; the weights are dropped
+            arch = scratch_architecture(cfg.model, init)
             self.ctc_cfg = ctc_config_from_wav2vec2(arch, len(self.vocab), **settings)
             self.ctc_cfg = dataclasses.replace(
                 self.ctc_cfg,
