@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # CTC fine-tuning of a pretrained model on each labelled budget, decoding with and without an LM,
 # and a WER table. Needs prepare.sh (and its Libri-light sets for 10min/1h/10h) and pretrain.sh.
+# With an LM, its weight and word bonus are tuned per budget on the validation subset (as the paper
+# tunes them on dev-other) over the lm_weights x word_bonuses grid, then the test subsets are decoded
+# with the best pair.
 #
 #   ./finetune_ctc.sh --init exp/pretrain_base --budgets "10min 1h"
 #   ./finetune_ctc.sh --lm data/lm/4-gram.arpa --beam 50    # adds LM decoding
+#   ./finetune_ctc.sh --lm data/lm/4-gram.arpa --lm-weights 2 --word-bonuses -1   # no tuning
 #   ./finetune_ctc.sh --dry-run true
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,8 +23,9 @@ test_subsets="test-clean test-other"
 exp_prefix=exp/ctc
 num_processes=1
 lm=""                         # ARPA or KenLM binary for beam search (empty: no LM decoding)
-lm_weight=2.0
-word_bonus=-1.0
+lexicon=""                    # optional word list for lexicon-constrained search (e.g. librispeech-lexicon.txt)
+lm_weights="1,1.5,2,2.5"      # alpha values tried on the validation subset (comma-separated)
+word_bonuses="-1,0,1"         # beta values tried on the validation subset
 beam=50
 extra_set=""
 . ../../tools/parse_options.sh || exit 1
@@ -48,23 +53,42 @@ if stage_begin 0 "fine-tune on ${budgets}"; then
   stage_end 0
 fi
 
-if stage_begin 1 "decode ${test_subsets} (greedy${lm:+ and beam ${beam} with ${lm}})"; then
+if stage_begin 1 "decode ${test_subsets} (greedy${lm:+ and beam ${beam} with ${lm}, weights tuned on ${valid_subset}})"; then
   for budget in $budgets; do
+    model=$exp_prefix/$budget/best_model
+    lm_args=()
+    if [ -n "$lm" ]; then
+      lm_args=(--beam "$beam" --lm "$lm" ${lexicon:+--lexicon "$lexicon"})
+      tune=$exp_prefix/$budget/decode_$valid_subset
+      run mkdir -p "$tune"
+      valid=$data_dir/manifests/$valid_subset
+      if [ "$dry_run" = true ]; then
+        run speechvq transcribe "$model" "$valid.tsv" --labels "$valid.wrd" "${lm_args[@]}" \
+          --lm-weight "$lm_weights" --word-bonus="$word_bonuses" --out "$tune/lm.txt"
+        best="--lm-weight ${lm_weights%%,*} --word-bonus=${word_bonuses%%,*}"
+      else
+        speechvq transcribe "$model" "$valid.tsv" --labels "$valid.wrd" "${lm_args[@]}" \
+          --lm-weight "$lm_weights" --word-bonus="$word_bonuses" --out "$tune/lm.txt" > "$tune/lm_tuning.txt"
+        best=$(sed -n 's/^best: //p' "$tune/lm_tuning.txt")
+        log "$budget: $best (tuned on $valid_subset)"
+      fi
+      # shellcheck disable=SC2206
+      lm_args+=($best)
+    fi
     for subset in $test_subsets; do
       dir=$exp_prefix/$budget/decode_$subset
       run mkdir -p "$dir"
+      ref=(--labels "$data_dir/manifests/$subset.wrd")
       tsv=$data_dir/manifests/$subset.tsv
       if [ "$dry_run" = true ]; then
-        run speechvq transcribe "$exp_prefix/$budget/best_model" "$tsv" --out "$dir/greedy.txt"
+        run speechvq transcribe "$model" "$tsv" "${ref[@]}" --out "$dir/greedy.txt"
+        if [ -n "$lm" ]; then
+          run speechvq transcribe "$model" "$tsv" "${ref[@]}" "${lm_args[@]}" --out "$dir/lm.txt"
+        fi
       else
-        speechvq transcribe "$exp_prefix/$budget/best_model" "$tsv" --out "$dir/greedy.txt" > "$dir/greedy.wer"
-      fi
-      if [ -n "$lm" ]; then
-        lm_args=(--beam "$beam" --lm "$lm" --lm-weight "$lm_weight" --word-bonus "$word_bonus")
-        if [ "$dry_run" = true ]; then
-          run speechvq transcribe "$exp_prefix/$budget/best_model" "$tsv" "${lm_args[@]}" --out "$dir/lm.txt"
-        else
-          speechvq transcribe "$exp_prefix/$budget/best_model" "$tsv" "${lm_args[@]}" --out "$dir/lm.txt" > "$dir/lm.wer"
+        speechvq transcribe "$model" "$tsv" "${ref[@]}" --out "$dir/greedy.txt" > "$dir/greedy.wer"
+        if [ -n "$lm" ]; then
+          speechvq transcribe "$model" "$tsv" "${ref[@]}" "${lm_args[@]}" --out "$dir/lm.txt" > "$dir/lm.wer"
         fi
       fi
     done

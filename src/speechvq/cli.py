@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-units": ("speechvq.commands.export_units", "frame-level discrete units of a manifest"),
     "fit-kmeans": ("speechvq.commands.fit_kmeans", "k-means over one layer's features of a model"),
     "unit-quality": ("speechvq.commands.unit_quality", "phone purity, cluster purity and PNMI of units"),
+    "train-lm": ("speechvq.commands.train_lm", "train an n-gram language model (ARPA) on text"),
     "transcribe": (
         "speechvq.commands.transcribe",
         "transcribe audio with a CTC model; WER/CER with references",

@@ -8,6 +8,13 @@ end in the prefix's last token. A language model (any :class:`speechvq.text.Lang
 completed, a word at each ``|`` for a word LM, every token for a character LM, and ranks
 hypotheses by ``ln P_ctc + lm_weight * ln P_lm + word_bonus * units``.
 
+A :class:`Lexicon` restricts the search to known words, as flashlight's lexicon decoder (which
+fairseq and torchaudio use) does: a prefix survives only while its unfinished word is the start of
+a lexicon word, and a word ends at ``|`` only if it is one. With a word LM the lexicon also carries
+the LM's unigram look-ahead: an unfinished word is ranked with the best unigram probability of the
+words it can still become ("smearing"), so that finished and unfinished words compete on equal
+terms; the look-ahead is replaced by the real LM score when the word ends.
+
 pyctcdecode (the decoder transformers uses) is not supported: its releases pin ``numpy<2``.
 """
 
@@ -15,12 +22,16 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from itertools import groupby
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from speechvq.errors import UserInputError
 from speechvq.text.ngram import LanguageModel
 from speechvq.text.vocab import Vocabulary
 
@@ -69,6 +80,62 @@ def greedy_decode(logits: Tensor, lengths: Tensor | None, vocab: Vocabulary) -> 
 
 
 @dataclass
+class Lexicon:
+    """The words a beam search may write, with a unigram look-ahead for each unfinished word.
+
+    Build it with :meth:`build` (from words and an optional word LM) or :meth:`load` (a word list
+    or a flashlight/fairseq lexicon file).
+    """
+
+    words: frozenset[str]
+    """The words."""
+    lookahead: dict[str, float] = field(repr=False)
+    """Every non-empty prefix of a word (the words included) -> the best ln P_unigram of the words
+    that start with it (0.0 for all without an LM)."""
+
+    @classmethod
+    def build(cls, words: Iterable[str], lm: LanguageModel | None = None) -> Lexicon:
+        """A lexicon of ``words``; with a word ``lm``, look-ahead scores from its unigrams.
+
+        Raises:
+            ValueError: if ``words`` is empty.
+        """
+        unique = frozenset(w for w in words if w)
+        if not unique:
+            raise ValueError("`words` must hold at least one word, but is empty instead.")
+        scored = lm is not None and lm.unit == "word"
+        lookahead: dict[str, float] = {}
+        for word in unique:
+            score = lm.unigram(word) if scored else 0.0  # type: ignore[union-attr]
+            for end in range(1, len(word) + 1):
+                prefix = word[:end]
+                best = lookahead.get(prefix)
+                if best is None or score > best:
+                    lookahead[prefix] = score
+        return cls(unique, lookahead)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], lm: LanguageModel | None = None) -> Lexicon:
+        """Read a lexicon: one word per line, and anything after the word ignored (so flashlight's
+        ``WORD W O R D |`` lexicon files read as their words).
+
+        Raises:
+            UserInputError: naming the file if it is missing or holds no word.
+        """
+        path = Path(path)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise UserInputError(f"{path}: lexicon file does not exist") from None
+        except UnicodeDecodeError:
+            raise UserInputError(f"{path}: lexicon is not UTF-8 text") from None
+        words = [line.split()[0] for line in lines if line.strip()]
+        if not words:
+            raise UserInputError(f"{path}: lexicon holds no word")
+        return cls.build(words, lm)
+
+
+@dataclass
 class Hypothesis:
     """One result of :func:`beam_search`."""
 
@@ -93,7 +160,7 @@ class _Beam:
     lm_state: object
     lm_score: float
     units: int
-    partial: str  # the current, unfinished word (word LMs)
+    partial: str  # the current, unfinished word (word LMs and lexicons)
 
     @property
     def p_total(self) -> float:
@@ -108,6 +175,7 @@ def beam_search(
     lm: LanguageModel | None = None,
     lm_weight: float = 0.5,
     word_bonus: float = 0.0,
+    lexicon: Lexicon | None = None,
     token_min_logp: float = -10.0,
     num_hypotheses: int = 1,
 ) -> list[Hypothesis]:
@@ -121,6 +189,8 @@ def beam_search(
         lm_weight: alpha, weight of ln P_lm.
         word_bonus: beta, added per scored LM unit (word or token); offsets the LM's preference
             for short outputs.
+        lexicon: if given, only its words are written (see :class:`Lexicon`); hypotheses that
+            end inside a word that is not one are dropped, unless no hypothesis is left.
         token_min_logp: tokens below this log-probability at a frame are not tried (the frame's
             best non-blank token always is); at most ``beam_size`` tokens are tried per frame.
         num_hypotheses: how many results to return.
@@ -142,29 +212,39 @@ def beam_search(
     start_state = lm.begin() if lm is not None else None
     beams: dict[tuple[int, ...], _Beam] = {(): _Beam(0.0, _NEG_INF, start_state, 0.0, 0, "")}
 
-    def extend(parent: _Beam, token: int) -> _Beam:
-        """A child of ``parent`` ending in ``token``, with the LM advanced over completed units."""
+    word_lm = lm is not None and lm.unit == "word"
+    track_words = word_lm or lexicon is not None
+    prefixes = lexicon.lookahead if lexicon is not None else {}
+    smear = word_lm and lexicon is not None
+
+    def extend(parent: _Beam, token: int) -> _Beam | None:
+        """A child of ``parent`` ending in ``token``, with the LM advanced over completed units;
+        None if the lexicon rules the child out."""
         child = _Beam(_NEG_INF, _NEG_INF, parent.lm_state, parent.lm_score, parent.units, parent.partial)
-        if lm is None:
-            return child
         text = vocab.tokens[token]
-        if lm.unit == "char":
+        if token == delimiter:
+            if parent.partial:
+                if lexicon is not None and parent.partial not in lexicon.words:
+                    return None
+                if word_lm:
+                    s, child.lm_state = lm.score(parent.lm_state, parent.partial)  # type: ignore[union-attr]
+                    child.lm_score += s
+                    child.units += 1
+                child.partial = ""
+        elif track_words:
+            child.partial = parent.partial + text
+            if lexicon is not None and child.partial not in prefixes:
+                return None
+        if lm is not None and lm.unit == "char":
             s, child.lm_state = lm.score(parent.lm_state, text)
             child.lm_score += s
             child.units += 1
-        elif token == delimiter:
-            if parent.partial:
-                s, child.lm_state = lm.score(parent.lm_state, parent.partial)
-                child.lm_score += s
-                child.units += 1
-                child.partial = ""
-        else:
-            child.partial = parent.partial + text
         return child
 
     def rank(item: tuple[tuple[int, ...], _Beam]) -> float:
         b = item[1]
-        return b.p_total + lm_weight * b.lm_score + word_bonus * b.units
+        lm_score = b.lm_score + prefixes[b.partial] if smear and b.partial else b.lm_score
+        return b.p_total + lm_weight * lm_score + word_bonus * b.units
 
     for row in frames:
         # the frame's most likely tokens above token_min_logp (at most beam_size, at least one)
@@ -190,23 +270,32 @@ def beam_search(
                 grown = (*prefix, token)
                 child = new.get(grown)
                 if child is None:
-                    child = new[grown] = extend(beam, token)
+                    child = extend(beam, token)
+                    if child is None:
+                        continue
+                    new[grown] = child
                 source = beam.p_blank if token == last else total
                 child.p_token = _logaddexp(child.p_token, source + row[token])
         beams = dict(heapq.nlargest(beam_size, new.items(), key=rank))
 
     results = []
+    unfinished = []  # hypotheses ending inside a non-word (lexicon only)
     for prefix, beam in beams.items():
         lm_score, units = beam.lm_score, beam.units
         if lm is not None:
             state = beam.lm_state
-            if lm.unit == "word" and beam.partial:
+            if word_lm and beam.partial:
                 s, state = lm.score(state, beam.partial)
                 lm_score += s
                 units += 1
             lm_score += lm.end(state)
         score = beam.p_total + lm_weight * lm_score + word_bonus * units
-        results.append(Hypothesis(prefix, vocab.decode(prefix, group=False), beam.p_total, lm_score, score))
+        hyp = Hypothesis(prefix, vocab.decode(prefix, group=False), beam.p_total, lm_score, score)
+        if lexicon is not None and beam.partial and beam.partial not in lexicon.words:
+            unfinished.append(hyp)
+        else:
+            results.append(hyp)
+    results = results or unfinished
     results.sort(key=lambda h: h.score, reverse=True)
     return results[:num_hypotheses]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from speechvq.decoding import beam_decode, beam_search, collapse, greedy_decode, greedy_paths
+from speechvq.decoding import Lexicon, beam_decode, beam_search, collapse, greedy_decode, greedy_paths
 from speechvq.errors import UserInputError
 from speechvq.text import ArpaLM, Vocabulary, load_language_model, train_ngram
 
@@ -109,6 +109,61 @@ def test_a_character_lm_fixes_what_greedy_gets_wrong():
     lines = [list("|".join(s.split())) for s in ["THE CAT", "THE CAT", "A CAT"]]
     lm = train_ngram(lines, order=4, unit="char")
     assert beam_decode(lp[None], None, VOCAB, beam_size=8, lm=lm, lm_weight=1.0) == ["THE CAT"]
+
+
+def test_a_lexicon_alone_keeps_the_search_to_its_words():
+    lp = _cat_or_cap()
+    assert beam_search(lp, VOCAB, beam_size=8)[0].text == "THE CAP"
+    lexicon = Lexicon.build(["THE", "CAT", "A"])
+    assert beam_search(lp, VOCAB, beam_size=8, lexicon=lexicon)[0].text == "THE CAT"
+    # every hypothesis it returns is made of lexicon words
+    for hyp in beam_search(lp, VOCAB, beam_size=8, lexicon=lexicon, num_hypotheses=8):
+        assert set(hyp.text.split()) <= lexicon.words, hyp.text
+
+
+def test_a_lexicon_falls_back_to_unfinished_words_only_when_nothing_else_is_left():
+    lp = _frames({"C": 0.95}, {"A": 0.95})  # "CA": a prefix of CAT, not a word
+    lexicon = Lexicon.build(["CAT"])
+    # beam 1 keeps only "CA"; it ends inside a word, and is returned because nothing else is left
+    assert beam_search(lp, VOCAB, beam_size=1, lexicon=lexicon)[0].text == "CA"
+    # a wider beam also keeps the empty hypothesis, which ends on a word boundary and wins
+    assert beam_search(lp, VOCAB, beam_size=8, lexicon=lexicon)[0].text == ""
+
+
+def test_lexicon_lookahead_is_the_best_unigram_below_each_prefix():
+    lm = train_ngram([s.split() for s in ["THE CAT", "THE CAT SAT", "A CAP"]], order=2)
+    lexicon = Lexicon.build(["THE", "CAT", "CAP", "A"], lm)
+    assert lexicon.lookahead["CA"] == pytest.approx(max(lm.unigram("CAT"), lm.unigram("CAP")))
+    assert lexicon.lookahead["CAP"] == pytest.approx(lm.unigram("CAP"))
+    assert lm.unigram("CAT") == pytest.approx(lm.log10_prob([], "CAT") * math.log(10))
+    assert set(lexicon.lookahead) == {"T", "TH", "THE", "C", "CA", "CAT", "CAP", "A"}
+    assert Lexicon.build(["AB"]).lookahead == {"A": 0.0, "AB": 0.0}  # no LM: no look-ahead
+
+
+def test_lookahead_only_ranks_the_beam_the_returned_scores_are_exact():
+    lp = _cat_or_cap()
+    lm = train_ngram([s.split() for s in ["THE CAT", "THE CAT SAT", "A CAT"]], order=2)
+    lexicon = Lexicon.build(lm.words, lm)
+    hyps = beam_search(
+        lp, VOCAB, beam_size=8, lm=lm, lm_weight=1.0, word_bonus=0.5, lexicon=lexicon, num_hypotheses=3
+    )
+    assert hyps[0].text == "THE CAT"
+    for hyp in hyps:
+        words = hyp.text.split()
+        assert hyp.lm_score == pytest.approx(lm.sentence_log10(words) * math.log(10), abs=1e-6)
+        assert hyp.score == pytest.approx(hyp.acoustic_score + hyp.lm_score + 0.5 * len(words), abs=1e-6)
+
+
+def test_lexicon_files_read_words_and_flashlight_spellings(tmp_path):
+    (tmp_path / "words.txt").write_text("CAT\n\nTHE\n")
+    (tmp_path / "flashlight.lex").write_text("CAT C A T |\nTHE T H E |\n")
+    assert Lexicon.load(tmp_path / "words.txt").words == {"CAT", "THE"}
+    assert Lexicon.load(tmp_path / "flashlight.lex").words == {"CAT", "THE"}
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(UserInputError, match=r"empty\.txt: lexicon holds no word"):
+        Lexicon.load(tmp_path / "empty.txt")
+    with pytest.raises(UserInputError, match=r"missing\.txt: lexicon file does not exist"):
+        Lexicon.load(tmp_path / "missing.txt")
 
 
 def test_witten_bell_unigrams_match_hand_computed_values():

@@ -52,6 +52,40 @@ def test_transcribe_reads_audio_files_an_lm_and_a_transformers_export(tmp_path, 
     assert capsys.readouterr().out.splitlines() == [f"{w}\t{t}" for w, t in zip(wavs, corpus.transcripts)]
 
 
+def test_transcribe_tunes_the_lm_weights_over_a_grid_with_a_lexicon(tmp_path, trained, corpus, capsys):
+    model, *_ = trained
+    save_ctc_pretrained(model, corpus.vocab, tmp_path / "model")
+    _write_corpus(tmp_path, corpus.transcripts)
+    train_ngram([t.split() for t in corpus.transcripts], order=2).save(tmp_path / "lm.arpa")
+    args = [
+        "transcribe",
+        str(tmp_path / "model"),
+        str(tmp_path / "test.tsv"),
+        "--lm",
+        str(tmp_path / "lm.arpa"),
+    ]
+    grid = ["--lexicon-from-lm", "--lm-weight", "8,0.5", "--word-bonus", "0,1,40"]
+    out = tmp_path / "hyp.wrd"
+    assert main([*args, *grid, "--labels", str(tmp_path / "test.wrd"), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "lm_weight\tword_bonus\tWER\tCER"
+    rows = {(a, b): (wer, cer) for a, b, wer, cer in (line.split("\t") for line in lines[1:7])}
+    assert list(rows) == [(a, b) for a in ("8", "0.5") for b in ("0", "1", "40")]
+    # an overweighted LM or word bonus breaks the overfit model; the moderate weights do not
+    assert rows["8", "0"] != ("0.00%", "0.00%") and rows["8", "40"] != ("0.00%", "0.00%")
+    assert rows["0.5", "0"] == ("0.00%", "0.00%")
+    assert lines[7] == "best: --lm-weight 0.5 --word-bonus=0"  # the first of the best
+    assert out.read_text().splitlines() == corpus.transcripts
+
+    assert main([*args, *grid]) == 2  # several values need references to choose between
+    assert "needs --labels" in capsys.readouterr().err
+    (tmp_path / "words.txt").write_text("NOTHING\n")
+    assert main([*args, "--lexicon", str(tmp_path / "words.txt"), "--lexicon-from-lm"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*args, "--lm-weight", "0.5,x"]) == 2
+    assert "--lm-weight: expected numbers" in capsys.readouterr().err
+
+
 def test_transcribe_exits_2_when_labels_do_not_match_the_inputs(tmp_path, trained, corpus, capsys):
     model, *_ = trained
     save_ctc_pretrained(model, corpus.vocab, tmp_path / "model")

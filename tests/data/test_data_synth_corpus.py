@@ -101,6 +101,17 @@ def test_synth_vocabulary_has_at_least_1000_words_and_sentences_use_it() -> None
     assert len(used) >= 900
 
 
+def test_synth_corpus_writes_lm_text_of_other_sentences_in_its_vocabulary(corpus: Path) -> None:
+    lm_text = (corpus / "lm_text.txt").read_text().splitlines()
+    assert len(lm_text) == 50000
+    lexicon = set((corpus / "vocab.txt").read_text().split())
+    assert set(itertools.chain.from_iterable(line.split() for line in lm_text)) <= lexicon
+    transcripts = {
+        line.split(" ", 1)[1] for f in corpus.rglob("*.trans.txt") for line in f.read_text().splitlines()
+    }
+    assert transcripts and not transcripts & set(lm_text)  # other sentences than the corpus's own
+
+
 def test_synth_speakers_are_distinct_and_seeded() -> None:
     speakers = make_speakers(40, seed=0)
     assert len({(s.voice, s.variant, s.pitch, s.rate_wpm) for s in speakers}) == 40

@@ -67,6 +67,23 @@ def test_every_stage_dry_runs_with_valid_commands(script, args, expected, tmp_pa
     assert not (tmp_path / "exp").exists()  # a dry run writes nothing
 
 
+def test_finetune_decoding_scores_every_subset_and_tunes_the_lm_on_the_validation_subset(tmp_path):
+    done = _run("finetune_ctc.sh", ["--dry-run", "true", "--exp-prefix", str(tmp_path), "--budgets", "1h",
+                                    "--lm", "lm.arpa", "--lexicon", "lexicon.txt"])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    decodes = [c for c in _speechvq_commands(done.stderr) if c[0] == "transcribe"]
+    # dev-other tuning, then greedy and LM for each of the two test subsets
+    assert [c[2].rsplit("/", 1)[1] for c in decodes] == ["dev-other.tsv"] + ["test-clean.tsv"] * 2 + [
+        "test-other.tsv"
+    ] * 2
+    for command in decodes:
+        labels = command[command.index("--labels") + 1]
+        assert labels == command[2].replace(".tsv", ".wrd")
+    tune = decodes[0]
+    assert "1,1.5,2,2.5" in tune and "--word-bonus=-1,0,1" in tune and "--lexicon" in tune
+    assert "--lm" not in decodes[1] and "--lm" in decodes[2] and "--lexicon" in decodes[2]
+
+
 def test_multi_node_launch_passes_the_rendezvous_to_accelerate(tmp_path):
     done = _run(
         "pretrain.sh",

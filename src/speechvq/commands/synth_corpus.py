@@ -5,8 +5,9 @@ Usage:
 
 Writes ``OUT/{train,dev,test}/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac`` (16 kHz),
 ``<speaker>-<chapter>.trans.txt``, and beside each utterance ``.phones`` and ``.words``
-alignments (``start_s end_s label`` per line); plus ``SPEAKERS.TXT``, ``vocab.txt`` and
-``summary.json``. Splits are speaker-disjoint; the output is identical for the same seed and
+alignments (``start_s end_s label`` per line); plus ``SPEAKERS.TXT``, ``vocab.txt`` (every word
+the texts can use: a decoding lexicon), ``lm_text.txt`` (``--lm-sentences`` other sentences of the
+same grammar, for ``speechvq train-lm``) and ``summary.json``. Splits are speaker-disjoint; the output is identical for the same seed and
 arguments. Prepare manifests with ``speechvq prepare-librispeech OUT --out MANIFESTS``.
 """
 
@@ -32,15 +33,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-speakers", type=int, default=40, help="distinct synthetic speakers (default 40)"
     )
     parser.add_argument("--jobs", type=int, default=0, help="worker processes (default: all CPUs)")
+    parser.add_argument(
+        "--lm-sentences",
+        type=int,
+        default=50000,
+        help="sentences written to lm_text.txt for LM training; 0: none (default 50000)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise UserInputError(f"{args.out}: output directory is not empty")
+    if args.lm_sentences < 0:
+        raise UserInputError(f"--lm-sentences must be >= 0, but is {args.lm_sentences}")
     jobs = args.jobs or cpu_count()
     start = time.perf_counter()
     summary = write_corpus(
-        args.out, hours=args.hours, seed=args.seed, num_speakers=args.num_speakers, jobs=jobs
+        args.out,
+        hours=args.hours,
+        seed=args.seed,
+        num_speakers=args.num_speakers,
+        jobs=jobs,
+        lm_sentences_count=args.lm_sentences,
     )
     elapsed = time.perf_counter() - start
     total = sum(summary["seconds"].values())

@@ -4,12 +4,18 @@ Usage:
     speechvq transcribe exp/finetune/best data/test.tsv --labels data/test.wrd --out hyp.wrd
     speechvq transcribe exp/finetune/best a.wav b.flac
     speechvq transcribe hf_export data/test.tsv --labels data/test.ltr --beam 32 --lm words.arpa
+    speechvq transcribe exp/finetune/best data/dev.tsv --labels data/dev.wrd --lm words.arpa \
+        --lexicon-from-lm --lm-weight 0.5,1,2 --word-bonus 0,1,2
 
 MODEL is a speechvq CTC model directory (``finetune-ctc`` output) or a transformers export
 written by ``speechvq convert --to hf``. AUDIO is a fairseq manifest (``.tsv``) or audio files.
 Without ``--out`` every hypothesis is printed as ``ID<TAB>TEXT``; with it, the file gets one
 hypothesis per line in input order (the ``.wrd`` format). ``--labels`` reads one reference per
 input: ``.ltr`` files are fairseq letters, anything else words.
+
+``--lm-weight`` and ``--word-bonus`` take comma-separated lists: every combination is decoded from
+the same logits, a WER/CER table is printed, and the best combination (lowest WER, then CER) gives
+the hypotheses. This is how the two weights are tuned on a validation set (they need ``--labels``).
 """
 
 from __future__ import annotations
@@ -32,11 +38,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("audio", nargs="+", help="a manifest (.tsv) or audio files")
     parser.add_argument("--labels", help="references, one line per input (.ltr letters or .wrd words)")
     parser.add_argument("--out", help="write hypotheses here, one per line, instead of printing them")
-    parser.add_argument("--beam", type=int, default=1, help="beam size; 1 = greedy unless --lm (default 1)")
+    parser.add_argument("--beam", type=int, help="beam size (default: 1, greedy; 16 with --lm or a lexicon)")
     parser.add_argument("--lm", help="n-gram language model: ARPA file, or a KenLM binary (needs [lm] extra)")
     parser.add_argument("--lm-unit", choices=["word", "char"], default="word", help="units of --lm")
-    parser.add_argument("--lm-weight", type=float, default=0.5, help="alpha, weight of ln P_lm (default 0.5)")
-    parser.add_argument("--word-bonus", type=float, default=0.0, help="beta, bonus per LM unit (default 0)")
+    parser.add_argument(
+        "--lm-weight", default="0.5", help="alpha, weight of ln P_lm; a comma list tunes it (default 0.5)"
+    )
+    parser.add_argument(
+        "--word-bonus", default="0", help="beta, bonus per LM unit; a comma list tunes it (default 0)"
+    )
+    parser.add_argument(
+        "--lexicon", help="write only these words: one per line (flashlight lexicon files work too)"
+    )
+    parser.add_argument(
+        "--lexicon-from-lm", action="store_true", help="write only the words of --lm (an ARPA word LM)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="utterances per forward pass (default 8)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
@@ -81,12 +97,35 @@ def _references(path: str, count: int) -> list[str]:
     return [" ".join(line.split()) for line in lines]
 
 
+def _floats(option: str, text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserInputError(f"{option}: expected numbers separated by commas, got {text!r}") from None
+    return values
+
+
+def _lexicon(args: argparse.Namespace, lm: object):  # type: ignore[no-untyped-def]
+    from speechvq.decoding import Lexicon
+    from speechvq.text.ngram import ArpaLM
+
+    if args.lexicon and args.lexicon_from_lm:
+        raise UserInputError("give --lexicon or --lexicon-from-lm, not both")
+    if args.lexicon:
+        return Lexicon.load(args.lexicon, lm)  # type: ignore[arg-type]
+    if args.lexicon_from_lm:
+        if not isinstance(lm, ArpaLM) or lm.unit != "word":
+            raise UserInputError("--lexicon-from-lm needs a word LM in ARPA format (--lm FILE.arpa)")
+        return Lexicon.build(lm.words, lm)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from speechvq.data.audio import load_audio
-    from speechvq.decoding import beam_decode, greedy_decode
+    from speechvq.decoding import beam_search
     from speechvq.metrics_asr import char_errors, word_errors
 
-    if args.beam < 1:
+    if args.beam is not None and args.beam < 1:
         raise UserInputError(f"--beam must be >= 1, but is {args.beam}")
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be >= 1, but is {args.batch_size}")
@@ -99,14 +138,23 @@ def run(args: argparse.Namespace) -> int:
         from speechvq.text.ngram import load_language_model
 
         lm = load_language_model(args.lm, args.lm_unit)
-    use_beam = args.beam > 1 or lm is not None
+    lexicon = _lexicon(args, lm)
+    grid = [
+        (a, b)
+        for a in _floats("--lm-weight", args.lm_weight)
+        for b in _floats("--word-bonus", args.word_bonus)
+    ]
+    if len(grid) > 1 and references is None:
+        raise UserInputError("tuning --lm-weight / --word-bonus over several values needs --labels")
+    use_beam = (args.beam or 1) > 1 or lm is not None or lexicon is not None
+    beam_size = args.beam or (16 if use_beam else 1)
 
     waves = [load_audio(path) for _, path in inputs]
     minimum = model.feature_encoder.receptive_field
     for (name, _), wave in zip(inputs, waves):
         if wave.numel() < minimum:
             raise UserInputError(f"{name}: {wave.numel()} samples is shorter than one frame ({minimum})")
-    hypotheses: list[str] = [""] * len(inputs)
+    log_probs: list[torch.Tensor] = [torch.empty(0)] * len(inputs)
     order = sorted(range(len(inputs)), key=lambda i: waves[i].numel())  # similar lengths per batch
     for start in range(0, len(order), args.batch_size):
         index = order[start : start + args.batch_size]
@@ -116,20 +164,33 @@ def run(args: argparse.Namespace) -> int:
             batch[row, : waves[i].numel()] = waves[i]
         with torch.no_grad():
             out = model(batch.to(args.device), lengths.to(args.device))
-        if use_beam:
-            texts = beam_decode(
-                out.logits,
-                out.lengths,
-                vocab,
-                beam_size=args.beam,
-                lm=lm,
-                lm_weight=args.lm_weight,
-                word_bonus=args.word_bonus,
-            )
-        else:
-            texts = greedy_decode(out.logits, out.lengths, vocab)
-        for i, text in zip(index, texts):
-            hypotheses[i] = text
+        scores = torch.log_softmax(out.logits.float(), dim=-1).cpu()
+        for row, (i, n) in enumerate(zip(index, out.lengths.tolist())):
+            log_probs[i] = scores[row, :n]
+
+    def decode(lm_weight: float, word_bonus: float) -> list[str]:
+        if not use_beam:
+            return [vocab.decode(lp.argmax(dim=-1).tolist()) for lp in log_probs]  # best path
+        options = dict(
+            beam_size=beam_size, lm=lm, lm_weight=lm_weight, word_bonus=word_bonus, lexicon=lexicon
+        )
+        return [beam_search(lp, vocab, **options)[0].text for lp in log_probs]  # type: ignore[arg-type]
+
+    if len(grid) == 1:
+        hypotheses = decode(*grid[0])
+    else:
+        assert references is not None
+        print("lm_weight\tword_bonus\tWER\tCER")
+        best: tuple[float, float] | None = None
+        hypotheses, chosen = [], grid[0]
+        for lm_weight, word_bonus in grid:
+            texts = decode(lm_weight, word_bonus)
+            wer = word_errors(references, texts).rate
+            cer = char_errors(references, texts).rate
+            print(f"{lm_weight:g}\t{word_bonus:g}\t{100 * wer:.2f}%\t{100 * cer:.2f}%", flush=True)
+            if best is None or (wer, cer) < best:
+                best, hypotheses, chosen = (wer, cer), texts, (lm_weight, word_bonus)
+        print(f"best: --lm-weight {chosen[0]:g} --word-bonus={chosen[1]:g}")
 
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -368,8 +368,19 @@ def synthesize_chapter(task: ChapterTask) -> tuple[str, float, list[str]]:
     return str(out), seconds, ids
 
 
-def write_corpus(out_dir: Path, *, hours: float, seed: int, num_speakers: int, jobs: int) -> dict:
-    """Synthesize the whole corpus with a process pool (one fresh process per chapter).
+def lm_sentences(count: int, seed: int) -> list[str]:
+    """``count`` utterance texts for language-model training: the corpus's grammar and words, from
+    a random stream of their own (the corpus's texts are drawn per speaker, so these are other
+    sentences, as LibriSpeech's LM text is other books)."""
+    rng = random.Random(f"lm-text-{seed}")
+    return [make_utterance(rng) for _ in range(count)]
+
+
+def write_corpus(
+    out_dir: Path, *, hours: float, seed: int, num_speakers: int, jobs: int, lm_sentences_count: int = 0
+) -> dict:
+    """Synthesize the whole corpus with a process pool (one fresh process per chapter); with
+    ``lm_sentences_count``, also ``lm_text.txt``: that many sentences for an n-gram LM.
 
     Returns:
         A summary: seconds of audio per split, utterance and speaker counts.
@@ -394,6 +405,10 @@ def write_corpus(out_dir: Path, *, hours: float, seed: int, num_speakers: int, j
     )
     (out_dir / "SPEAKERS.TXT").write_text(header + rows)
     (out_dir / "vocab.txt").write_text("".join(w + "\n" for w in W.vocabulary()))
+    if lm_sentences_count:
+        (out_dir / "lm_text.txt").write_text(
+            "".join(t + "\n" for t in lm_sentences(lm_sentences_count, seed))
+        )
     summary = {
         "seed": seed,
         "hours_requested": hours,

@@ -48,6 +48,10 @@ class LanguageModel(Protocol):
         """ln P(``</s>`` | state)."""
         ...
 
+    def unigram(self, unit: str) -> float:
+        """ln P(unit) with no context (the look-ahead of :class:`speechvq.decoding.Lexicon`)."""
+        ...
+
 
 class ArpaLM:
     """Back-off n-gram model read from an ARPA file (log10 probabilities and back-off weights).
@@ -73,6 +77,11 @@ class ArpaLM:
     @property
     def vocabulary(self) -> set[str]:
         return {g[0] for g in self.ngrams[1]}
+
+    @property
+    def words(self) -> list[str]:
+        """The units the model knows, without ``<s>``, ``</s>`` and ``<unk>``, sorted."""
+        return sorted(self.vocabulary - {BOS, EOS, UNK})
 
     def log10_prob(self, context: Sequence[str], unit: str) -> float:
         """log10 P(unit | context) with back-off; context is the preceding units (oldest first)."""
@@ -106,6 +115,9 @@ class ArpaLM:
 
     def end(self, state: tuple[str, ...]) -> float:
         return self.log10_prob(state, EOS) * LN10
+
+    def unigram(self, unit: str) -> float:
+        return self.log10_prob((), unit) * LN10
 
     def sentence_log10(self, units: Sequence[str]) -> float:
         """log10 P(units, ``</s>``) given ``<s>``."""
@@ -263,6 +275,9 @@ class KenLMScorer:
     def end(self, state: Any) -> float:
         out = self._kenlm.State()
         return self.model.BaseScore(state, EOS, out) * LN10
+
+    def unigram(self, unit: str) -> float:
+        return self.model.score(unit, bos=False, eos=False) * LN10
 
 
 def load_language_model(
