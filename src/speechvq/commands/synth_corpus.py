@@ -7,8 +7,8 @@ Writes ``OUT/{train,dev,test}/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac
 ``<speaker>-<chapter>.trans.txt``, and beside each utterance ``.phones`` and ``.words``
 alignments (``start_s end_s label`` per line); plus ``SPEAKERS.TXT``, ``vocab.txt`` (every word
 the texts can use: a decoding lexicon), ``lm_text.txt`` (``--lm-sentences`` other sentences of the
-same grammar, for ``speechvq train-lm``) and ``summary.json``. Splits are speaker-disjoint; the output is identical for the same seed and
-arguments. Prepare manifests with ``speechvq prepare-librispeech OUT --out MANIFESTS``.
+same grammar, for ``speechvq train-lm``) and ``summary.json``. Splits are speaker-disjoint; the
+output is identical for the same seed and arguments. Prepare manifests with ``speechvq prepare-librispeech OUT --out MANIFESTS``.
 """
 
 from __future__ import annotations

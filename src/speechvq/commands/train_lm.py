@@ -16,13 +16,10 @@ output is read by ``transcribe --lm`` the same way.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
 from speechvq.errors import UserInputError
-
-log = logging.getLogger("speechvq.train_lm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
