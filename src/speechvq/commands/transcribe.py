@@ -154,7 +154,19 @@ def run(args: argparse.Namespace) -> int:
     for (name, _), wave in zip(inputs, waves):
         if wave.numel() < minimum:
             raise UserInputError(f"{name}: {wave.numel()} samples is shorter than one frame ({minimum})")
+
+    def decode(scores: list[torch.Tensor], lm_weight: float, word_bonus: float) -> list[str]:
+        if not use_beam:
+            return [vocab.decode(lp.argmax(dim=-1).tolist()) for lp in scores]  # best path
+        options = dict(
+            beam_size=beam_size, lm=lm, lm_weight=lm_weight, word_bonus=word_bonus, lexicon=lexicon
+        )
+        return [beam_search(lp, vocab, **options)[0].text for lp in scores]  # type: ignore[arg-type]
+
+    # one weight pair: decode batch by batch; several: keep every utterance's log-probabilities
+    tuning = len(grid) > 1
     log_probs: list[torch.Tensor] = [torch.empty(0)] * len(inputs)
+    hypotheses: list[str] = [""] * len(inputs)
     order = sorted(range(len(inputs)), key=lambda i: waves[i].numel())  # similar lengths per batch
     for start in range(0, len(order), args.batch_size):
         index = order[start : start + args.batch_size]
@@ -165,26 +177,21 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad():
             out = model(batch.to(args.device), lengths.to(args.device))
         scores = torch.log_softmax(out.logits.float(), dim=-1).cpu()
-        for row, (i, n) in enumerate(zip(index, out.lengths.tolist())):
-            log_probs[i] = scores[row, :n]
+        rows = [scores[row, :n] for row, n in enumerate(out.lengths.tolist())]
+        if tuning:
+            for i, lp in zip(index, rows):
+                log_probs[i] = lp
+        else:
+            for i, text in zip(index, decode(rows, *grid[0])):
+                hypotheses[i] = text
 
-    def decode(lm_weight: float, word_bonus: float) -> list[str]:
-        if not use_beam:
-            return [vocab.decode(lp.argmax(dim=-1).tolist()) for lp in log_probs]  # best path
-        options = dict(
-            beam_size=beam_size, lm=lm, lm_weight=lm_weight, word_bonus=word_bonus, lexicon=lexicon
-        )
-        return [beam_search(lp, vocab, **options)[0].text for lp in log_probs]  # type: ignore[arg-type]
-
-    if len(grid) == 1:
-        hypotheses = decode(*grid[0])
-    else:
+    if tuning:
         assert references is not None
         print("lm_weight\tword_bonus\tWER\tCER")
         best: tuple[float, float] | None = None
-        hypotheses, chosen = [], grid[0]
+        chosen = grid[0]
         for lm_weight, word_bonus in grid:
-            texts = decode(lm_weight, word_bonus)
+            texts = decode(log_probs, lm_weight, word_bonus)
             wer = word_errors(references, texts).rate
             cer = char_errors(references, texts).rate
             print(f"{lm_weight:g}\t{word_bonus:g}\t{100 * wer:.2f}%\t{100 * cer:.2f}%", flush=True)
