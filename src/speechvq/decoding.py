@@ -26,12 +26,12 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import groupby
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from speechvq.errors import UserInputError
+from speechvq.text.files import read_text_lines
 from speechvq.text.ngram import LanguageModel
 from speechvq.text.vocab import Vocabulary
 
@@ -122,13 +122,7 @@ class Lexicon:
         Raises:
             UserInputError: naming the file if it is missing or holds no word.
         """
-        path = Path(path)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise UserInputError(f"{path}: lexicon file does not exist") from None
-        except UnicodeDecodeError:
-            raise UserInputError(f"{path}: lexicon is not UTF-8 text") from None
+        lines = read_text_lines(path, "lexicon file", "lexicon is not UTF-8 text")
         words = [line.split()[0] for line in lines if line.strip()]
         if not words:
             raise UserInputError(f"{path}: lexicon holds no word")

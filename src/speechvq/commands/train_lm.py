@@ -41,16 +41,12 @@ def sentence_units(line: str, unit: str, letters_file: bool = False) -> list[str
 
 
 def run(args: argparse.Namespace) -> int:
+    from speechvq.text.files import read_text_lines
     from speechvq.text.ngram import train_ngram
 
     if args.order < 1:
         raise UserInputError(f"--order must be >= 1, but is {args.order}")
-    try:
-        lines = args.text.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserInputError(f"{args.text}: text file does not exist") from None
-    except UnicodeDecodeError:
-        raise UserInputError(f"{args.text}: not UTF-8 text") from None
+    lines = read_text_lines(args.text, "text file")
     letters_file = args.text.suffix == ".ltr"
     sentences = [u for u in (sentence_units(line, args.unit, letters_file) for line in lines) if u]
     if not sentences:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from speechvq.errors import UserInputError
+from speechvq.text.files import read_text_lines
 
 LN10 = math.log(10.0)
 BOS = "<s>"
@@ -137,14 +138,9 @@ class ArpaLM:
             UserInputError: naming the file and line for a malformed file.
         """
         path = Path(path)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise UserInputError(f"{path}: language model file does not exist") from None
-        except UnicodeDecodeError:
-            raise UserInputError(
-                f"{path}: not a text ARPA file (binary KenLM models need the kenlm package)"
-            ) from None
+        lines = read_text_lines(
+            path, "language model file", "not a text ARPA file (binary KenLM models need the kenlm package)"
+        )
         ngrams: dict[int, dict[tuple[str, ...], tuple[float, float]]] = {}
         order = 0
         for lineno, raw in enumerate(lines, start=1):
