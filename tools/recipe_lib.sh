@@ -37,3 +37,35 @@ stage_end() {
     touch "$done_dir/.stage$1.done"
   fi
 }
+
+# Jobs run side by side (e.g. two fine-tunings of one thread each on a 2-core machine):
+#     run_bg LOG cmd args...     # prints the command; starts it in the background, output to LOG
+#     wait_bg                    # waits for every run_bg job; on a failure, shows its log and fails
+bg_pids=()
+bg_logs=()
+
+run_bg() {
+  local out=$1
+  shift
+  echo "+ $* > $out" >&2
+  if [ "${dry_run:-false}" != true ]; then
+    mkdir -p "$(dirname "$out")"
+    "$@" > "$out" 2>&1 &
+    bg_pids+=($!)
+    bg_logs+=("$out")
+  fi
+}
+
+wait_bg() {
+  local i failed=0
+  for i in "${!bg_pids[@]}"; do
+    if ! wait "${bg_pids[$i]}"; then
+      log "failed: see ${bg_logs[$i]}; its end:"
+      tail -n 20 "${bg_logs[$i]}" >&2
+      failed=1
+    fi
+  done
+  bg_pids=()
+  bg_logs=()
+  return $failed
+}

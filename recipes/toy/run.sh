@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The embedded end-to-end demo on a CPU: synthesize a speech corpus with espeak-ng, pretrain a
 # wav2vec 2.0 model, export discrete units (quantizer codes and k-means) with their PNMI against
-# the synthesizer's phone alignments, pretrain a BERT over units, fine-tune CTC from the pretrained
-# model and from scratch on the same labels, decode, and print a results table.
+# the synthesizer's phone alignments, pretrain a BERT over units, fine-tune CTC on 10 minutes of
+# labels from the pretrained model and from scratch, decode with and without a word LM, and print
+# a results table.
 #
-#   recipes/toy/run.sh              # the demo
+#   recipes/toy/run.sh              # the demo (about 17 minutes on 2 CPU cores)
 #   recipes/toy/run.sh --quick      # a few updates per stage: checks the pipeline (CI)
 #   recipes/toy/run.sh --stage 4    # from fine-tuning on (stages leave .done markers)
 #
-# Outputs: recipes/toy/data/ (corpus, manifests) and recipes/toy/exp/ (models, units, results.md).
+# Outputs: recipes/toy/data/ (corpus, manifests, LM) and recipes/toy/exp/ (models, units, plots,
+# results.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -22,35 +24,44 @@ stage=0
 stop_stage=100
 dry_run=false
 quick=false
-hours=0.3                     # synthetic corpus size
-speakers=12
-pretrain_steps=800
-k=50                          # k-means clusters
-layer=1                       # Transformer block whose features are clustered
-bert_steps=200
-ctc_steps=400
+hours=2                       # synthetic corpus size (train ~1.6 h; dev and test on held-out voices)
+speakers=40
+lm_sentences=50000            # LM training text, none of it a corpus sentence
+label_minutes=10              # labelled subset of the training split for CTC
+pretrain_steps=3500           # conf/pretrain_small_cpu.yaml: ~7 minutes on 2 cores
+threads=2                     # threads of the single-process stages
+k=100                         # k-means clusters
+layer=1                       # Transformer block whose features are clustered (the most phonetic)
+bert_steps=100
+bert_tokens=8192              # unit tokens per BERT update
+ctc_steps=1000                # each of the two fine-tunings, side by side on one thread each
+lm_weights=1,1.5              # LM weight and word bonus grid, tuned on dev
+word_bonuses=4,6
 data_dir=""                   # default data (data_quick with --quick)
 exp_dir=""                    # default exp (exp_quick with --quick)
 . ../../tools/parse_options.sh || exit 1
 . ../../tools/recipe_lib.sh
 if [ "$quick" = true ]; then
-  hours=0.02; speakers=6; pretrain_steps=30; k=8; bert_steps=10; ctc_steps=20
+  hours=0.02; speakers=6; lm_sentences=2000; pretrain_steps=30; k=8; bert_steps=10; ctc_steps=20
   data_dir=${data_dir:-data_quick}; exp_dir=${exp_dir:-exp_quick}
 fi
 data_dir=${data_dir:-data}
 exp_dir=${exp_dir:-exp}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # tiny models: one thread per process is fastest
 done_dir=$exp_dir/.done
 m=$data_dir/manifests
+export OMP_NUM_THREADS=$threads
 
-if stage_begin 0 "synthesize ${hours} h of speech -> ${data_dir}"; then
-  run speechvq synth-corpus --out "$data_dir/corpus" --hours "$hours" --num-speakers "$speakers" --seed 0
+if stage_begin 0 "synthesize ${hours} h of speech -> ${data_dir}; ${label_minutes} min of labels; word LM"; then
+  run speechvq synth-corpus --out "$data_dir/corpus" --hours "$hours" --num-speakers "$speakers" \
+    --lm-sentences "$lm_sentences" --seed 0
   run speechvq prepare-librispeech "$data_dir/corpus" --out "$m"
+  run python3 local/subset.py "$m/train" --minutes "$label_minutes" --out "$m/train_labelled"
+  run speechvq train-lm "$data_dir/corpus/lm_text.txt" --order 3 --out "$data_dir/lm/3gram.arpa"
   stage_end 0
 fi
 
-if stage_begin 1 "pretrain tiny for ${pretrain_steps} updates"; then
-  run speechvq pretrain --config ../../conf/pretrain_tiny.yaml --exp-dir "$exp_dir/pretrain" \
+if stage_begin 1 "pretrain small (log-mel front end) for ${pretrain_steps} updates"; then
+  run speechvq pretrain --config ../../conf/pretrain_small_cpu.yaml --exp-dir "$exp_dir/pretrain" \
     --set data.train="$m/train.tsv" data.valid="$m/dev.tsv" train.max_steps="$pretrain_steps" \
           train.valid_interval="$pretrain_steps" train.progress_bar=false
   run speechvq plot "$exp_dir/pretrain"
@@ -60,7 +71,8 @@ fi
 if stage_begin 2 "units: quantizer codes and k-means (k=${k}, layer ${layer}), PNMI"; then
   model=$exp_dir/pretrain/best_model
   run speechvq export-units "$model" "$m/test.tsv" --kind codes --joint --out "$exp_dir/units/codes"
-  run speechvq fit-kmeans "$model" "$m/train.tsv" --layer "$layer" --k "$k" --out "$exp_dir/units/km"
+  run speechvq fit-kmeans "$model" "$m/train.tsv" --layer "$layer" --k "$k" --percent 20 --n-init 3 \
+    --out "$exp_dir/units/km"
   run speechvq export-units "$model" "$m/test.tsv" --kind kmeans --layer "$layer" --km "$exp_dir/units/km" \
     --out "$exp_dir/units/kmeans"
   for kind in codes kmeans; do
@@ -73,35 +85,44 @@ if stage_begin 3 "BERT over units for ${bert_steps} updates"; then
   run speechvq export-units "$exp_dir/pretrain/best_model" "$m/train.tsv" --kind codes --joint \
     --out "$exp_dir/units/train_codes"
   run speechvq pretrain-unit-bert --config ../../conf/unit_bert_tiny.yaml --units "$exp_dir/units/train_codes" \
-    --exp-dir "$exp_dir/unit_bert" --set train.max_steps="$bert_steps" schedule.warmup_steps=1 \
-      train.progress_bar=false
+    --exp-dir "$exp_dir/unit_bert" --set train.max_steps="$bert_steps" data.max_tokens="$bert_tokens" \
+      schedule.warmup_steps=1 train.progress_bar=false
   stage_end 3
 fi
 
-if stage_begin 4 "CTC fine-tuning for ${ctc_steps} updates, from the pretrained model and from scratch"; then
-  # tiny at 400 updates: lr 5e-4 and both blocks copied (validation CER 0.80 from the pretrained
-  # model; the config's lr 2e-3 for small stays at 1.00, with or without re-initialising a block)
+if stage_begin 4 "CTC on ${label_minutes} min of labels for ${ctc_steps} updates, from the pretrained model and from scratch"; then
+  # Scratch is the pretrained model's architecture with random weights (model.random_weights),
+  # the exact baseline. The two runs go side by side, one thread each; logs in each exp dir.
   for init in pretrained scratch; do
-    from=$exp_dir/pretrain
-    [ "$init" = scratch ] && from=none
-    run speechvq finetune-ctc --config ../../conf/finetune_small_cpu.yaml --init "$from" \
-      --train "$m/train.tsv" --valid "$m/dev.tsv" --exp-dir "$exp_dir/ctc_$init" \
-      --set model.preset=tiny model.reinit_layers=0 optim.lr=5e-4 train.max_steps="$ctc_steps" \
-            train.valid_interval="$ctc_steps" train.progress_bar=false
+    extra=()
+    [ "$init" = scratch ] && extra=(model.random_weights=true)
+    OMP_NUM_THREADS=1 run_bg "$exp_dir/ctc_$init.log" \
+      speechvq finetune-ctc --config ../../conf/finetune_small_cpu.yaml --init "$exp_dir/pretrain" \
+      --train "$m/train_labelled.tsv" --valid "$m/dev.tsv" --exp-dir "$exp_dir/ctc_$init" \
+      --set train.max_steps="$ctc_steps" train.valid_interval=$((ctc_steps / 4)) \
+            train.save_interval=$((ctc_steps / 4)) train.progress_bar=false ${extra[@]+"${extra[@]}"}
+  done
+  wait_bg
+  for init in pretrained scratch; do
+    run speechvq plot "$exp_dir/ctc_$init"
   done
   stage_end 4
 fi
 
-if stage_begin 5 "decode the test set"; then
+if stage_begin 5 "decode the test set: greedy, and with the word LM (weights tuned on dev)"; then
   for init in pretrained scratch; do
-    if [ "$dry_run" = true ]; then
-      run speechvq transcribe "$exp_dir/ctc_$init/best_model" "$m/test.tsv" --labels "$m/test.wrd" \
-        --out "$exp_dir/ctc_$init/test.hyp"
-    else
-      speechvq transcribe "$exp_dir/ctc_$init/best_model" "$m/test.tsv" --labels "$m/test.wrd" \
-        --out "$exp_dir/ctc_$init/test.hyp" > "$exp_dir/ctc_$init/test.wer"
-    fi
+    d=$exp_dir/ctc_$init
+    OMP_NUM_THREADS=1 run_bg "$d/decode.log" bash -c "
+      set -euo pipefail
+      speechvq transcribe $d/best_model $m/test.tsv --labels $m/test.wrd --out $d/test.hyp > $d/test.wer
+      speechvq transcribe $d/best_model $m/dev.tsv --labels $m/dev.wrd --lm $data_dir/lm/3gram.arpa \
+        --lexicon $data_dir/corpus/vocab.txt --lm-weight $lm_weights --word-bonus=$word_bonuses \
+        --out $d/dev_lm.hyp > $d/dev_lm.tune
+      speechvq transcribe $d/best_model $m/test.tsv --labels $m/test.wrd --lm $data_dir/lm/3gram.arpa \
+        --lexicon $data_dir/corpus/vocab.txt \$(sed -n 's/^best: //p' $d/dev_lm.tune) \
+        --out $d/test_lm.hyp > $d/test_lm.wer"
   done
+  wait_bg
   stage_end 5
 fi
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 RECIPE = Path(__file__).parents[2] / "recipes" / "toy" / "run.sh"
 
 
@@ -38,7 +40,11 @@ def test_toy_recipe_quick_runs_every_stage_and_writes_finite_results(tmp_path: P
     results = json.loads((tmp_path / "exp" / "results.json").read_text())
     assert set(results["units"]) == {"codes", "kmeans"}
     assert set(results["ctc"]) == {"pretrained", "scratch"}
-    assert all(results["ctc"][init] for init in ("pretrained", "scratch"))
+    for init in ("pretrained", "scratch"):  # greedy and word-LM decoding of the test set
+        assert set(results["ctc"][init]) == {"wer", "cer", "lm_wer", "lm_cer"}
+    assert set(results["gain"]) == {"wer", "cer", "lm_wer", "lm_cer"}
+    scratch, pre = results["ctc"]["scratch"], results["ctc"]["pretrained"]
+    assert results["gain"]["lm_cer"] == pytest.approx(100 * (1 - pre["lm_cer"] / scratch["lm_cer"]))
     numbers = _numbers(results)
     assert len(numbers) >= 15
     assert all(math.isfinite(n) for n in numbers)

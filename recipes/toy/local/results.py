@@ -50,9 +50,19 @@ def collect(exp: Path) -> dict:
         if quality.is_file():
             out["units"][kind] = json.loads(quality.read_text())
     for init in ("pretrained", "scratch"):
-        wer = exp / f"ctc_{init}" / "test.wer"
-        match = RATES.search(wer.read_text()) if wer.is_file() else None
-        out["ctc"][init] = {"wer": float(match.group(1)), "cer": float(match.group(2))} if match else {}
+        rates = {}
+        for name, prefix in (("test.wer", ""), ("test_lm.wer", "lm_")):
+            path = exp / f"ctc_{init}" / name
+            match = RATES.search(path.read_text()) if path.is_file() else None
+            if match:
+                rates[f"{prefix}wer"], rates[f"{prefix}cer"] = float(match.group(1)), float(match.group(2))
+        out["ctc"][init] = rates
+    pre, scratch = out["ctc"]["pretrained"], out["ctc"]["scratch"]
+    out["gain"] = {  # relative error reduction of the pretrained model, in %
+        key: 100.0 * (1.0 - pre[key] / scratch[key])
+        for key in ("wer", "cer", "lm_wer", "lm_cer")
+        if pre.get(key) is not None and scratch.get(key)
+    }
     return out
 
 
@@ -79,8 +89,18 @@ def render(r: dict) -> str:
     )
     for init, rates in r["ctc"].items():
         lines.append(
-            f"| CTC from {init} | test WER / CER (%) | {fmt(rates.get('wer'), '.2f')} / {fmt(rates.get('cer'), '.2f')} |"
+            f"| CTC from {init} | test WER / CER, greedy (%) | {fmt(rates.get('wer'), '.2f')} / {fmt(rates.get('cer'), '.2f')} |"
         )
+        lines.append(
+            f"| | test WER / CER, word LM (%) | {fmt(rates.get('lm_wer'), '.2f')} / {fmt(rates.get('lm_cer'), '.2f')} |"
+        )
+    g = r["gain"]
+    lines.append(
+        f"| pretraining's gain | relative WER / CER reduction, greedy (%) | {fmt(g.get('wer'), '.1f')} / {fmt(g.get('cer'), '.1f')} |"
+    )
+    lines.append(
+        f"| | relative WER / CER reduction, word LM (%) | {fmt(g.get('lm_wer'), '.1f')} / {fmt(g.get('lm_cer'), '.1f')} |"
+    )
     return "\n".join(lines)
 
 
