@@ -101,7 +101,12 @@ def logmel_rows(model: torch.nn.Module, manifest: Path, directory: Path) -> Feat
 
 def logmel_units(model: torch.nn.Module, manifest: Path, km: KMeansModel, out: Path) -> Path:
     stride = frame_stride_samples(model)
-    with UnitWriter(out, frame_stride_s=stride / SAMPLE_RATE, meta={"kind": "logmel-kmeans"}) as writer:
+    with UnitWriter(
+        out,
+        frame_stride_s=stride / SAMPLE_RATE,
+        frame_centre_s=200 / SAMPLE_RATE,
+        meta={"kind": "logmel-kmeans"},
+    ) as writer:
         for batch in iter_manifest(manifest, model):
             tokens: list[list[int]] = [[] for _ in batch.relpaths]
             for pos, w, n in zip(batch.usable, batch.waveforms, batch.lengths.tolist()):

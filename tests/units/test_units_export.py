@@ -66,6 +66,8 @@ def test_export_codes_equal_quantizer_argmax_codes(
             assert units.frames(i) == [str(t) for t in codes_to_tokens(ref, v, joint)]
     assert units.utterances[1] == "spk/utt001.wav"
     assert units.meta["frame_stride_s"] == pytest.approx(320 / 16000)
+    # frame 0 sees the CNN's first 400 samples: its labels are read at their middle
+    assert units.meta["frame_centre_s"] == pytest.approx(200 / 16000) == meta["frame_centre_s"]
     assert units.meta["vocab_size"] == (v * v if joint else None)
 
 

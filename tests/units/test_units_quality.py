@@ -50,6 +50,28 @@ def test_frame_labels_take_the_phone_at_the_frame_centre() -> None:
     segments = [(0.0, 0.03, "sil"), (0.03, 0.05, "a"), (0.06, 0.10, "b")]
     # centres 0.01, 0.03, 0.05, 0.07, 0.09, 0.11
     assert frame_labels(segments, 6, 0.02) == ["sil", "a", None, "b", "b", None]
+    # a frame whose receptive field is centred 0.025 s after its start (centres 0.025, 0.045, ...)
+    assert frame_labels(segments, 5, 0.02, frame_centre_s=0.025) == ["sil", "a", "b", "b", None]
+
+
+def test_evaluate_units_reads_each_frame_at_its_recorded_centre(tmp_path: Path) -> None:
+    from speechvq.units.io import UnitWriter, read_units
+    from speechvq.units.quality import evaluate_units
+
+    (tmp_path / "a.phones").write_text("0 0.2 a\n0.2 0.4 b\n")
+    # frame 0's receptive field is centred at 0.15 s: labels a, b, b, (none), which the units follow
+    for name, centre in (("late", 0.15), ("plain", None)):
+        with UnitWriter(tmp_path / name, frame_stride_s=0.1, frame_centre_s=centre) as w:
+            w.write("a.flac", ["1", "2", "2", "3"])
+    assert read_units(tmp_path / "late").meta["frame_centre_s"] == 0.15
+    late = evaluate_units(read_units(tmp_path / "late"), tmp_path)
+    assert late.num_frames == 3 and late.phone_purity == 1.0
+    # without a recorded centre, half a stride: 0.05 a, 0.15 a, 0.25 b, 0.35 b
+    assert "frame_centre_s" not in read_units(tmp_path / "plain").meta
+    plain = evaluate_units(read_units(tmp_path / "plain"), tmp_path)
+    assert plain.num_frames == 4 and plain.phone_purity == pytest.approx(3 / 4)
+    shifted = evaluate_units(read_units(tmp_path / "plain"), tmp_path, frame_centre_s=0.15)
+    assert shifted.num_frames == 3 and shifted.phone_purity == 1.0
 
 
 def test_read_alignment_names_the_bad_line(tmp_path: Path) -> None:

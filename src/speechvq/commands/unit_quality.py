@@ -7,8 +7,9 @@ Usage:
 UNITS is an ``export-units`` directory; ALIGNMENTS is the directory the ``.phones`` files
 (``start_s end_s phone`` per line, as the synthetic corpus writes them) are found in: for the
 utterance ``rel/path/utt.flac`` first ``ALIGNMENTS/rel/path/utt.phones``, else any
-``utt.phones`` below ALIGNMENTS. Each frame gets the phone at its centre; unaligned frames are not
-counted. Measures as in the HuBERT paper (see ``speechvq.units.quality``).
+``utt.phones`` below ALIGNMENTS. Each frame gets the phone at its centre, the middle of its
+receptive field in the input (``meta.json``'s ``frame_centre_s``: half the front end's receptive
+field for ``export-units``); unaligned frames are not counted. Measures as in the HuBERT paper (see ``speechvq.units.quality``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("alignments", help="directory holding the .phones alignment files")
     parser.add_argument("--suffix", default=".phones", help="alignment file suffix (default .phones)")
     parser.add_argument("--frame-stride", type=float, help="seconds per frame (default: from meta.json)")
+    parser.add_argument(
+        "--frame-centre",
+        type=float,
+        help="seconds from the start to the centre of frame 0's receptive field (default: from "
+        "meta.json, else half a frame stride)",
+    )
     parser.add_argument("--json", help="also write the result here as JSON")
 
 
@@ -31,7 +38,13 @@ def run(args: argparse.Namespace) -> int:
     from speechvq.units.quality import evaluate_units
 
     units = read_units(args.units)
-    quality = evaluate_units(units, args.alignments, suffix=args.suffix, frame_stride_s=args.frame_stride)
+    quality = evaluate_units(
+        units,
+        args.alignments,
+        suffix=args.suffix,
+        frame_stride_s=args.frame_stride,
+        frame_centre_s=args.frame_centre,
+    )
     print(
         f"phone purity {quality.phone_purity:.4f}  cluster purity {quality.cluster_purity:.4f}  "
         f"PNMI {quality.pnmi:.4f}  ({quality.num_frames} frames, {quality.num_phones} phones, "

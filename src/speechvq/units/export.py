@@ -259,7 +259,10 @@ def export_units(
     else:
         raise UserInputError(f"--kind must be 'codes' or 'kmeans', but is {kind!r}")
     stride_s = frame_stride_samples(model) / SAMPLE_RATE
-    with UnitWriter(out_dir, frame_stride_s=stride_s, dedup=dedup, meta=info) as writer:
+    centre_s = receptive_field(model) / 2 / SAMPLE_RATE
+    with UnitWriter(
+        out_dir, frame_stride_s=stride_s, frame_centre_s=centre_s, dedup=dedup, meta=info
+    ) as writer:
         for batch in iter_manifest(manifest, model, max_tokens=max_tokens, max_items=max_items):
             per_item: list[list[Token]] = [[] for _ in batch.relpaths]
             if batch.usable:
@@ -281,7 +284,7 @@ def export_units(
                         per_item[pos] = [int(x) for x in lab[:n].tolist()]
             for relpath, tokens in zip(batch.relpaths, per_item):
                 writer.write(relpath, tokens)
-    return dict(info, num_utterances=writer.num_utterances, frame_stride_s=stride_s)
+    return dict(info, num_utterances=writer.num_utterances, frame_stride_s=stride_s, frame_centre_s=centre_s)
 
 
 def dump_features(

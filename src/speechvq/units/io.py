@@ -16,6 +16,8 @@ A units directory holds, for the N items of a manifest, in manifest order:
   and other per-utterance files are found again).
 - ``meta.json``: ``{"format": "speechvq-units", "kind", "num_utterances", "frame_stride_s",
   "dedup", "vocab_size", ...}`` plus whatever the exporter adds (model, layer, k-means path).
+  ``frame_centre_s``, when present, is the centre of frame 0's receptive field in the input (frame
+  ``i``'s is ``frame_centre_s + i * frame_stride_s``); unit-quality reads each frame's label there.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class UnitWriter:
         directory: output directory (created).
         frame_stride_s: seconds between consecutive frames.
         dedup: collapse runs of equal units and write ``durations.txt``.
+        frame_centre_s: centre of frame 0's receptive field in seconds (recorded in ``meta.json``;
+            see the module docstring); None records none.
         meta: extra entries for ``meta.json`` (``kind``, ``vocab_size``, the model, ...).
     """
 
@@ -85,16 +89,21 @@ class UnitWriter:
         *,
         frame_stride_s: float,
         dedup: bool = False,
+        frame_centre_s: float | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
         if frame_stride_s <= 0:
             raise ValueError(f"`frame_stride_s` must be positive, but is {frame_stride_s} instead.")
+        if frame_centre_s is not None and frame_centre_s < 0:
+            raise ValueError(f"`frame_centre_s` must be >= 0, but is {frame_centre_s} instead.")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / META_NAME).unlink(missing_ok=True)
         self.frame_stride_s = float(frame_stride_s)
         self.dedup = dedup
         self.meta = dict(meta or {})
+        if frame_centre_s is not None:
+            self.meta["frame_centre_s"] = float(frame_centre_s)
         self.num_utterances = 0
         self.num_frames = 0
         self.num_tokens = 0

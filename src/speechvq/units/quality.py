@@ -136,14 +136,19 @@ def read_alignment(path: str | os.PathLike[str]) -> list[tuple[float, float, str
 
 
 def frame_labels(
-    segments: list[tuple[float, float, str]], num_frames: int, frame_stride_s: float
+    segments: list[tuple[float, float, str]],
+    num_frames: int,
+    frame_stride_s: float,
+    frame_centre_s: float | None = None,
 ) -> list[str | None]:
-    """The label of each frame: the segment holding the frame's centre ``(i + 0.5) * stride``.
+    """The label of each frame: the segment holding the frame's centre ``c + i * stride``.
 
     Args:
         segments: ``(start_s, end_s, label)``, sorted by start.
         num_frames: frames of the utterance.
         frame_stride_s: seconds between frames (wav2vec 2.0: 0.02).
+        frame_centre_s: ``c``, the centre of frame 0's receptive field (wav2vec 2.0's CNN: 400
+            samples, 0.0125 s); None: the middle of the first stride, ``stride / 2``.
 
     Returns:
         ``num_frames`` labels; None for frames no segment covers.
@@ -152,7 +157,8 @@ def frame_labels(
         raise ValueError(f"`frame_stride_s` must be positive, but is {frame_stride_s} instead.")
     starts = np.asarray([s for s, _, _ in segments], dtype=np.float64)
     ends = np.asarray([e for _, e, _ in segments], dtype=np.float64)
-    centres = (np.arange(num_frames) + 0.5) * frame_stride_s
+    first = 0.5 * frame_stride_s if frame_centre_s is None else frame_centre_s
+    centres = first + np.arange(num_frames) * frame_stride_s
     idx = np.searchsorted(starts, centres, side="right") - 1  # last segment starting before the centre
     out: list[str | None] = []
     for t, k in zip(centres, idx):
@@ -177,6 +183,7 @@ def evaluate_units(
     *,
     suffix: str = ".phones",
     frame_stride_s: float | None = None,
+    frame_centre_s: float | None = None,
 ) -> UnitQuality:
     """:func:`unit_quality` of a units directory against per-utterance alignment files.
 
@@ -185,6 +192,8 @@ def evaluate_units(
         alignments: directory of the alignment files (see :func:`find_alignment`).
         suffix: alignment file suffix.
         frame_stride_s: seconds per frame; default: the units' ``meta.json``.
+        frame_centre_s: centre of frame 0 (see :func:`frame_labels`); default: the units'
+            ``meta.json``, else half a stride.
 
     Raises:
         UserInputError: no frame stride, a missing directory or a missing alignment file.
@@ -192,6 +201,7 @@ def evaluate_units(
     stride = frame_stride_s or units.meta.get("frame_stride_s")
     if not stride:
         raise UserInputError("the units have no frame_stride_s in meta.json; pass the frame stride")
+    centre = frame_centre_s if frame_centre_s is not None else units.meta.get("frame_centre_s")
     root = Path(alignments)
     if not root.is_dir():
         raise UserInputError(f"{root}: alignment directory does not exist")
@@ -205,5 +215,6 @@ def evaluate_units(
         if path is None:
             raise UserInputError(f"{root}: no alignment file for utterance {i + 1} ({utt})")
         frames = units.frames(i)
-        counts.update(frame_labels(read_alignment(path), len(frames), float(stride)), frames)
+        labels = frame_labels(read_alignment(path), len(frames), float(stride), centre)
+        counts.update(labels, frames)
     return unit_quality(counts.matrix())
