@@ -75,6 +75,16 @@ def test_finetune_ctc_command_overfits_a_few_utterances_to_zero_cer(
     assert main(["transcribe", str(exp / "best_model"), str(toy_manifest), "--labels", str(labels)]) == 0
     out = capsys.readouterr().out
     assert all(t in out for t in TRANSCRIPTS)
+    # its curves: the CTC panels, each with points from this run
+    from speechvq.commands.plot import CTC_PANELS, panels_for
+
+    records = read_metrics(exp)
+    assert panels_for(records) is CTC_PANELS
+    for _, series in CTC_PANELS:
+        for split, key in series:
+            assert any(r["split"] == split and r.get(key) is not None for r in records), key
+    assert main(["plot", str(exp)]) == 0
+    assert (exp / "curves.png").stat().st_size > 10_000
 
 
 def test_finetune_trains_only_the_output_layer_during_the_first_updates(

@@ -138,6 +138,9 @@ def test_pretrain_cli_writes_config_metrics_checkpoint_and_plot(corpus: Path, tm
                  "--set", f"data.train={corpus}"]) == 2  # fmt: skip
     assert main(["plot", str(exp)]) == 0
     assert (exp / "curves.png").stat().st_size > 10_000
+    from speechvq.commands.plot import PRETRAIN_PANELS, panels_for
+
+    assert panels_for(lines) is PRETRAIN_PANELS
 
 
 def test_pretrain_runs_in_bf16_autocast_on_the_cpu(

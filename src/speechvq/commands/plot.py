@@ -1,11 +1,14 @@
-"""Plot the curves of a pretraining run to PNG.
+"""Plot the curves of a pretraining or CTC fine-tuning run to PNG.
 
 Usage:
     speechvq plot exp/tiny                  # writes exp/tiny/curves.png
     speechvq plot exp/tiny --out curves.png
 
-Draws loss (train and valid), contrastive accuracy, code and prob perplexity and the Gumbel
-temperature from ``metrics.jsonl``, and a codebook-usage histogram from ``codebook_usage.json``.
+For pretraining, draws loss (train and valid), contrastive accuracy, code and prob perplexity and
+the Gumbel temperature from ``metrics.jsonl``, and a codebook-usage histogram from
+``codebook_usage.json``. For CTC fine-tuning (validation records with a WER / CER), draws the CTC
+loss (train and valid), the loss per output token, the validation error rates, the gradient norm
+with the lr, and the throughput.
 """
 
 from __future__ import annotations
@@ -44,6 +47,29 @@ def _num_negatives(exp_dir: Path) -> int | None:
         return None
 
 
+PRETRAIN_PANELS = [
+    ("loss (bits per target)", [("train", "loss_bits"), ("valid", "loss_bits")]),
+    ("contrastive accuracy", [("train", "accuracy"), ("valid", "accuracy")]),
+    ("perplexity (codes)", [("train", "code_perplexity"), ("train", "prob_perplexity")]),
+    ("Gumbel temperature", [("train", "temperature")]),
+    ("gradient norm / lr", [("train", "grad_norm")]),
+]
+CTC_PANELS = [
+    ("CTC loss (per utterance)", [("train", "loss"), ("valid", "loss")]),
+    ("CTC loss per output token (nats)", [("train", "loss_per_token")]),
+    ("validation error rate", [("valid", "cer"), ("valid", "wer")]),
+    ("throughput (audio s/s)", [("train", "audio_s_per_s")]),
+    ("gradient norm / lr", [("train", "grad_norm")]),
+]
+
+
+def panels_for(records: list[dict[str, Any]]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The panels of a run: CTC fine-tuning if a validation record has a WER or CER, else
+    pretraining."""
+    ctc = any(r["split"] == "valid" and ("cer" in r or "wer" in r) for r in records)
+    return CTC_PANELS if ctc else PRETRAIN_PANELS
+
+
 def plot_experiment(exp_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the curves and the codebook-usage histogram of ``exp_dir``; returns the PNG path."""
     import matplotlib
@@ -59,13 +85,7 @@ def plot_experiment(exp_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_metrics(exp_dir)
     out = Path(out) if out is not None else exp_dir / "curves.png"
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    panels = [
-        ("loss (bits per target)", [("train", "loss_bits"), ("valid", "loss_bits")]),
-        ("contrastive accuracy", [("train", "accuracy"), ("valid", "accuracy")]),
-        ("perplexity (codes)", [("train", "code_perplexity"), ("train", "prob_perplexity")]),
-        ("Gumbel temperature", [("train", "temperature")]),
-        ("gradient norm / lr", [("train", "grad_norm")]),
-    ]
+    panels = panels_for(records)
     for ax, (title, series) in zip(axes.flat, panels):
         for split, key in series:
             x, y = _series(records, split, key)
@@ -75,13 +95,14 @@ def plot_experiment(exp_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set_xlabel("update")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    negatives = _num_negatives(exp_dir)
+    negatives = _num_negatives(exp_dir) if panels is PRETRAIN_PANELS else None
     if negatives is not None:  # chance: uniform over the target and K distractors
         axes[0, 0].axhline(math.log2(negatives + 1), color="tab:red", linestyle=":", label="chance log2(K+1)")
         axes[0, 1].axhline(1 / (negatives + 1), color="tab:red", linestyle=":", label="chance 1/(K+1)")
         axes[0, 0].legend(fontsize=8)
         axes[0, 1].legend(fontsize=8)
-    axes[1, 0].ticklabel_format(axis="y", useOffset=False)
+    if panels is PRETRAIN_PANELS:
+        axes[1, 0].ticklabel_format(axis="y", useOffset=False)
     x, y = _series(records, "train", "lr")
     if x:
         twin = axes[1, 1].twinx()
