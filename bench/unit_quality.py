@@ -12,7 +12,8 @@ Rows of the table, each scored on the corpus's test split against its ``.phones`
   window, 20 ms hop (the wav2vec 2.0 frame grid), normalised per utterance: the spectral baseline;
 - ``codes``: the model's quantizer indices, one joint id per frame (K = V^G, not a choice);
 - ``k-means layer L``: k-means (fitted on train) over Transformer block L's output; the layer with
-  the best PNMI at each K is reported (``--layers`` restricts the search).
+  the best PNMI at each K is reported (``--layers`` restricts the search; layer 0, the front end's
+  output, is a learned layer only for the raw-waveform CNN).
 
 Every k-means uses the same settings (``--percent`` of the train frames, k-means++ init,
 ``--n-init`` restarts).
@@ -161,6 +162,10 @@ def main() -> None:
     )
     # (c) k-means on each layer; the best layer per K
     layers = args.layers or list(range(1, num_layers(model) + 1))
+    if 0 in layers and model.cfg.encoder.kind == "fbank":
+        logger.warning(
+            "layer 0 of a log-mel front end has no weights: it is a spectral baseline, not pretrained"
+        )
     for k in args.ks:
         best: tuple[float, dict[str, object]] | None = None
         for layer in layers:
