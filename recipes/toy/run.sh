@@ -92,7 +92,7 @@ fi
 
 if stage_begin 4 "CTC on ${label_minutes} min of labels for ${ctc_steps} updates, from the pretrained model and from scratch"; then
   # Scratch is the pretrained model's architecture with random weights (model.random_weights),
-  # the exact baseline. The two runs go side by side, one thread each; logs in each exp dir.
+  # the exact baseline. The two runs go side by side, one thread each; logs in exp/ctc_*.log.
   for init in pretrained scratch; do
     extra=()
     [ "$init" = scratch ] && extra=(model.random_weights=true)
@@ -109,18 +109,21 @@ if stage_begin 4 "CTC on ${label_minutes} min of labels for ${ctc_steps} updates
   stage_end 4
 fi
 
+decode() {  # decode INIT: the test set greedily, the LM weights tuned on dev, the test set with the LM
+  local d=$exp_dir/ctc_$1 best
+  local lm=(--lm "$data_dir/lm/3gram.arpa" --lexicon "$data_dir/corpus/vocab.txt")
+  speechvq transcribe "$d/best_model" "$m/test.tsv" --labels "$m/test.wrd" --out "$d/test.hyp" > "$d/test.wer"
+  speechvq transcribe "$d/best_model" "$m/dev.tsv" --labels "$m/dev.wrd" "${lm[@]}" \
+    --lm-weight "$lm_weights" --word-bonus="$word_bonuses" --out "$d/dev_lm.hyp" > "$d/dev_lm.tune"
+  best=$(sed -n 's/^best: //p' "$d/dev_lm.tune")  # e.g. --lm-weight 1 --word-bonus=4
+  # shellcheck disable=SC2086  # $best is two options
+  speechvq transcribe "$d/best_model" "$m/test.tsv" --labels "$m/test.wrd" "${lm[@]}" $best \
+    --out "$d/test_lm.hyp" > "$d/test_lm.wer"
+}
+
 if stage_begin 5 "decode the test set: greedy, and with the word LM (weights tuned on dev)"; then
-  for init in pretrained scratch; do
-    d=$exp_dir/ctc_$init
-    OMP_NUM_THREADS=1 run_bg "$d/decode.log" bash -c "
-      set -euo pipefail
-      speechvq transcribe $d/best_model $m/test.tsv --labels $m/test.wrd --out $d/test.hyp > $d/test.wer
-      speechvq transcribe $d/best_model $m/dev.tsv --labels $m/dev.wrd --lm $data_dir/lm/3gram.arpa \
-        --lexicon $data_dir/corpus/vocab.txt --lm-weight $lm_weights --word-bonus=$word_bonuses \
-        --out $d/dev_lm.hyp > $d/dev_lm.tune
-      speechvq transcribe $d/best_model $m/test.tsv --labels $m/test.wrd --lm $data_dir/lm/3gram.arpa \
-        --lexicon $data_dir/corpus/vocab.txt \$(sed -n 's/^best: //p' $d/dev_lm.tune) \
-        --out $d/test_lm.hyp > $d/test_lm.wer"
+  for init in pretrained scratch; do  # side by side, one thread each
+    OMP_NUM_THREADS=1 run_bg "$exp_dir/ctc_$init/decode.log" decode "$init"
   done
   wait_bg
   stage_end 5
