@@ -7,10 +7,10 @@ Usage:
 
 MODEL is anything ``speechvq finetune-ctc --init`` takes (a model, experiment or checkpoint
 directory), or ``random``: the ``--preset`` architecture with a log-mel front end and random weights,
-the from-scratch starting point. For each model and layer (0 = the feature encoder's output, L =
-Transformer block L), the unmasked features of every frame of the ``--train`` manifest are labelled
-with the phone under the frame's centre (the synthetic corpus's ``.phones`` alignments beside the
-audio), a softmax regression is fitted on them (features standardised with the training mean and
+the from-scratch starting point. For each model and layer (0 = the feature encoder's output,
+``transformer_input`` = the input of block 1, L = Transformer block L), the unmasked features of
+every frame of the ``--train`` manifest are labelled with the phone under the frame's centre (the
+middle of its receptive field; the synthetic corpus's ``.phones`` alignments beside the audio), a softmax regression is fitted on them (features standardised with the training mean and
 deviation, full-batch Adam), and its frame accuracy is measured on ``--test``. With the corpus's
 speaker-disjoint splits the test frames are voices the probe never saw.
 
@@ -32,15 +32,23 @@ from speechvq.config import preset
 from speechvq.data.manifest import read_manifest
 from speechvq.models.wav2vec2 import build_wav2vec2
 from speechvq.train.finetune import load_init_model
-from speechvq.units.export import iter_manifest, layer_features, num_layers
+from speechvq.units.export import (
+    TRANSFORMER_INPUT,
+    Layer,
+    iter_manifest,
+    layer_features,
+    num_layers,
+    parse_layer,
+    receptive_field,
+)
 from speechvq.units.quality import find_alignment, frame_labels, read_alignment
 
 FRAME_S = 0.02
 
 
 def labelled_frames(
-    model: nn.Module, manifest: str, layers: list[int]
-) -> dict[int, tuple[Tensor, list[str]]]:
+    model: nn.Module, manifest: str, layers: list[Layer]
+) -> dict[Layer, tuple[Tensor, list[str]]]:
     """Per layer: features ``[N, D]`` of every frame a phone covers, and those phones.
 
     The audio comes through :func:`iter_manifest` (the export's loader: resampling, the model's
@@ -48,7 +56,8 @@ def labelled_frames(
     beside the audio (:func:`find_alignment`).
     """
     root = read_manifest(manifest).root
-    feats: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    feats: dict[Layer, list[Tensor]] = {layer: [] for layer in layers}
+    centre = receptive_field(model) / 2 / 16000  # each frame's phone at its receptive field's centre
     phones: list[str] = []
     for batch in iter_manifest(manifest, model, max_items=1):
         if not batch.usable:
@@ -62,7 +71,7 @@ def labelled_frames(
             f, n = layer_features(model, batch.waveforms, batch.lengths, layer)
             f = f[0, : int(n[0])].float()
             if labels is None:
-                labels = frame_labels(read_alignment(path), f.size(0), FRAME_S)
+                labels = frame_labels(read_alignment(path), f.size(0), FRAME_S, centre)
                 phones.extend(p for p in labels if p is not None)
             feats[layer].extend(f[t] for t, p in enumerate(labels) if p is not None)
     return {layer: (torch.stack(feats[layer]), phones) for layer in layers}
@@ -97,7 +106,7 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="model specs (see above), or 'random'")
     parser.add_argument("--train", required=True, help="manifest the probe is fitted on")
     parser.add_argument("--test", required=True, help="manifest the probe is scored on")
-    parser.add_argument("--layers", type=int, nargs="+", help="layers to probe (default: all)")
+    parser.add_argument("--layers", type=parse_layer, nargs="+", help="layers to probe (default: all)")
     parser.add_argument("--preset", default="small", help="architecture of 'random' (default small)")
     parser.add_argument("--steps", type=int, default=400, help="full-batch Adam steps (default 400)")
     args = parser.parse_args()
@@ -114,7 +123,7 @@ def main() -> None:
         else:
             model = load_init_model(spec)
         model.eval()
-        layers = args.layers or list(range(num_layers(model) + 1))
+        layers = args.layers or [0, TRANSFORMER_INPUT, *range(1, num_layers(model) + 1)]
         trains = labelled_frames(model, args.train, layers)
         tests = labelled_frames(model, args.test, layers)
         for layer in layers:

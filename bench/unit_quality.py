@@ -11,9 +11,10 @@ Rows of the table, each scored on the corpus's test split against its ``.phones`
 - ``log-mel k-means``: k-means (fitted on the train split) over 40 log-mel energies per 25 ms
   window, 20 ms hop (the wav2vec 2.0 frame grid), normalised per utterance: the spectral baseline;
 - ``codes``: the model's quantizer indices, one joint id per frame (K = V^G, not a choice);
-- ``k-means layer L``: k-means (fitted on train) over Transformer block L's output; the layer with
-  the best PNMI at each K is reported (``--layers`` restricts the search; layer 0, the front end's
-  output, is a learned layer only for the raw-waveform CNN).
+- ``k-means layer L``: k-means (fitted on train) over a layer's features: ``transformer_input``
+  (the input of block 1, after the learned projection and positional convolution) or block L's
+  output. The layer with the best PNMI at each K is reported (``--layers`` restricts the search;
+  layer 0, the front end's output, is a learned layer only for the raw-waveform CNN).
 
 Every k-means uses the same settings (``--percent`` of the train frames, k-means++ init,
 ``--n-init`` restarts).
@@ -35,11 +36,13 @@ from speechvq.data import ManifestItem, audio_info, write_manifest
 from speechvq.io import load_pretrained
 from speechvq.units.export import (
     SAMPLE_RATE,
+    TRANSFORMER_INPUT,
     dump_features,
     export_units,
     frame_stride_samples,
     iter_manifest,
     num_layers,
+    parse_layer,
     receptive_field,
 )
 from speechvq.units.io import UnitWriter, read_units
@@ -54,7 +57,12 @@ def get_args() -> argparse.Namespace:
     p.add_argument("model", help="speechvq wav2vec 2.0 model directory")
     p.add_argument("corpus", type=Path, help="synthetic corpus root (with train/ and test/)")
     p.add_argument("--ks", type=int, nargs="+", default=[50, 100, 500], help="k-means sizes")
-    p.add_argument("--layers", type=int, nargs="+", help="layers to search (default: all blocks)")
+    p.add_argument(
+        "--layers",
+        type=parse_layer,
+        nargs="+",
+        help="layers to search (default: transformer_input and every block)",
+    )
     p.add_argument("--train-split", default="train")
     p.add_argument("--test-split", default="test")
     p.add_argument("--percent", type=float, default=100.0, help="%% of train frames to fit on")
@@ -161,7 +169,7 @@ def main() -> None:
         )
     )
     # (c) k-means on each layer; the best layer per K
-    layers = args.layers or list(range(1, num_layers(model) + 1))
+    layers = args.layers or [TRANSFORMER_INPUT, *range(1, num_layers(model) + 1)]
     if 0 in layers and model.cfg.encoder.kind == "fbank":
         logger.warning(
             "layer 0 of a log-mel front end has no weights: it is a spectral baseline, not pretrained"
@@ -176,7 +184,7 @@ def main() -> None:
             out = work / f"units_l{layer}_k{k}"
             export_units(model, test, out, kind="kmeans", layer=layer, kmeans=fit(feats, k))
             q = evaluate_units(read_units(out), test_root)
-            logger.info("layer %d, K=%d: PNMI %.4f", layer, k, q.pnmi)
+            logger.info("layer %s, K=%d: PNMI %.4f", layer, k, q.pnmi)
             r = row(f"k-means layer {layer}", k, q, time.perf_counter() - t)
             if best is None or q.pnmi > best[0]:
                 best = (q.pnmi, r)

@@ -8,15 +8,18 @@ import torch
 
 from speechvq.cli import main
 from speechvq.data import AudioDataset, collate_audio
+from speechvq.errors import UserInputError
 from speechvq.io import save_pretrained
 from speechvq.models.wav2vec2 import Wav2Vec2Model
 from speechvq.units.export import (
+    TRANSFORMER_INPUT,
     codes_to_tokens,
     consecutive_batches,
     dump_features,
     export_units,
     frame_stride_samples,
     layer_features,
+    parse_layer,
 )
 from speechvq.units.io import read_units
 from speechvq.units.kmeans import KMeansModel, iter_shard_utterances
@@ -131,6 +134,17 @@ def test_cli_fit_kmeans_then_export_then_quality(
     assert (
         main(["export-units", str(tmp_path / "model"), str(manifest), "--out", "x", "--kind", "kmeans"]) == 2
     )
+    # the named layer, through both commands
+    argv = ["fit-kmeans", str(tmp_path / "model"), str(manifest), "--layer", "transformer_input", "--k", "3"]
+    assert main([*argv, "--out", str(tmp_path / "km_in"), "--n-init", "1", "--max-iter", "5"]) == 0
+    assert KMeansModel.load(tmp_path / "km_in").meta["layer"] == "transformer_input"
+    argv = ["export-units", str(tmp_path / "model"), str(manifest), "--out", str(tmp_path / "u_in")]
+    assert (
+        main([*argv, "--kind", "kmeans", "--layer", "transformer_input", "--km", str(tmp_path / "km_in")])
+        == 0
+    )
+    assert read_units(tmp_path / "u_in").meta["layer"] == "transformer_input"
+    assert main([*argv, "--kind", "kmeans", "--layer", "top", "--km", str(tmp_path / "km_in")]) == 2
 
 
 def _other_models() -> dict[str, torch.nn.Module]:
@@ -156,6 +170,24 @@ def _other_models() -> dict[str, torch.nn.Module]:
     }
 
 
+@torch.no_grad()
+def test_transformer_input_is_the_input_of_block_1(tiny_model: Wav2Vec2Model) -> None:
+    # a padded batch: each utterance's frames equal those of the unmasked forward's hidden_states[0]
+    # (transformers' hidden_states[0]: projection, positional conv, LayerNorm) run on it alone
+    waves, lengths = torch.randn(2, 4000), torch.tensor([4000, 2600])
+    feats, n = layer_features(tiny_model, waves, lengths, TRANSFORMER_INPUT)
+    for b in range(2):
+        alone = waves[b : b + 1, : int(lengths[b])]
+        frames = tiny_model.encode(alone, None)[0].size(1)
+        out = tiny_model(alone, mask=torch.zeros(1, frames, dtype=torch.bool))
+        torch.testing.assert_close(feats[b, : int(n[b])], out.hidden_states[0][0], atol=1e-5, rtol=0)
+        block1, _ = layer_features(tiny_model, alone, None, 1)
+        assert not torch.allclose(block1[0], out.hidden_states[0][0])
+    assert parse_layer("transformer_input") == TRANSFORMER_INPUT and parse_layer("3") == 3
+    with pytest.raises(UserInputError, match="a layer number or 'transformer_input'"):
+        parse_layer("top")
+
+
 def test_export_supports_vq_wav2vec_codes_and_ctc_layers(manifest: Path, tmp_path: Path) -> None:
     models = _other_models()
     vq = models["vq_wav2vec"]
@@ -174,6 +206,10 @@ def test_export_supports_vq_wav2vec_codes_and_ctc_layers(manifest: Path, tmp_pat
         assert feats.shape == (2, int(n[0]), 32 if layer else ctc.cfg.encoder.out_channels)
     with pytest.raises(Exception, match="--layer must be in"):
         layer_features(ctc, torch.randn(1, 4000), torch.tensor([4000]), 3)
+    feats, n = layer_features(ctc, torch.randn(2, 4000), torch.tensor([4000, 3000]), TRANSFORMER_INPUT)
+    assert feats.shape == (2, int(n[0]), 32)
+    with pytest.raises(UserInputError, match="has no Transformer"):
+        layer_features(vq, torch.randn(1, 4000), torch.tensor([4000]), TRANSFORMER_INPUT)
 
 
 def test_export_codes_raises_for_a_model_without_quantizer(manifest: Path, tmp_path: Path) -> None:

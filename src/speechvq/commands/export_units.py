@@ -30,7 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="fairseq manifest (.tsv)")
     parser.add_argument("--out", required=True, help="output units directory")
     parser.add_argument("--kind", choices=["codes", "kmeans"], required=True, help="unit kind")
-    parser.add_argument("--layer", type=int, help="kmeans: layer (0 = conv encoder, l = block l)")
+    parser.add_argument(
+        "--layer",
+        help="kmeans: layer (0 = conv encoder, l = Transformer block l, transformer_input = the input of block 1)",
+    )
     parser.add_argument("--km", help="kmeans: a fit-kmeans model directory")
     parser.add_argument("--joint", action="store_true", help="codes: one joint id per frame (g0 * V + g1)")
     parser.add_argument("--dedup", action="store_true", help="collapse repeated units; write durations.txt")
@@ -43,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from speechvq.io import load_pretrained
-    from speechvq.units.export import export_units
+    from speechvq.units.export import export_units, parse_layer
     from speechvq.units.kmeans import KMeansModel
 
     if args.kind == "kmeans" and (args.km is None or args.layer is None):
@@ -51,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if args.kind == "codes" and (args.km is not None or args.layer is not None):
         raise UserInputError("--km and --layer only apply to --kind kmeans")
     km = KMeansModel.load(args.km) if args.km else None
-    if km is not None and km.meta.get("layer") is not None and km.meta["layer"] != args.layer:
-        logger.warning("%s was fitted on layer %s, but --layer is %d", args.km, km.meta["layer"], args.layer)
+    layer = parse_layer(args.layer) if args.layer is not None else None
+    if km is not None and km.meta.get("layer") is not None and km.meta["layer"] != layer:
+        logger.warning("%s was fitted on layer %s, but --layer is %s", args.km, km.meta["layer"], layer)
     model = load_pretrained(args.model).to(args.device)
     start = time.perf_counter()
     meta = export_units(
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         args.manifest,
         args.out,
         kind=args.kind,
-        layer=args.layer,
+        layer=layer,
         kmeans=km,
         joint=args.joint,
         dedup=args.dedup,

@@ -21,7 +21,11 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="speechvq model directory")
     parser.add_argument("manifest", help="fairseq manifest (.tsv)")
-    parser.add_argument("--layer", type=int, required=True, help="0 = conv encoder, l = Transformer block l")
+    parser.add_argument(
+        "--layer",
+        required=True,
+        help="0 = conv encoder, l = Transformer block l, transformer_input = the input of block 1",
+    )
     parser.add_argument("--k", type=int, required=True, help="number of clusters")
     parser.add_argument("--out", required=True, help="output k-means model directory")
     parser.add_argument("--percent", type=float, default=100.0, help="%% of frames to fit on (default 100)")
@@ -40,9 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from speechvq.errors import UserInputError
     from speechvq.io import load_pretrained
-    from speechvq.units.export import dump_features
+    from speechvq.units.export import dump_features, parse_layer
     from speechvq.units.kmeans import fit_kmeans, sample_rows
 
+    layer = parse_layer(args.layer)
     if args.k < 1:
         raise UserInputError(f"--k must be >= 1, but is {args.k}")
     if not 0 < args.percent <= 100:
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         writer = dump_features(
             model,
             args.manifest,
-            args.layer,
+            layer,
             features_dir,
             shard_size=args.shard_size,
             max_tokens=args.max_tokens,
@@ -76,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     km.meta.update(
         {
             "model": str(args.model),
-            "layer": args.layer,
+            "layer": layer,
             "manifest": str(args.manifest),
             "percent": args.percent,
         }

@@ -2,7 +2,10 @@
 
 Layers are numbered alike for every model: 0 is the convolutional feature encoder's output, ``l``
 (1-based) the output of Transformer block ``l`` (wav2vec 2.0, CTC models), or, for vq-wav2vec, 1
-the aggregator's output.
+the aggregator's output. ``"transformer_input"`` (wav2vec 2.0, CTC models) is the input of block 1:
+the projected features after the positional convolution and its LayerNorm, transformers'
+``hidden_states[0]``. With the log-mel front end, whose layer 0 has no weights, it is the first
+learned layer.
 """
 
 from __future__ import annotations
@@ -27,6 +30,22 @@ from speechvq.units.kmeans import FeatureShardWriter, KMeansModel
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
+TRANSFORMER_INPUT = "transformer_input"
+
+Layer = int | str
+"""A layer of :func:`layer_features`: a number, or :data:`TRANSFORMER_INPUT`."""
+
+
+def parse_layer(text: str) -> Layer:
+    """A ``--layer`` value: a layer number or ``transformer_input``."""
+    if text == TRANSFORMER_INPUT:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UserInputError(
+            f"--layer must be a layer number or {TRANSFORMER_INPUT!r}, but is {text!r}"
+        ) from None
 
 
 def frame_stride_samples(model: nn.Module) -> int:
@@ -59,7 +78,9 @@ def normalizes_waveform(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def layer_features(model: nn.Module, waveforms: Tensor, lengths: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+def layer_features(
+    model: nn.Module, waveforms: Tensor, lengths: Tensor, layer: Layer
+) -> tuple[Tensor, Tensor]:
     """Unmasked features of one layer.
 
     Args:
@@ -71,13 +92,21 @@ def layer_features(model: nn.Module, waveforms: Tensor, lengths: Tensor, layer: 
     Returns:
         Features ``[B, T, D]`` and frame lengths ``[B]``.
     """
-    if not 0 <= layer <= num_layers(model):
-        raise UserInputError(
-            f"--layer must be in [0, {num_layers(model)}] for this {type(model).__name__}, but is {layer}"
-        )
     kind = type(model).__name__
+    if layer == TRANSFORMER_INPUT:
+        if kind not in ("Wav2Vec2Model", "CtcModel"):
+            raise UserInputError(f"a {kind} has no Transformer: --layer {TRANSFORMER_INPUT} does not apply")
+    elif not (isinstance(layer, int) and 0 <= layer <= num_layers(model)):
+        raise UserInputError(
+            f"--layer must be in [0, {num_layers(model)}] or {TRANSFORMER_INPUT!r} for this {kind}, "
+            f"but is {layer!r}"
+        )
     m: Any = model
     if kind == "Wav2Vec2Model":
+        if layer == TRANSFORMER_INPUT:
+            features, frame_lengths, padding_mask = m.encode(waveforms, lengths)
+            projected, _ = m.feature_projection(features)
+            return m.context(projected, padding_mask, num_layers=0).hidden_states[0], frame_lengths
         if layer == 0:
             features, frame_lengths, _ = m.encode(waveforms, lengths)
             return features, frame_lengths
@@ -93,7 +122,8 @@ def layer_features(model: nn.Module, waveforms: Tensor, lengths: Tensor, layer: 
             return features, frame_lengths
         padding_mask = lengths_to_padding_mask(frame_lengths, features.size(1))
         x, _ = m.feature_projection(features)
-        return m.context(x, padding_mask, num_layers=layer).hidden_states[layer], frame_lengths
+        depth = 0 if layer == TRANSFORMER_INPUT else int(layer)
+        return m.context(x, padding_mask, num_layers=depth).hidden_states[depth], frame_lengths
     if kind == "VqWav2VecModel":
         features, frame_lengths, q = m.encode(waveforms, lengths)
         if layer == 0:
@@ -217,7 +247,7 @@ def export_units(
     out_dir: str | os.PathLike[str],
     *,
     kind: str,
-    layer: int | None = None,
+    layer: Layer | None = None,
     kmeans: KMeansModel | None = None,
     joint: bool = False,
     dedup: bool = False,
@@ -290,7 +320,7 @@ def export_units(
 def dump_features(
     model: nn.Module,
     manifest: str | os.PathLike[str],
-    layer: int,
+    layer: Layer,
     directory: str | os.PathLike[str],
     *,
     shard_size: int,
