@@ -80,6 +80,7 @@ def test_finetune_ctc_command_overfits_a_few_utterances_to_zero_cer(
 
     records = read_metrics(exp)
     assert panels_for(records) is CTC_PANELS
+    assert panels_for([r for r in records if r["split"] == "train"]) is CTC_PANELS  # before validating
     for _, series in CTC_PANELS:
         for split, key in series:
             assert any(r["split"] == split and r.get(key) is not None for r in records), key

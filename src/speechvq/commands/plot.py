@@ -64,9 +64,9 @@ CTC_PANELS = [
 
 
 def panels_for(records: list[dict[str, Any]]) -> list[tuple[str, list[tuple[str, str]]]]:
-    """The panels of a run: CTC fine-tuning if a validation record has a WER or CER, else
-    pretraining."""
-    ctc = any(r["split"] == "valid" and ("cer" in r or "wer" in r) for r in records)
+    """The panels of a run: CTC fine-tuning if a record has a WER, CER or loss per output token
+    (also before its first validation), else pretraining."""
+    ctc = any("cer" in r or "wer" in r or "loss_per_token" in r for r in records)
     return CTC_PANELS if ctc else PRETRAIN_PANELS
 
 
