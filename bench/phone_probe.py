@@ -33,17 +33,17 @@ from speechvq.data.manifest import read_manifest
 from speechvq.models.wav2vec2 import build_wav2vec2
 from speechvq.train.finetune import load_init_model
 from speechvq.units.export import (
+    SAMPLE_RATE,
     TRANSFORMER_INPUT,
     Layer,
+    frame_centre_s,
+    frame_stride_samples,
     iter_manifest,
     layer_features,
     num_layers,
     parse_layer,
-    receptive_field,
 )
 from speechvq.units.quality import find_alignment, frame_labels, read_alignment
-
-FRAME_S = 0.02
 
 
 def labelled_frames(
@@ -57,7 +57,8 @@ def labelled_frames(
     """
     root = read_manifest(manifest).root
     feats: dict[Layer, list[Tensor]] = {layer: [] for layer in layers}
-    centre = receptive_field(model) / 2 / 16000  # each frame's phone at its receptive field's centre
+    stride = frame_stride_samples(model) / SAMPLE_RATE
+    centre = frame_centre_s(model)  # each frame's phone at its receptive field's centre
     phones: list[str] = []
     for batch in iter_manifest(manifest, model, max_items=1):
         if not batch.usable:
@@ -71,7 +72,7 @@ def labelled_frames(
             f, n = layer_features(model, batch.waveforms, batch.lengths, layer)
             f = f[0, : int(n[0])].float()
             if labels is None:
-                labels = frame_labels(read_alignment(path), f.size(0), FRAME_S, centre)
+                labels = frame_labels(read_alignment(path), f.size(0), stride, centre)
                 phones.extend(p for p in labels if p is not None)
             feats[layer].extend(f[t] for t, p in enumerate(labels) if p is not None)
     return {layer: (torch.stack(feats[layer]), phones) for layer in layers}

@@ -50,6 +50,7 @@ from speechvq.units.kmeans import FeatureShardWriter, KMeansModel, fit_kmeans, s
 from speechvq.units.quality import UnitQuality, evaluate_units
 
 logger = logging.getLogger("bench.unit_quality")
+LOGMEL_WINDOW = 400  # samples of the baseline's analysis window (25 ms)
 
 
 def get_args() -> argparse.Namespace:
@@ -88,7 +89,7 @@ def log_mel(waveform: torch.Tensor, stride: int, num_mels: int = 40) -> torch.Te
     padding (T = floor((S - 400) / stride) + 1, the wav2vec 2.0 frame count), per-utterance CMVN."""
     from transformers.audio_utils import mel_filter_bank
 
-    win = 400
+    win = LOGMEL_WINDOW
     frames = waveform.unfold(0, win, stride) * torch.hann_window(win)  # (S,) -> (T, win)
     power = torch.fft.rfft(frames, n=512).abs() ** 2  # (T, 257)
     bank = mel_filter_bank(
@@ -113,7 +114,7 @@ def logmel_units(model: torch.nn.Module, manifest: Path, km: KMeansModel, out: P
     with UnitWriter(
         out,
         frame_stride_s=stride / SAMPLE_RATE,
-        frame_centre_s=200 / SAMPLE_RATE,
+        frame_centre_s=LOGMEL_WINDOW / 2 / SAMPLE_RATE,  # the middle of the frame's window
         meta={"kind": "logmel-kmeans"},
     ) as writer:
         for batch in iter_manifest(manifest, model):

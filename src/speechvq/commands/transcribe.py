@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
 
     # one weight pair: decode batch by batch; several: keep every utterance's log-probabilities
     tuning = len(grid) > 1
-    log_probs: list[torch.Tensor] = [torch.empty(0)] * len(inputs)
+    log_probs: dict[int, torch.Tensor] = {}  # input index -> log-probabilities, when tuning
     hypotheses: list[str] = [""] * len(inputs)
     order = sorted(range(len(inputs)), key=lambda i: waves[i].numel())  # similar lengths per batch
     for start in range(0, len(order), args.batch_size):
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         best: tuple[float, float] | None = None
         chosen = grid[0]
         for lm_weight, word_bonus in grid:
-            texts = decode(log_probs, lm_weight, word_bonus)
+            texts = decode([log_probs[i] for i in range(len(inputs))], lm_weight, word_bonus)
             wer = word_errors(references, texts).rate
             cer = char_errors(references, texts).rate
             print(f"{lm_weight:g}\t{word_bonus:g}\t{100 * wer:.2f}%\t{100 * cer:.2f}%", flush=True)

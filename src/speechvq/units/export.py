@@ -60,6 +60,12 @@ def receptive_field(model: nn.Module) -> int:
     return int(m.feature_encoder.receptive_field)
 
 
+def frame_centre_s(model: nn.Module) -> float:
+    """Seconds from the start of the input to the centre of frame 0's receptive field (frame ``i``'s
+    is ``i`` strides later): where a frame's label is read (:func:`~speechvq.units.quality.frame_labels`)."""
+    return receptive_field(model) / 2 / SAMPLE_RATE
+
+
 def num_layers(model: nn.Module) -> int:
     """The highest layer number :func:`layer_features` accepts for ``model``."""
     if type(model).__name__ == "VqWav2VecModel":
@@ -289,7 +295,7 @@ def export_units(
     else:
         raise UserInputError(f"--kind must be 'codes' or 'kmeans', but is {kind!r}")
     stride_s = frame_stride_samples(model) / SAMPLE_RATE
-    centre_s = receptive_field(model) / 2 / SAMPLE_RATE
+    centre_s = frame_centre_s(model)
     with UnitWriter(
         out_dir, frame_stride_s=stride_s, frame_centre_s=centre_s, dedup=dedup, meta=info
     ) as writer:
