@@ -1,4 +1,4 @@
-"""Dropout, the training-mode attention path, and the contrastive logits."""
+"""Dropout, the training-mode attention path, the packed CPU layout, and the contrastive logits."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import speechvq.models.context as context_module
+from speechvq.config import ContextConfig
 from speechvq.models.common import dropout
-from speechvq.models.context import SelfAttention
+from speechvq.models.context import SelfAttention, build_context_network, pack, unpack
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -49,6 +50,67 @@ def test_training_attention_drops_probabilities():
     attention = SelfAttention(32, 4, dropout_p=0.5).train()
     x = torch.randn(2, 9, 32)
     assert not torch.allclose(attention(x, None), attention(x, None))  # fresh masks each call
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_packed_attention_equals_the_padded_layout_at_valid_frames(monkeypatch, train):
+    # the CPU runs the blocks on the packed valid frames; attention there must equal the padded
+    # layout's key-padding-masked attention (SDPA in eval, the CPU dropout path in training)
+    torch.manual_seed(0)
+    monkeypatch.setattr(context_module, "dropout", lambda t, p, training: t)
+    attention = SelfAttention(32, 4, dropout_p=0.1).train(train)
+    lens = [17, 11, 5]
+    x = torch.randn(3, 17, 32, requires_grad=True)
+    padding = torch.arange(17)[None, :] >= torch.tensor(lens)[:, None]
+    want = attention(x, padding)
+    got = unpack(attention(pack(x, lens), seq_lens=lens), lens, 17)
+    valid = ~padding
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)
+    assert not got[padding].any()  # zeros at padding
+    (g_want,) = torch.autograd.grad(want[valid].square().sum(), x)
+    (g_got,) = torch.autograd.grad(got[valid].square().sum(), x)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+    assert not g_got[padding].any()
+
+
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_context_network_on_a_padded_batch_equals_each_utterance_alone(
+    monkeypatch, layer_norm_first, checkpointed
+):
+    # the packed CPU path, in training (no residual dropout; the attention dropout made the
+    # identity) with gradients: each utterance's outputs, every hidden state, and the weight
+    # gradients equal running it alone
+    torch.manual_seed(0)
+    monkeypatch.setattr(context_module, "dropout", lambda t, p, training: t)
+    cfg = ContextConfig(
+        dim=32, num_layers=3, num_heads=4, ffn_dim=64, pos_conv_kernel=16, pos_conv_groups=4,
+        layer_norm_first=layer_norm_first, layer_drop_p=0.0, checkpoint_activations=checkpointed,
+        dropout_p=0.0, activation_dropout_p=0.0, attention_dropout_p=0.1,
+    )  # fmt: skip
+    net = build_context_network(cfg).train()
+    lens = [23, 9, 16]
+    x = torch.randn(3, 23, 32)
+    padding = torch.arange(23)[None, :] >= torch.tensor(lens)[:, None]
+    x[padding] = 99.0  # must not leak into valid frames
+    out = net(x, padding)
+    assert len(out.hidden_states) == 4 and len(out.hidden_states[1:]) == 3
+    out.last_hidden_state[~padding].square().sum().backward()
+    got_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    alone_loss = 0.0
+    for b, n in enumerate(lens):
+        alone = net(x[b : b + 1, :n])
+        torch.testing.assert_close(
+            out.last_hidden_state[b, :n], alone.last_hidden_state[0], atol=1e-5, rtol=1e-5
+        )
+        assert not out.last_hidden_state[b, n:].any()
+        for ours, theirs in zip(out.hidden_states, alone.hidden_states, strict=True):
+            torch.testing.assert_close(ours[b, :n], theirs[0], atol=1e-5, rtol=1e-5)
+        alone_loss = alone_loss + alone.last_hidden_state.square().sum()
+    alone_loss.backward()
+    for got, param in zip(got_grads, net.parameters(), strict=True):
+        torch.testing.assert_close(got, param.grad, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -50,32 +52,51 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        """x: ``[B, T, D]``; key_padding_mask: ``[B, T]`` True at padding."""
-        batch, frames, dim = x.shape
-        heads = self.num_heads
+    def forward(
+        self, x: Tensor, key_padding_mask: Tensor | None = None, seq_lens: list[int] | None = None
+    ) -> Tensor:
+        """Attend within each utterance.
 
-        def split(t: Tensor) -> Tensor:
-            return t.view(batch, frames, heads, dim // heads).transpose(1, 2)  # (B, T, D) -> (B, H, T, D/H)
+        Args:
+            x: ``[B, T, D]`` padded, or ``[N, D]``: utterances packed one after another.
+            key_padding_mask: ``[B, T]`` True at padding (padded layout only).
+            seq_lens: lengths of the packed utterances, summing to N (packed layout only).
+        """
+        dim, heads = x.size(-1), self.num_heads
+        # one matmul for q, k and v (the three projections stay separate modules for checkpoints)
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        qkv = F.linear(x, weight, bias)  # (..., 3D)
+        if seq_lens is None:
+            batch, frames, _ = x.shape
+            q, k, v = qkv.view(batch, frames, 3, heads, dim // heads).permute(
+                2, 0, 3, 1, 4
+            )  # 3 x (B, H, T, D/H)
+            y = self._attend(q, k, v, key_padding_mask)
+            return self.out_proj(y.transpose(1, 2).reshape(batch, frames, dim))  # (B, H, T, D/H) -> (B, T, D)
+        parts = []
+        for part in qkv.split(seq_lens):
+            frames = part.size(0)
+            q, k, v = part.view(frames, 3, heads, dim // heads).permute(1, 2, 0, 3)  # 3 x (H, T, D/H)
+            parts.append(self._attend(q, k, v, None).transpose(0, 1).reshape(frames, dim))  # -> (T, D)
+        return self.out_proj(torch.cat(parts))
 
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        if self.training and self.dropout_p > 0.0 and x.device.type == "cpu":
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        """``[..., H, T, D/H]`` q, k, v -> attention output of the same shape."""
+        if self.training and self.dropout_p > 0.0 and q.device.type == "cpu":
             # what SDPA's math path computes (the CPU has no fused kernel with dropout), with the
             # faster dropout of the attention probabilities
-            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, H, T, T)
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (..., H, T, T)
             if key_padding_mask is not None:
                 scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
             probs = dropout(torch.softmax(scores, dim=-1), self.dropout_p, True)
-            y = probs.to(v.dtype) @ v
-        else:
-            attn_mask = None
-            if key_padding_mask is not None:
-                attn_mask = ~key_padding_mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T), True = attend
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
-            )
-        y = y.transpose(1, 2).reshape(batch, frames, dim)  # (B, H, T, D/H) -> (B, T, D)
-        return self.out_proj(y)
+            return probs.to(v.dtype) @ v
+        attn_mask = None
+        if key_padding_mask is not None:
+            attn_mask = ~key_padding_mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T), True = attend
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
+        )
 
 
 class FeedForward(nn.Module):
@@ -113,12 +134,46 @@ class TransformerLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(dim, eps=eps)
         self.layer_norm_first = layer_norm_first
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, key_padding_mask: Tensor | None = None, seq_lens: list[int] | None = None
+    ) -> Tensor:
+        """``[B, T, D]`` with ``key_padding_mask``, or ``[N, D]`` packed with ``seq_lens`` (see
+        :meth:`SelfAttention.forward`)."""
         if self.layer_norm_first:
-            x = x + self.dropout(self.attention(self.attention_norm(x), key_padding_mask))
+            x = x + self.dropout(self.attention(self.attention_norm(x), key_padding_mask, seq_lens))
             return x + self.feed_forward(self.ffn_norm(x))
-        x = self.attention_norm(x + self.dropout(self.attention(x, key_padding_mask)))
+        x = self.attention_norm(x + self.dropout(self.attention(x, key_padding_mask, seq_lens)))
         return self.ffn_norm(x + self.feed_forward(x))
+
+
+def pack(x: Tensor, seq_lens: list[int]) -> Tensor:
+    """``[B, T, D]`` padded -> ``[N, D]``: each utterance's first ``seq_lens[b]`` frames in turn."""
+    return torch.cat([x[b, :n] for b, n in enumerate(seq_lens)])
+
+
+def unpack(x: Tensor, seq_lens: list[int], frames: int) -> Tensor:
+    """``[N, D]`` packed -> ``[B, T, D]`` with zeros at padding; the inverse of :func:`pack`."""
+    return torch.stack([F.pad(part, (0, 0, 0, frames - part.size(0))) for part in x.split(seq_lens)])
+
+
+class UnpackedStates(Sequence[Tensor]):
+    """Packed ``[N, D]`` states seen as a sequence of ``[B, T, D]`` tensors, each unpacked when
+    it is read (a training step that reads none of them copies none)."""
+
+    def __init__(self, packed: list[Tensor], seq_lens: list[int], frames: int) -> None:
+        self._packed, self._seq_lens, self._frames = packed, seq_lens, frames
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    @overload
+    def __getitem__(self, index: int) -> Tensor: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Tensor, ...]: ...
+    def __getitem__(self, index: int | slice) -> Tensor | tuple[Tensor, ...]:
+        if isinstance(index, slice):
+            return tuple(unpack(t, self._seq_lens, self._frames) for t in self._packed[index])
+        return unpack(self._packed[index], self._seq_lens, self._frames)
 
 
 @dataclass
@@ -127,8 +182,10 @@ class ContextOutput:
 
     last_hidden_state: Tensor
     """``[B, T, D]`` final output (after the final LayerNorm for pre-LN models)."""
-    hidden_states: tuple[Tensor, ...]
-    """Input of the first block, then the output of each block that ran, each ``[B, T, D]``."""
+    hidden_states: Sequence[Tensor]
+    """Input of the first block, then the output of each block that ran, each ``[B, T, D]``.
+    Where the blocks ran packed (CPU, padded batch), each is unpacked when read, with zeros at
+    padding."""
 
 
 class ContextNetwork(nn.Module):
@@ -179,6 +236,15 @@ class ContextNetwork(nn.Module):
         if padding_mask is not None:
             x = x.masked_fill(padding_mask[..., None], 0.0)
         x = x + self.pos_conv(x)
+        frames = x.size(1)
+        seq_lens = None
+        if padding_mask is not None and x.device.type == "cpu":
+            # on the CPU the blocks run on the valid frames only, packed: no padding is computed
+            # and each utterance attends within itself (GPUs keep the padded layout, which suits
+            # their kernels); the results at valid frames are the padded layout's
+            seq_lens = (frames - padding_mask.sum(1)).tolist()
+            x = pack(x, seq_lens)
+            padding_mask = None
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         x = self.dropout(x)
@@ -191,13 +257,18 @@ class ContextNetwork(nn.Module):
                     continue
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
                 # keep only the block's input; the backward recomputes it, replaying its dropout
-                x = checkpoint(layer, x, padding_mask, use_reentrant=False)
+                x = checkpoint(layer, x, padding_mask, seq_lens, use_reentrant=False)
             else:
-                x = layer(x, padding_mask)
+                x = layer(x, padding_mask, seq_lens)
             hidden.append(x)
         if self.layer_norm_first and num_layers is None:
             x = self.layer_norm(x)
-        return ContextOutput(last_hidden_state=x, hidden_states=tuple(hidden))
+        if seq_lens is None:
+            return ContextOutput(last_hidden_state=x, hidden_states=tuple(hidden))
+        return ContextOutput(
+            last_hidden_state=unpack(x, seq_lens, frames),
+            hidden_states=UnpackedStates(hidden, seq_lens, frames),
+        )
 
 
 def build_context_network(cfg: ContextConfig) -> ContextNetwork:

@@ -56,8 +56,8 @@ class Wav2Vec2Output:
     """``[B, T]`` bool, masked frames."""
     context: Tensor
     """``[B, T, D]`` final context network output."""
-    hidden_states: tuple[Tensor, ...]
-    """Context network input, then each block's output."""
+    hidden_states: Sequence[Tensor]
+    """Context network input, then each block's output (see :class:`ContextOutput`)."""
     quantizer: QuantizerOutput
     predictions: Tensor
     """``[N, F]`` context outputs at masked frames projected to the final dim."""
