@@ -69,9 +69,8 @@ class SelfAttention(nn.Module):
         qkv = F.linear(x, weight, bias)  # (..., 3D)
         if seq_lens is None:
             batch, frames, _ = x.shape
-            q, k, v = qkv.view(batch, frames, 3, heads, dim // heads).permute(
-                2, 0, 3, 1, 4
-            )  # 3 x (B, H, T, D/H)
+            qkv = qkv.view(batch, frames, 3, heads, dim // heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, T, 3, H, D/H) -> 3 x (B, H, T, D/H)
             y = self._attend(q, k, v, key_padding_mask)
             return self.out_proj(y.transpose(1, 2).reshape(batch, frames, dim))  # (B, H, T, D/H) -> (B, T, D)
         parts = []
