@@ -5,7 +5,7 @@
 # labels from the pretrained model and from scratch, decode with and without a word LM, and print
 # a results table.
 #
-#   recipes/toy/run.sh              # the demo (about 17 minutes on 2 CPU cores)
+#   recipes/toy/run.sh              # the demo (about 18 minutes on 2 CPU cores)
 #   recipes/toy/run.sh --quick      # a few updates per stage: checks the pipeline (CI)
 #   recipes/toy/run.sh --stage 4    # from fine-tuning on (stages leave .done markers)
 #
