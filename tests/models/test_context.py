@@ -156,3 +156,14 @@ def test_contrastive_accuracy_counts_only_targets_ranked_strictly_first():
     assert (int(correct), counted) == (2, 6)
     assert int(contrastive_accuracy(torch.zeros(3, 1))[0]) == 0  # no distractors: nothing to rank
     assert contrastive_accuracy(torch.zeros(0, 5))[1] == 0
+
+
+def test_context_network_rejects_padding_that_is_not_a_suffix():
+    # the packed CPU path takes each row's valid frames as a prefix; a left-padded mask must fail
+    # loudly rather than pack the wrong frames
+    cfg = ContextConfig(dim=16, num_layers=1, num_heads=2, ffn_dim=32, pos_conv_kernel=8, pos_conv_groups=2)
+    net = build_context_network(cfg).eval()
+    padding = torch.zeros(2, 10, dtype=torch.bool)
+    padding[1, :3] = True
+    with pytest.raises(ValueError, match="suffix"):
+        net(torch.randn(2, 10, 16), padding)

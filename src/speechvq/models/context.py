@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from speechvq.config import ContextConfig
-from speechvq.models.common import Dropout, dropout
+from speechvq.models.common import Dropout, dropout, lengths_to_padding_mask
 
 
 class ConvPositionalEmbedding(nn.Module):
@@ -223,7 +223,8 @@ class ContextNetwork(nn.Module):
 
         Args:
             x: ``[B, T, D]`` (masked) projected features.
-            padding_mask: ``[B, T]`` True at padded frames; those are zeroed before the positional
+            padding_mask: ``[B, T]`` True at padded frames, which follow each utterance's valid
+                frames (:func:`lengths_to_padding_mask`); they are zeroed before the positional
                 conv, as if each utterance were alone, and never attended to.
             num_layers: run only the first ``num_layers`` blocks (no final LayerNorm then).
             layer_drop_generator: RNG for the LayerDrop decisions; give every data-parallel rank
@@ -241,7 +242,10 @@ class ContextNetwork(nn.Module):
             # on the CPU the blocks run on the valid frames only, packed: no padding is computed
             # and each utterance attends within itself (GPUs keep the padded layout, which suits
             # their kernels); the results at valid frames are the padded layout's
-            seq_lens = (frames - padding_mask.sum(1)).tolist()
+            lengths = frames - padding_mask.sum(1)
+            if not torch.equal(padding_mask, lengths_to_padding_mask(lengths, frames)):
+                raise ValueError("`padding_mask` must mark a suffix of padded frames in each row.")
+            seq_lens = lengths.tolist()
             x = pack(x, seq_lens)
             padding_mask = None
         if not self.layer_norm_first:
