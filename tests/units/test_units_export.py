@@ -96,6 +96,17 @@ def test_export_batching_does_not_change_the_units(
     assert a.tokens == b.tokens and sum(map(len, a.tokens)) > 0
     feats, n = layer_features(tiny_model, torch.randn(1, 4000), torch.tensor([4000]), 2)
     assert feats.shape == (1, int(n[0]), 32)
+    # a block's features on a padded batch are the model's own extract_features at valid frames
+    waves, lengths = torch.randn(2, 4000), torch.tensor([4000, 2600])
+    with torch.no_grad():
+        hidden, frames = tiny_model.extract_features(waves, lengths)
+    for layer in (1, 2):
+        feats, n = layer_features(tiny_model, waves, lengths, layer)
+        assert torch.equal(n, frames)
+        for b in range(2):
+            torch.testing.assert_close(
+                feats[b, : int(n[b])], hidden[layer - 1][b, : int(n[b])], atol=1e-6, rtol=0
+            )
 
 
 def test_dump_features_streams_all_frames_in_bounded_shards(

@@ -108,27 +108,20 @@ def layer_features(
             f"but is {layer!r}"
         )
     m: Any = model
-    if kind == "Wav2Vec2Model":
-        if layer == TRANSFORMER_INPUT:
-            features, frame_lengths, padding_mask = m.encode(waveforms, lengths)
-            projected, _ = m.feature_projection(features)
-            return m.context(projected, padding_mask, num_layers=0).hidden_states[0], frame_lengths
-        if layer == 0:
-            features, frame_lengths, _ = m.encode(waveforms, lengths)
-            return features, frame_lengths
-        hidden, frame_lengths = m.extract_features(waveforms, lengths, num_layers=layer)
-        return hidden[layer - 1], frame_lengths
-    if kind == "CtcModel":
-        from speechvq.models.ctc import normalize_waveforms
+    if kind in ("Wav2Vec2Model", "CtcModel"):
+        if kind == "CtcModel" and m.cfg.normalize_waveform:
+            from speechvq.models.ctc import normalize_waveforms
 
-        if m.cfg.normalize_waveform:
             waveforms = normalize_waveforms(waveforms, lengths)
         features, frame_lengths = m.feature_encoder(waveforms, lengths)
         if layer == 0:
             return features, frame_lengths
-        padding_mask = lengths_to_padding_mask(frame_lengths, features.size(1))
+        padding_mask = None  # as the models' own forward passes: a mask only where there is padding
+        if bool((frame_lengths < features.size(1)).any()):
+            padding_mask = lengths_to_padding_mask(frame_lengths, features.size(1))
         x, _ = m.feature_projection(features)
         depth = 0 if layer == TRANSFORMER_INPUT else int(layer)
+        # only the block asked for is read (and, where the blocks ran packed, unpacked)
         return m.context(x, padding_mask, num_layers=depth).hidden_states[depth], frame_lengths
     if kind == "VqWav2VecModel":
         features, frame_lengths, q = m.encode(waveforms, lengths)
