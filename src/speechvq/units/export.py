@@ -121,8 +121,9 @@ def layer_features(
             padding_mask = lengths_to_padding_mask(frame_lengths, features.size(1))
         x, _ = m.feature_projection(features)
         depth = 0 if layer == TRANSFORMER_INPUT else int(layer)
-        # only the block asked for is read (and, where the blocks ran packed, unpacked)
-        return m.context(x, padding_mask, num_layers=depth).hidden_states[depth], frame_lengths
+        # with num_layers the last state is block `depth`'s output (no final LayerNorm); reading it,
+        # not hidden_states[depth], unpacks the packed CPU states once
+        return m.context(x, padding_mask, num_layers=depth).last_hidden_state, frame_lengths
     if kind == "VqWav2VecModel":
         features, frame_lengths, q = m.encode(waveforms, lengths)
         if layer == 0:
