@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import speechvq.models.common as common_module
 import speechvq.models.context as context_module
 from speechvq.config import ContextConfig
 from speechvq.models.common import dropout
@@ -24,6 +25,15 @@ def test_dropout_keeps_one_minus_p_and_scales_like_f_dropout(dtype):
     assert torch.equal(grad, y.detach())  # d(x * mask / 0.9) / dx = mask / 0.9
     assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
     assert not dropout(x, 1.0, True).any()
+
+
+def test_dropout_draws_span_the_31_bits_its_threshold_assumes():
+    # the keep threshold round(p * 2^31) assumes int32 random_() is uniform over [0, 2^31)
+    torch.manual_seed(0)
+    draws = torch.empty(1_000_000, dtype=torch.int32).random_()
+    assert int(draws.min()) >= 0
+    assert int(draws.max()) > common_module._DRAWS - 2**22  # the top of the range is reached
+    assert abs(float((draws >= common_module._DRAWS // 2).float().mean()) - 0.5) < 3e-3
 
 
 def test_training_attention_path_is_sdpa_when_its_dropout_keeps_everything(monkeypatch):
