@@ -192,15 +192,17 @@ def test_cross_process_sum_identity_leaves_the_loss_unchanged(waves):
     torch.testing.assert_close(doubled.diversity, plain.diversity)
 
 
-@pytest.mark.parametrize(("kernel", "stride"), [(10, 5), (3, 2), (2, 2), (4, 1)])
-def test_conv_block_matches_conv1d_in_output_and_gradients(kernel, stride):
-    # the encoder's im2col matmul (kernel-major columns, custom backward) is nn.Conv1d
+@pytest.mark.parametrize("batch", [3, 1])
+@pytest.mark.parametrize(("kernel", "stride"), [(10, 5), (3, 2), (2, 2), (4, 1), (8, 4), (2, 3), (24, 12)])
+def test_conv_block_matches_conv1d_in_output_and_gradients(kernel, stride, batch):
+    # the encoder's im2col matmul (kernel-major columns, custom backward) is nn.Conv1d; so is the
+    # window-blocks matmul that one utterance on the CPU takes when k <= 2 s (batch 1)
     from speechvq.models.encoder import ConvLayerBlock
 
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(6, 5, kernel, stride=stride, bias=True)
     block = ConvLayerBlock(conv, None)
-    x = torch.randn(3, 41, 6, requires_grad=True)
+    x = torch.randn(batch, 41, 6, requires_grad=True)
     out, _ = block(x, None)
     ref_x = x.detach().clone().requires_grad_(True)
     ref = torch.nn.functional.gelu(conv(ref_x.transpose(1, 2))).transpose(1, 2)
@@ -210,6 +212,20 @@ def test_conv_block_matches_conv1d_in_output_and_gradients(kernel, stride):
     ref_grads = torch.autograd.grad(ref, [ref_x, conv.weight, conv.bias], upstream)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("kernel", "stride"), [(3, 2), (2, 2), (8, 4), (2, 3), (1, 1)])
+@pytest.mark.parametrize("samples", [50, 51, 53])
+def test_window_blocks_conv_gradients_pass_gradcheck(kernel, stride, samples):
+    # float64 finite differences of the custom backward, including windows that share frames
+    # (k > s), gaps between windows (k < s) and samples left over after the last window
+    from speechvq.models.encoder import _WindowBlocksConv
+
+    torch.manual_seed(0)
+    x = torch.randn(samples, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, kernel * 7, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: _WindowBlocksConv.apply(*a, kernel, stride), (x, weight, bias))
 
 
 @pytest.mark.parametrize("bias", [False, True])
