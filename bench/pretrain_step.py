@@ -101,12 +101,13 @@ def speechvq_step_fn(cfg, x, lengths, precision: str) -> tuple[Callable[[], floa
     counter = iter(range(10**9))
 
     def step() -> float:
-        # one generator per utterance, as the trainer draws masks, distractors and Gumbel noise
+        # one generator per utterance, as the trainer draws masks, distractors and Gumbel noise,
+        # and the last block at the masked frames only, as the trainer runs it
         k = next(counter)
         gens = [torch.Generator().manual_seed(1000 * k + i) for i in range(x.size(0))]
         optim.zero_grad(set_to_none=True)
         with autocast(precision):
-            out = model(x, lengths, generator=gens)
+            out = model(x, lengths, generator=gens, masked_only=True)
             loss = model.compute_loss(out)
         (loss.total / loss.num_targets).backward()
         optim.step()

@@ -177,3 +177,68 @@ def test_context_network_rejects_padding_that_is_not_a_suffix():
     padding[1, :3] = True
     with pytest.raises(ValueError, match="suffix"):
         net(torch.randn(2, 10, 16), padding)
+
+
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_output_frames_equal_the_full_run_at_those_frames_with_gradients(
+    monkeypatch, layer_norm_first, padded, checkpointed
+):
+    # the last block computed at the selected frames only (the packed CPU layout with padding,
+    # the padded layout without): outputs and every gradient equal the full run's
+    torch.manual_seed(0)
+    monkeypatch.setattr(context_module, "dropout", lambda t, p, training: t)
+    cfg = ContextConfig(
+        dim=32, num_layers=3, num_heads=4, ffn_dim=64, pos_conv_kernel=16, pos_conv_groups=4,
+        layer_norm_first=layer_norm_first, layer_drop_p=0.0, checkpoint_activations=checkpointed,
+        dropout_p=0.0, activation_dropout_p=0.0, attention_dropout_p=0.1,
+    )  # fmt: skip
+    net = build_context_network(cfg).train()
+    lens = [23, 9, 16] if padded else [23, 23, 23]
+    x = torch.randn(3, 23, 32, requires_grad=True)
+    padding = torch.arange(23)[None, :] >= torch.tensor(lens)[:, None]
+    selected = (torch.rand(3, 23) < 0.4) & ~padding
+    selected[1] = False  # an utterance with no selected frame
+    weight = torch.randn(int(selected.sum()), 32)
+
+    full = net(x, padding if padded else None)
+    (full.last_hidden_state[selected] * weight).sum().backward()
+    want_grads = [p.grad.clone() for p in (x, *net.parameters())]
+    x.grad = None
+    net.zero_grad()
+    part = net(x, padding if padded else None, output_frames=selected)
+    assert part.last_hidden_state.shape == (int(selected.sum()), 32)
+    torch.testing.assert_close(part.last_hidden_state, full.last_hidden_state[selected], atol=1e-5, rtol=1e-5)
+    assert len(part.hidden_states) == 3  # the input and blocks 1-2; block 3 only at the frames
+    for ours, theirs in zip(part.hidden_states, full.hidden_states[:3], strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    (part.last_hidden_state * weight).sum().backward()
+    for got, want in zip((x.grad, *(p.grad for p in net.parameters())), want_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_output_frames_when_layer_drop_skips_the_last_block_and_on_padding():
+    # a dropped last block leaves the selection to its input; padded frames cannot be selected
+    cfg = ContextConfig(
+        dim=16, num_layers=2, num_heads=2, ffn_dim=32, pos_conv_kernel=8, pos_conv_groups=2,
+        layer_drop_p=0.5, dropout_p=0.0, attention_dropout_p=0.0, activation_dropout_p=0.0,
+    )  # fmt: skip
+    net = build_context_network(cfg).train()
+    x = torch.randn(2, 12, 16)
+    padding = torch.arange(12)[None, :] >= torch.tensor([12, 7])[:, None]
+    selected = torch.zeros(2, 12, dtype=torch.bool)
+    selected[0, 3:9] = selected[1, :4] = True
+    runs = 0
+    for seed in range(40):  # some draws drop block 2 and keep block 1, some keep both
+        full = net(x, padding, layer_drop_generator=torch.Generator().manual_seed(seed))
+        part = net(
+            x, padding, layer_drop_generator=torch.Generator().manual_seed(seed), output_frames=selected
+        )
+        torch.testing.assert_close(
+            part.last_hidden_state, full.last_hidden_state[selected], atol=1e-5, rtol=1e-5
+        )
+        runs += len(full.hidden_states) == 2 and len(part.hidden_states) == 2  # block 2 dropped
+    assert runs > 0
+    with pytest.raises(ValueError, match="padding"):
+        net(x, padding, output_frames=~padding | padding)

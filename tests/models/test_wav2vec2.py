@@ -172,6 +172,35 @@ def test_per_utterance_generators_make_an_utterance_independent_of_its_batch(wav
         assert torch.equal(other.mask[1:], batched.mask[1:])
 
 
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+def test_masked_only_gives_the_same_loss_and_gradients(waves, layer_norm_first):
+    # what the trainer runs: the last block at the masked frames only; training mode with dropout
+    # off, the same per-utterance generators (mask, distractors, Gumbel noise)
+    cfg = preset("tiny")
+    cfg.context.dropout_p = cfg.context.attention_dropout_p = cfg.feature_dropout_p = 0.0
+    cfg.context.layer_norm_first = layer_norm_first
+    torch.manual_seed(0)
+    model = build_wav2vec2(cfg).train()
+    x, lengths = waves
+
+    def run(masked_only):
+        model.zero_grad()
+        out = model(x, lengths, generator=_per_utterance([5, 6, 7]), masked_only=masked_only)
+        loss = model.compute_loss(out)
+        loss.total.backward()
+        return out, loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, full_loss, full_grads = run(False)
+    part, part_loss, part_grads = run(True)
+    assert torch.equal(part.mask, full.mask) and part.context.shape == (part.num_targets, cfg.context.dim)
+    torch.testing.assert_close(part.context, full.context.reshape(-1, cfg.context.dim)[full.target_index])
+    torch.testing.assert_close(part.logits, full.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part_loss.total, full_loss.total, atol=1e-5, rtol=1e-5)
+    assert part_grads.keys() == full_grads.keys() and len(full_grads) > 10
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(part_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_cross_process_sum_identity_leaves_the_loss_unchanged(waves):
     # with one process the cross-process sum is the identity: the same loss as without it
     cfg = preset("tiny")

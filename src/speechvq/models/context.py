@@ -53,7 +53,11 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, seq_lens: list[int] | None = None
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        seq_lens: list[int] | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
         """Attend within each utterance.
 
@@ -61,6 +65,8 @@ class SelfAttention(nn.Module):
             x: ``[B, T, D]`` padded, or ``[N, D]``: utterances packed one after another.
             key_padding_mask: ``[B, T]`` True at padding (padded layout only).
             seq_lens: lengths of the packed utterances, summing to N (packed layout only).
+            rows: ``[R]`` flat frame indices into ``x.reshape(-1, D)``; if given, the output is
+                ``[R, D]``, projected at those frames only.
         """
         dim, heads = x.size(-1), self.num_heads
         # one matmul for q, k and v (the three projections stay separate modules for checkpoints)
@@ -72,13 +78,17 @@ class SelfAttention(nn.Module):
             qkv = qkv.view(batch, frames, 3, heads, dim // heads)
             q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, T, 3, H, D/H) -> 3 x (B, H, T, D/H)
             y = self._attend(q, k, v, key_padding_mask)
-            return self.out_proj(y.transpose(1, 2).reshape(batch, frames, dim))  # (B, H, T, D/H) -> (B, T, D)
-        parts = []
-        for part in qkv.split(seq_lens):
-            frames = part.size(0)
-            q, k, v = part.view(frames, 3, heads, dim // heads).permute(1, 2, 0, 3)  # 3 x (H, T, D/H)
-            parts.append(self._attend(q, k, v, None).transpose(0, 1).reshape(frames, dim))  # -> (T, D)
-        return self.out_proj(torch.cat(parts))
+            y = y.transpose(1, 2).reshape(batch, frames, dim)  # (B, H, T, D/H) -> (B, T, D)
+        else:
+            parts = []
+            for part in qkv.split(seq_lens):
+                frames = part.size(0)
+                q, k, v = part.view(frames, 3, heads, dim // heads).permute(1, 2, 0, 3)  # 3 x (H, T, D/H)
+                parts.append(self._attend(q, k, v, None).transpose(0, 1).reshape(frames, dim))  # -> (T, D)
+            y = torch.cat(parts)
+        if rows is not None:
+            y = y.reshape(-1, dim)[rows]
+        return self.out_proj(y)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         """``[..., H, T, D/H]`` q, k, v -> attention output of the same shape."""
@@ -134,14 +144,22 @@ class TransformerLayer(nn.Module):
         self.layer_norm_first = layer_norm_first
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, seq_lens: list[int] | None = None
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        seq_lens: list[int] | None = None,
+        rows: Tensor | None = None,
     ) -> Tensor:
         """``[B, T, D]`` with ``key_padding_mask``, or ``[N, D]`` packed with ``seq_lens`` (see
-        :meth:`SelfAttention.forward`)."""
+        :meth:`SelfAttention.forward`). With ``rows`` (flat frame indices into ``x.reshape(-1,
+        D)``) the output is ``[R, D]``: every frame is attended to, but the queries' outputs, the
+        feed-forward and the norms are computed at those frames only."""
+        residual = x if rows is None else x.reshape(-1, x.size(-1))[rows]
         if self.layer_norm_first:
-            x = x + self.dropout(self.attention(self.attention_norm(x), key_padding_mask, seq_lens))
+            attended = self.attention(self.attention_norm(x), key_padding_mask, seq_lens, rows)
+            x = residual + self.dropout(attended)
             return x + self.feed_forward(self.ffn_norm(x))
-        x = self.attention_norm(x + self.dropout(self.attention(x, key_padding_mask, seq_lens)))
+        x = self.attention_norm(residual + self.dropout(self.attention(x, key_padding_mask, seq_lens, rows)))
         return self.ffn_norm(x + self.feed_forward(x))
 
 
@@ -180,11 +198,13 @@ class ContextOutput:
     """Output of :class:`ContextNetwork`."""
 
     last_hidden_state: Tensor
-    """``[B, T, D]`` final output (after the final LayerNorm for pre-LN models)."""
+    """``[B, T, D]`` final output (after the final LayerNorm for pre-LN models); ``[R, D]``, the
+    selected frames in row-major order, when the network ran with ``output_frames``."""
     hidden_states: Sequence[Tensor]
     """Input of the first block, then the output of each block that ran, each ``[B, T, D]``.
     Where the blocks ran packed (CPU, padded batch), each is unpacked when read, with zeros at
-    padding."""
+    padding. With ``output_frames`` the last block's output is left out (it exists at the
+    selected frames only: ``last_hidden_state``)."""
 
 
 class ContextNetwork(nn.Module):
@@ -218,6 +238,7 @@ class ContextNetwork(nn.Module):
         *,
         num_layers: int | None = None,
         layer_drop_generator: torch.Generator | None = None,
+        output_frames: Tensor | None = None,
     ) -> ContextOutput:
         """Run the context network.
 
@@ -229,10 +250,24 @@ class ContextNetwork(nn.Module):
             num_layers: run only the first ``num_layers`` blocks (no final LayerNorm then).
             layer_drop_generator: RNG for the LayerDrop decisions; give every data-parallel rank
                 the same seed so that all ranks skip the same blocks.
+            output_frames: ``[B, T]`` bool, the valid frames whose final output is needed (the
+                masked frames, for the pretraining loss). The last block then computes its
+                output, feed-forward and norms at these frames only, while still attending to
+                every frame, so they equal the full run's; ``last_hidden_state`` is ``[R, D]``.
 
         Returns:
             :class:`ContextOutput`.
+
+        Raises:
+            ValueError: if ``padding_mask`` is not a suffix of each row, or ``output_frames``
+                marks a padded frame.
         """
+        if (
+            output_frames is not None
+            and padding_mask is not None
+            and bool((output_frames & padding_mask).any())
+        ):
+            raise ValueError("`output_frames` must mark valid frames only, but marks padding.")
         if padding_mask is not None:
             x = x.masked_fill(padding_mask[..., None], 0.0)
         x = x + self.pos_conv(x)
@@ -251,21 +286,34 @@ class ContextNetwork(nn.Module):
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         x = self.dropout(x)
+        rows = None  # the selected frames as flat indices into x.reshape(-1, D), either layout
+        if output_frames is not None:
+            selected = output_frames if seq_lens is None else pack(output_frames[..., None], seq_lens)
+            rows = selected.reshape(-1).nonzero().squeeze(1)
         hidden = [x]
-        depth = len(self.layers) if num_layers is None else num_layers
-        for layer in list(self.layers)[:depth]:
+        blocks = list(self.layers)[: len(self.layers) if num_layers is None else num_layers]
+        for i, layer in enumerate(blocks):
             if self.training and self.layer_drop_p > 0.0:
                 draw = torch.rand((), generator=layer_drop_generator)
                 if float(draw) < self.layer_drop_p:
                     continue
+            last_rows = rows if i == len(blocks) - 1 else None
             if self.checkpoint_activations and self.training and torch.is_grad_enabled():
                 # keep only the block's input; the backward recomputes it, replaying its dropout
-                x = checkpoint(layer, x, padding_mask, seq_lens, use_reentrant=False)
+                x = checkpoint(layer, x, padding_mask, seq_lens, last_rows, use_reentrant=False)
             else:
-                x = layer(x, padding_mask, seq_lens)
-            hidden.append(x)
+                x = layer(x, padding_mask, seq_lens, last_rows)
+            if last_rows is None:
+                hidden.append(x)
+            else:
+                rows = None  # applied
+        if rows is not None:  # the last block was dropped (or none ran): select from its input
+            x = x.reshape(-1, x.size(-1))[rows]
         if self.layer_norm_first and num_layers is None:
             x = self.layer_norm(x)
+        if output_frames is not None:
+            states = tuple(hidden) if seq_lens is None else UnpackedStates(hidden, seq_lens, frames)
+            return ContextOutput(last_hidden_state=x, hidden_states=states)
         if seq_lens is None:
             return ContextOutput(last_hidden_state=x, hidden_states=tuple(hidden))
         return ContextOutput(

@@ -55,7 +55,8 @@ class Wav2Vec2Output:
     mask: Tensor
     """``[B, T]`` bool, masked frames."""
     context: Tensor
-    """``[B, T, D]`` final context network output."""
+    """``[B, T, D]`` final context network output; ``[N, D]`` at the masked frames, in
+    ``target_index`` order, with ``masked_only``."""
     hidden_states: Sequence[Tensor]
     """Context network input, then each block's output (see :class:`ContextOutput`)."""
     quantizer: QuantizerOutput
@@ -138,6 +139,7 @@ class Wav2Vec2Model(nn.Module):
         distractor_index: Tensor | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         layer_drop_generator: torch.Generator | None = None,
+        masked_only: bool = False,
     ) -> Wav2Vec2Output:
         """The pretraining forward pass.
 
@@ -153,6 +155,10 @@ class Wav2Vec2Model(nn.Module):
                 to how utterances are split over processes).
             layer_drop_generator: RNG for the LayerDrop decisions; seed it identically on every
                 data-parallel rank so that all ranks skip the same blocks.
+            masked_only: compute the context network's last block at the masked frames only,
+                which is all the loss reads (the trainer sets it): the loss and its gradients are
+                the same, ``context`` is then ``[N, D]`` in ``target_index`` order, and
+                ``hidden_states`` leaves out the last block's output.
 
         Returns:
             :class:`Wav2Vec2Output`; :meth:`compute_loss` turns it into the loss.
@@ -187,7 +193,12 @@ class Wav2Vec2Model(nn.Module):
         masked = torch.where(mask[..., None], self.mask_embedding.to(projected.dtype), projected)
 
         # 3. contextualise
-        ctx = self.context(masked, padding_mask, layer_drop_generator=layer_drop_generator)
+        ctx = self.context(
+            masked,
+            padding_mask,
+            layer_drop_generator=layer_drop_generator,
+            output_frames=mask if masked_only else None,
+        )
 
         # 4. quantize the (unmasked) normalised features; the perplexities of the diversity loss
         # over the masked frames, as fairseq (which quantizes only those) and transformers
@@ -206,7 +217,10 @@ class Wav2Vec2Model(nn.Module):
             target_index, distractor_index = sample_distractors(mask, self.cfg.loss.num_negatives, single)
         else:
             target_index = mask.reshape(-1).nonzero().squeeze(-1)
-        predictions = self.project_hid(ctx.last_hidden_state.reshape(batch * frames, -1)[target_index])
+        if masked_only:  # the masked frames in row-major order: target_index's order
+            predictions = self.project_hid(ctx.last_hidden_state)
+        else:
+            predictions = self.project_hid(ctx.last_hidden_state.reshape(batch * frames, -1)[target_index])
         # the frames that are a target or a distractor (the masked ones), in flat order
         used = torch.zeros(batch * frames, dtype=torch.bool, device=mask.device)
         used[target_index] = True

@@ -216,7 +216,13 @@ class Wav2Vec2PretrainTask:
             torch.Generator(device=device).manual_seed(_utterance_seed(base, int(i)))
             for i in batch.indices.tolist()
         ]
-        out = module(batch.waveforms, batch.lengths, generator=gens, layer_drop_generator=update_generator)
+        out = module(
+            batch.waveforms,
+            batch.lengths,
+            generator=gens,
+            layer_drop_generator=update_generator,
+            masked_only=True,  # the loss reads the last block at the masked frames only
+        )
         self.usage += _code_counts(out, *self.usage.shape)
         self.temperature = float(out.quantizer.temperature)
         return self._stats(model, out, batch)
@@ -254,7 +260,7 @@ class Wav2Vec2PretrainTask:
         return [(w.code, w.message) for w in found]
 
     def eval_batch(self, model: nn.Module, batch: AudioBatch) -> dict[str, float]:
-        out = model(batch.waveforms, batch.lengths)
+        out = model(batch.waveforms, batch.lengths, masked_only=True)
         return self._stats(model, out, batch)[1]
 
     def eval_record(self, sums: dict[str, float]) -> tuple[dict[str, float], float]:
