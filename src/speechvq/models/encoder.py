@@ -276,7 +276,7 @@ class _WindowBlocksConv(torch.autograd.Function):
             else views[0] @ weight[:, :split].t()
         )
         if len(views) == 2:
-            y.addmm_(views[1], weight[:, split:].t())
+            torch.addmm(y, views[1], weight[:, split:].t(), out=y)  # in place (addmm_ eludes FlopCounterMode)
         return y  # (S', C_out)
 
     @staticmethod
