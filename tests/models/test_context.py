@@ -242,3 +242,38 @@ def test_output_frames_when_layer_drop_skips_the_last_block_and_on_padding():
     assert runs > 0
     with pytest.raises(ValueError, match="padding"):
         net(x, padding, output_frames=~padding | padding)
+
+
+@pytest.mark.parametrize("kernel", [8, 7])
+def test_grouped_conv_with_flipped_kernel_backward_passes_gradcheck(kernel):
+    # the positional conv's input gradient as a forward conv of the output gradient
+    x = torch.randn(2, 12, 15, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(12, 4, kernel, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    conv = context_module._GroupedConvFlippedBackward
+    assert torch.autograd.gradcheck(lambda *a: conv.apply(*a, kernel // 2, 3), (x, weight, bias))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_positional_conv_on_the_cpu_equals_its_conv1d(autocast):
+    # the module's CPU path (custom backward, autocast's casts done up front) against its own
+    # weight-normed nn.Conv1d, outputs and gradients, in fp32 and under bf16 autocast
+    torch.manual_seed(0)
+    pos = context_module.ConvPositionalEmbedding(32, 16, 4)
+    x = torch.randn(3, 21, 32, requires_grad=True)
+    upstream = torch.randn(3, 21, 32)
+    params = [x, *pos.parameters()]
+
+    def reference(t):
+        y = pos.conv(t.transpose(1, 2))[:, :, :-1]  # the even kernel's extra frame
+        return torch.nn.functional.gelu(y).transpose(1, 2)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got, want = pos(x), reference(x)
+    assert got.dtype == want.dtype == (torch.bfloat16 if autocast else torch.float32)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if autocast else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(got, want, **tol)
+    got_grads = torch.autograd.grad(got.float(), params, upstream)
+    want_grads = torch.autograd.grad(want.float(), params, upstream)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert float((g - w).norm() / w.norm()) < (1e-2 if autocast else 1e-5)
