@@ -180,10 +180,11 @@ class ConvLayerBlock(nn.Module):
     Activations stay time-major (``[B, T, C]``), so there are no layout transposes between layers.
     The convolution (the same result as ``nn.Conv1d`` to rounding) runs as whichever form measured
     fastest on this layer's shape and precision: a matrix product over unfolded frames (im2col,
-    one AMX/tensor-core matmul with fp32 accumulation, whose backward is also a matmul) for the
-    first layer, in fp32 and off the CPU; oneDNN's channels-last convolution for the other layers
-    in bf16 on the CPU. The first layer's GroupNorm statistics come from the moments of its input
-    windows (:func:`linear_output_moments`). ``conv`` only holds the parameters (``conv.weight`` is
+    one matmul with fp32 accumulation, whose backward is also a matmul) for the first layer and
+    off the CPU; for the other layers on the CPU, oneDNN's channels-last convolution in bf16 and,
+    in fp32, matmuls over strided views of one utterance (:class:`_WindowBlocksConv`, no im2col
+    copy). The first layer's GroupNorm statistics come from the moments of its input windows
+    (:func:`linear_output_moments`). ``conv`` only holds the parameters (``conv.weight`` is
     ``[C_out, C_in, k]``, as in fairseq and transformers).
     """
 
@@ -209,7 +210,7 @@ class ConvLayerBlock(nn.Module):
             and x.device.type == "cpu"
             and self.kernel <= 2 * self.stride
         ):  # one utterance on the CPU (ConvFeatureEncoder's CPU path), fp32: no im2col copy
-            x = _WindowBlocksConv.apply(x[0], weight, self.conv.bias, self.kernel, self.stride)[None]
+            x = _WindowBlocksConv.apply(x.squeeze(0), weight, self.conv.bias, self.kernel, self.stride)[None]
             return F.gelu(self.norm(x, lengths) if self.norm is not None else x), lengths
         cols = _KernelMajorColumns.apply(x, self.kernel, self.stride)  # (B, S, C) -> (B, S', k*C)
         few = cols.size(-1) <= _FEW_COLUMNS
