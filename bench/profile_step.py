@@ -35,7 +35,7 @@ def group_of(name: str, shapes: str, pos_conv_kernel: int) -> str:
         if f", {pos_conv_kernel}]" in shapes:
             return "positional convolution, forward + backward"
         return "conv encoder convolutions, forward + backward"
-    if name in ("aten::uniform_", "aten::bernoulli_"):
+    if name in ("aten::uniform_", "aten::bernoulli_", "aten::random_"):
         return "dropout RNG"
     if "adam" in name.lower():
         return "optimizer"
