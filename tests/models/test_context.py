@@ -83,6 +83,19 @@ def test_packed_attention_equals_the_padded_layout_at_valid_frames(monkeypatch, 
     assert not g_got[padding].any()
 
 
+def _training_net(monkeypatch, layer_norm_first: bool, checkpointed: bool):
+    """A 3-block context network in training mode whose only dropout, the attention's, is made the
+    identity (so the CPU training attention path runs and results are deterministic)."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(context_module, "dropout", lambda t, p, training: t)
+    cfg = ContextConfig(
+        dim=32, num_layers=3, num_heads=4, ffn_dim=64, pos_conv_kernel=16, pos_conv_groups=4,
+        layer_norm_first=layer_norm_first, layer_drop_p=0.0, checkpoint_activations=checkpointed,
+        dropout_p=0.0, activation_dropout_p=0.0, attention_dropout_p=0.1,
+    )  # fmt: skip
+    return build_context_network(cfg).train()
+
+
 @pytest.mark.parametrize("layer_norm_first", [False, True])
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_context_network_on_a_padded_batch_equals_each_utterance_alone(
@@ -91,14 +104,7 @@ def test_context_network_on_a_padded_batch_equals_each_utterance_alone(
     # the packed CPU path, in training (no residual dropout; the attention dropout made the
     # identity) with gradients: each utterance's outputs, every hidden state, and the weight
     # gradients equal running it alone
-    torch.manual_seed(0)
-    monkeypatch.setattr(context_module, "dropout", lambda t, p, training: t)
-    cfg = ContextConfig(
-        dim=32, num_layers=3, num_heads=4, ffn_dim=64, pos_conv_kernel=16, pos_conv_groups=4,
-        layer_norm_first=layer_norm_first, layer_drop_p=0.0, checkpoint_activations=checkpointed,
-        dropout_p=0.0, activation_dropout_p=0.0, attention_dropout_p=0.1,
-    )  # fmt: skip
-    net = build_context_network(cfg).train()
+    net = _training_net(monkeypatch, layer_norm_first, checkpointed)
     lens = [23, 9, 16]
     x = torch.randn(3, 23, 32)
     padding = torch.arange(23)[None, :] >= torch.tensor(lens)[:, None]
@@ -187,14 +193,7 @@ def test_output_frames_equal_the_full_run_at_those_frames_with_gradients(
 ):
     # the last block computed at the selected frames only (the packed CPU layout with padding,
     # the padded layout without): outputs and every gradient equal the full run's
-    torch.manual_seed(0)
-    monkeypatch.setattr(context_module, "dropout", lambda t, p, training: t)
-    cfg = ContextConfig(
-        dim=32, num_layers=3, num_heads=4, ffn_dim=64, pos_conv_kernel=16, pos_conv_groups=4,
-        layer_norm_first=layer_norm_first, layer_drop_p=0.0, checkpoint_activations=checkpointed,
-        dropout_p=0.0, activation_dropout_p=0.0, attention_dropout_p=0.1,
-    )  # fmt: skip
-    net = build_context_network(cfg).train()
+    net = _training_net(monkeypatch, layer_norm_first, checkpointed)
     lens = [23, 9, 16] if padded else [23, 23, 23]
     x = torch.randn(3, 23, 32, requires_grad=True)
     padding = torch.arange(23)[None, :] >= torch.tensor(lens)[:, None]
