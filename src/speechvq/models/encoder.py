@@ -291,15 +291,16 @@ class _WindowBlocksConv(torch.autograd.Function):
         split = views[0].size(1)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            if kernel >= stride:  # the first view tiles the first s * S' frames: write it in place
-                grad_x = torch.empty_like(x)
+            # k >= s: the first view tiles the first s * S' frames, written in place by the matmul;
+            # k < s: the gaps between windows get no gradient
+            grad_x = torch.empty_like(x) if kernel >= stride else torch.zeros_like(x)
+            grad_views = _window_blocks(grad_x, frames, kernel, stride)
+            if kernel >= stride:
                 covered = stride * frames
                 torch.mm(grad, weight[:, :split], out=grad_x[:covered].view(frames, -1))
                 grad_x[covered:].zero_()
-            else:  # gaps between windows get no gradient
-                grad_x = torch.zeros_like(x)
-                _window_blocks(grad_x, frames, kernel, stride)[0].copy_(grad @ weight[:, :split])
-            grad_views = _window_blocks(grad_x, frames, kernel, stride)
+            else:
+                grad_views[0].copy_(grad @ weight[:, :split])
             if len(grad_views) == 2:
                 grad_views[1].add_(grad @ weight[:, split:])  # frames shared with the next window
         if ctx.needs_input_grad[1]:
