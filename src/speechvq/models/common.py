@@ -21,6 +21,14 @@ def lengths_to_padding_mask(lengths: Tensor, max_len: int) -> Tensor:
     return positions[None, :] >= lengths[:, None]
 
 
+def padding_mask_or_none(lengths: Tensor, max_len: int) -> Tensor | None:
+    """:func:`lengths_to_padding_mask`, or None when every length is ``max_len`` (no padding), as
+    the models pass it on: no mask to apply, and a batch without padding keeps the padded layout."""
+    if bool((lengths < max_len).any()):
+        return lengths_to_padding_mask(lengths, max_len)
+    return None
+
+
 class GradMultiply(torch.autograd.Function):
     """Identity in the forward pass; scales the gradient by ``scale`` in the backward pass."""
 

@@ -33,7 +33,7 @@ from speechvq.config import (
     _to_plain,
 )
 from speechvq.losses_ctc import ctc_loss
-from speechvq.models.common import lengths_to_padding_mask
+from speechvq.models.common import lengths_to_padding_mask, padding_mask_or_none
 from speechvq.models.context import ContextNetwork, build_context_network
 from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
 from speechvq.models.masking import compute_span_mask
@@ -247,6 +247,14 @@ class CtcModel(nn.Module):
         """``[B]`` samples -> ``[B]`` frames."""
         return self.feature_encoder.output_lengths(lengths)
 
+    def encode(self, waveforms: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-utterance waveform normalisation if configured (transformers' do_normalize), then the
+        feature encoder: (features ``[B, T, C]``, frame lengths ``[B]``, padding mask or None)."""
+        if self.cfg.normalize_waveform:
+            waveforms = normalize_waveforms(waveforms, lengths)
+        features, frame_lengths = self.feature_encoder(waveforms, lengths)
+        return features, frame_lengths, padding_mask_or_none(frame_lengths, features.size(1))
+
     def forward(
         self,
         waveforms: Tensor,
@@ -270,16 +278,9 @@ class CtcModel(nn.Module):
         Returns:
             :class:`CtcOutput` (``logits [B, T, V]``, ``lengths [B]``).
         """
-        # 1. optional per-utterance waveform normalisation (transformers' do_normalize)
-        if self.cfg.normalize_waveform:
-            waveforms = normalize_waveforms(waveforms, lengths)
-
-        # 2. feature encoder (without autograd when grad_mult == 0)
-        features, frame_lengths = self.feature_encoder(waveforms, lengths)
+        # 1-2. optional waveform normalisation, feature encoder (without autograd when grad_mult == 0)
+        features, frame_lengths, padding_mask = self.encode(waveforms, lengths)
         frames = features.size(1)
-        padding_mask = None
-        if bool((frame_lengths < frames).any()):
-            padding_mask = lengths_to_padding_mask(frame_lengths, frames)
 
         # 3. the body runs without autograd for the first freeze_updates updates (fairseq)
         with torch.no_grad() if self.body_frozen else contextlib.nullcontext():

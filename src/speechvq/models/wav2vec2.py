@@ -16,7 +16,7 @@ from speechvq.losses import (
     diversity_loss,
     feature_penalty,
 )
-from speechvq.models.common import Dropout, lengths_to_padding_mask
+from speechvq.models.common import Dropout, padding_mask_or_none
 from speechvq.models.context import ContextNetwork, build_context_network
 from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer, build_kmeans_quantizer
@@ -125,10 +125,7 @@ class Wav2Vec2Model(nn.Module):
     def encode(self, waveforms: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Feature encoder: (features ``[B, T, C]``, frame lengths ``[B]``, padding mask or None)."""
         features, frame_lengths = self.feature_encoder(waveforms, lengths)
-        padding_mask = None
-        if bool((frame_lengths < features.size(1)).any()):
-            padding_mask = lengths_to_padding_mask(frame_lengths, features.size(1))
-        return features, frame_lengths, padding_mask
+        return features, frame_lengths, padding_mask_or_none(frame_lengths, features.size(1))
 
     def forward(
         self,

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from speechvq.data import AudioDataset, read_manifest
 from speechvq.errors import UserInputError
-from speechvq.models.common import lengths_to_padding_mask
 from speechvq.units.io import Token, UnitWriter
 from speechvq.units.kmeans import FeatureShardWriter, KMeansModel
 
@@ -109,16 +108,9 @@ def layer_features(
         )
     m: Any = model
     if kind in ("Wav2Vec2Model", "CtcModel"):
-        if kind == "CtcModel" and m.cfg.normalize_waveform:
-            from speechvq.models.ctc import normalize_waveforms
-
-            waveforms = normalize_waveforms(waveforms, lengths)
-        features, frame_lengths = m.feature_encoder(waveforms, lengths)
+        features, frame_lengths, padding_mask = m.encode(waveforms, lengths)  # as their forward passes
         if layer == 0:
             return features, frame_lengths
-        padding_mask = None  # as the models' own forward passes: a mask only where there is padding
-        if bool((frame_lengths < features.size(1)).any()):
-            padding_mask = lengths_to_padding_mask(frame_lengths, features.size(1))
         x, _ = m.feature_projection(features)
         depth = 0 if layer == TRANSFORMER_INPUT else int(layer)
         # with num_layers the last state is block `depth`'s output (no final LayerNorm); reading it,
