@@ -50,7 +50,8 @@ def contrastive_logits(
     c = candidates.float()
     p = p / torch.linalg.vector_norm(p, dim=-1, keepdim=True).clamp(min=eps)
     c = c / torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp(min=eps)
-    scores = p @ c.t()  # (N, F) @ (F, M) -> (N, M)
+    with torch.autocast(device_type=p.device.type, enabled=False):  # autocast would take bf16/fp16
+        scores = p @ c.t()  # (N, F) @ (F, M) -> (N, M)
     index = torch.cat([target_pos[:, None], distractor_pos], dim=1)  # (N, 1+K)
     logits = scores.gather(1, index) / logit_temp
     if distractor_pos.numel():

@@ -129,10 +129,12 @@ def test_context_network_on_a_padded_batch_equals_each_utterance_alone(
         torch.testing.assert_close(got, param.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_contrastive_logits_equal_cosine_similarity_over_gathered_candidates(dtype):
+def test_contrastive_logits_equal_cosine_similarity_over_gathered_candidates(dtype, autocast):
     # the [N, M] matmul + gather against the plain definition on an [N, K+1, F] tensor, including
-    # the -inf of a distractor whose vector equals its target's (here rows 5 and 7 are equal)
+    # the -inf of a distractor whose vector equals its target's (here rows 5 and 7 are equal);
+    # fp32 under bf16 autocast too, which would otherwise run the matmul in bf16
     from speechvq.losses import contrastive_logits
 
     g = torch.Generator().manual_seed(0)
@@ -142,7 +144,8 @@ def test_contrastive_logits_equal_cosine_similarity_over_gathered_candidates(dty
     target_pos = torch.randint(0, 60, (50,), generator=g)
     distractor_pos = torch.randint(0, 60, (50, 20), generator=g)
     target_pos[0], distractor_pos[0, 3] = 5, 7
-    got = contrastive_logits(predictions, candidates, target_pos, distractor_pos, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = contrastive_logits(predictions, candidates, target_pos, distractor_pos, 0.1)
 
     stacked = candidates[torch.cat([target_pos[:, None], distractor_pos], dim=1)].float()  # (N, K+1, F)
     want = torch.cosine_similarity(predictions.float()[:, None, :], stacked, dim=-1) / 0.1
