@@ -243,6 +243,21 @@ def test_conv_block_matches_conv1d_in_output_and_gradients(kernel, stride, batch
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_conv_block_of_one_utterance_runs_under_cpu_autocast(dtype):
+    # the window-blocks matmuls are fp32 only; under fp16/bf16 autocast the layer takes the
+    # autocast paths (an earlier layer hands it half-precision input)
+    from speechvq.models.encoder import ConvLayerBlock
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(32, 16, 3, stride=2, bias=True)
+    x = torch.randn(1, 41, 32)
+    with torch.autocast("cpu", dtype=dtype):
+        out, _ = ConvLayerBlock(conv, None)(x.to(dtype), None)
+    ref = torch.nn.functional.gelu(conv(x.transpose(1, 2))).transpose(1, 2)
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
+
+
 @pytest.mark.parametrize(("kernel", "stride"), [(3, 2), (2, 2), (8, 4), (2, 3), (1, 1)])
 @pytest.mark.parametrize("samples", [50, 51, 53])
 def test_window_blocks_conv_gradients_pass_gradcheck(kernel, stride, samples):

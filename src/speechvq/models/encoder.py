@@ -209,6 +209,8 @@ class ConvLayerBlock(nn.Module):
             self.kernel * x.size(-1) > _FEW_COLUMNS
             and x.size(0) == 1
             and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
             and self.kernel <= 2 * self.stride
         ):  # one utterance on the CPU (ConvFeatureEncoder's CPU path), fp32: no im2col copy
             x = _WindowBlocksConv.apply(x.squeeze(0), weight, self.conv.bias, self.kernel, self.stride)[None]
