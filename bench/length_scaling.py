@@ -4,6 +4,7 @@
 Usage:
     python bench/length_scaling.py --config small --precision bf16 --lengths 1 2 4 8 16 30
     python bench/length_scaling.py --config base --impls speechvq fairseq --batch 2
+    python bench/length_scaling.py --device cuda --config base --batch 8 --lengths 2 4 8 16 30
 
 Each (implementation, length) point runs in its own subprocess: a batch of ``--batch`` utterances
 of that length, the step of `bench/pretrain_step.py` (same model, masking, K=100 distractors,
@@ -11,7 +12,8 @@ forward + backward + Adam), ``--warmup`` untimed steps, then the median of ``--s
 Peak memory is the subprocess's ``VmHWM`` (its resident high-water mark), so every point starts
 from a fresh process and the numbers do not leak into each other. The points run one after
 another, so machine load is not shared evenly as in ``pretrain_step.py``'s alternating run: read
-the ratios with that in mind, and rerun on an idle machine for figures to publish.
+the ratios with that in mind, and rerun on an idle machine for figures to publish. On a GPU
+(``--device cuda``) peak memory is the peak CUDA memory allocated, and fp32 is without TF32.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per point")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--point", nargs=2, metavar=("IMPL", "SECONDS"), help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -65,18 +68,26 @@ STEP_FNS = {**step_bench.STEP_FNS, "speechvq+ckpt": speechvq_checkpointed_step_f
 
 
 def run_point(impl: str, seconds: float, args: argparse.Namespace) -> dict[str, float]:
-    """One implementation at one length, in this process: median step time and peak RSS."""
+    """One implementation at one length, in this process: median step time and peak memory."""
     torch.set_num_threads(args.threads)
-    x, lengths = step_bench.make_batch([seconds] * args.batch)
+    step_bench.no_tf32()
+    x, lengths = step_bench.make_batch([seconds] * args.batch, args.device)
     step, _ = STEP_FNS[impl](step_bench.bench_config(args.config), x, lengths, args.precision)
     for _ in range(args.warmup):
         step()
     times = []
     for _ in range(args.steps):
+        step_bench.synchronize(x.device)
         start = time.perf_counter()
         step()
+        step_bench.synchronize(x.device)
         times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times), "peak_rss_mb": step_bench.peak_rss_mb()}
+    if x.device.type == "cuda":
+        return {
+            "step_s": statistics.median(times),
+            "peak_mb": torch.cuda.max_memory_allocated(x.device) / 2**20,
+        }
+    return {"step_s": statistics.median(times), "peak_mb": step_bench.peak_rss_mb()}
 
 
 def main() -> None:
@@ -92,6 +103,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--point", impl, str(seconds)]
             cmd += ["--config", args.config, "--precision", args.precision, "--batch", str(args.batch)]
             cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+            cmd += ["--device", args.device]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:  # e.g. out of memory at 30 s: record it, go on
                 tail = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -101,30 +113,37 @@ def main() -> None:
             point = json.loads(done.stdout.strip().splitlines()[-1])
             point.update(seconds=seconds, impl=impl, audio_s_per_s=seconds * args.batch / point["step_s"])
             results.append(point)
-            log.info("%s %.0f s: %.3f s/step, %.0f MB", impl, seconds, point["step_s"], point["peak_rss_mb"])
+            log.info("%s %.0f s: %.3f s/step, %.0f MB", impl, seconds, point["step_s"], point["peak_mb"])
+    cuda = args.device.startswith("cuda")
+    where = (
+        torch.cuda.get_device_name()
+        if cuda
+        else f"{platform.processor() or platform.machine()}, {args.threads} threads"
+    )
     print(
-        f"# {date.today()} {platform.processor() or platform.machine()}, {args.threads} threads, "
+        f"# {date.today()} {where}, "
         f"torch {torch.__version__}, {args.config}, {args.precision}, batch {args.batch} x L s"
     )
-    print("| L (s) | impl | step (s) | audio-s/s | vs best reference | peak RSS MB | vs lowest reference |")
+    memory = "peak CUDA MB" if cuda else "peak RSS MB"
+    print(f"| L (s) | impl | step (s) | audio-s/s | vs best reference | {memory} | vs lowest reference |")
     print("|---|---|---|---|---|---|---|")
     for seconds in args.lengths:
         rows = [r for r in results if r["seconds"] == seconds and "error" not in r]
         refs = [r for r in rows if not r["impl"].startswith("speechvq")]
         best = max((r["audio_s_per_s"] for r in refs), default=None)
-        lowest = min((r["peak_rss_mb"] for r in refs), default=None)
+        lowest = min((r["peak_mb"] for r in refs), default=None)
         for r in rows:
             speed = f"{r['audio_s_per_s'] / best:.2f}x" if best else "-"
-            memory = f"{r['peak_rss_mb'] / lowest:.2f}x" if lowest else "-"
+            ratio = f"{r['peak_mb'] / lowest:.2f}x" if lowest else "-"
             print(
                 f"| {seconds:g} | {r['impl']} | {r['step_s']:.3f} | {r['audio_s_per_s']:.2f} | {speed} | "
-                f"{r['peak_rss_mb']:.0f} | {memory} |"
+                f"{r['peak_mb']:.0f} | {ratio} |"
             )
         for r in results:
             if r["seconds"] == seconds and "error" in r:
                 print(f"| {seconds:g} | {r['impl']} | failed: {r['error'][:60]} | | | | |")
     if args.json:
-        meta = {"date": str(date.today()), "threads": args.threads, "config": args.config}
+        meta = {"date": str(date.today()), "device": where, "threads": args.threads, "config": args.config}
         meta.update(precision=args.precision, batch=args.batch)
         with open(args.json, "w") as f:
             json.dump({**meta, "results": results}, f, indent=2)

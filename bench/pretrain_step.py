@@ -4,6 +4,7 @@
 Usage:
     python bench/pretrain_step.py --configs small base --precisions fp32 bf16
     python bench/pretrain_step.py --configs small --memory        # + peak RSS per implementation
+    python bench/pretrain_step.py --device cuda --seconds 15 14 ... --memory   # peak CUDA memory
 
 Each is driven as its own training code drives it; the optimizer is torch's Adam for the
 references (faster on the CPU than fairseq's own FairseqAdam) and speechvq's trainer's fused AdamW
@@ -23,6 +24,10 @@ step (in the example it runs in DataLoader workers). fairseq (if importable) run
 
 Achieved FLOP/s come from `torch.utils.flop_counter` over one step, as a fraction of this
 machine's matmul peak measured in the same run and precision.
+
+On a GPU (``--device cuda``) the step ends with a device synchronisation before the clock is read,
+fp32 is true fp32 (TF32 off for matmuls and cuDNN convolutions), and ``--memory`` reports the peak
+CUDA memory allocated (model, optimizer state and activations) in a fresh process per implementation.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ def get_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per implementation")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS (one subprocess each)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--single", nargs=3, metavar=("IMPL", "CONFIG", "PRECISION"), help=argparse.SUPPRESS)
@@ -72,19 +78,24 @@ def bench_config(name: str):
     return cfg
 
 
-def make_batch(seconds: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(seconds: list[float], device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([int(s * SAMPLE_RATE) for s in seconds])
     x = torch.randn(len(seconds), int(lengths.max()), generator=g) * 0.1
     for i, n in enumerate(lengths.tolist()):
         x[i, n:] = 0.0
-    return x, lengths
+    return x.to(device), lengths.to(device)
 
 
-def autocast(precision: str):
+def autocast(precision: str, device_type: str):
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --- one step per implementation -------------------------------------------------------------
@@ -95,7 +106,7 @@ def speechvq_step_fn(cfg, x, lengths, precision: str) -> tuple[Callable[[], floa
     from speechvq.train.optim import build_optimizer
 
     torch.manual_seed(0)
-    model = build_wav2vec2(cfg).train()
+    model = build_wav2vec2(cfg).train().to(x.device)
     # speechvq's trainer's optimizer (fused AdamW); with weight decay 0 it is the references' Adam
     optim = build_optimizer(model, OptimSection(lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0))
     counter = iter(range(10**9))
@@ -104,9 +115,9 @@ def speechvq_step_fn(cfg, x, lengths, precision: str) -> tuple[Callable[[], floa
         # one generator per utterance, as the trainer draws masks, distractors and Gumbel noise,
         # and the last block at the masked frames only, as the trainer runs it
         k = next(counter)
-        gens = [torch.Generator().manual_seed(1000 * k + i) for i in range(x.size(0))]
+        gens = [torch.Generator(device=x.device).manual_seed(1000 * k + i) for i in range(x.size(0))]
         optim.zero_grad(set_to_none=True)
-        with autocast(precision):
+        with autocast(precision, x.device.type):
             out = model(x, lengths, generator=gens, masked_only=True)
             loss = model.compute_loss(out)
         (loss.total / loss.num_targets).backward()
@@ -122,9 +133,9 @@ def transformers_step_fn(cfg, x, lengths, precision: str):
     from speechvq.interop.hf import to_hf
 
     torch.manual_seed(0)
-    hf = to_hf(build_wav2vec2(cfg)).train()
+    hf = to_hf(build_wav2vec2(cfg)).train().to(x.device)
     optim = torch.optim.Adam(hf.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
-    attention = (torch.arange(x.size(1))[None, :] < lengths[:, None]).long()
+    attention = (torch.arange(x.size(1), device=x.device)[None, :] < lengths[:, None]).long()
     collate_times: list[float] = []
 
     def collate() -> dict[str, torch.Tensor]:
@@ -135,15 +146,15 @@ def transformers_step_fn(cfg, x, lengths, precision: str):
             (x.size(0), frames),
             cfg.mask.mask_prob,
             cfg.mask.mask_length,
-            attention_mask=sub_attention,
+            attention_mask=sub_attention.cpu(),
             min_masks=cfg.mask.min_masks,
         )
         negatives = _sample_negative_indices((x.size(0), frames), cfg.loss.num_negatives, mask)
         batch = {
             "input_values": x,
             "attention_mask": attention,
-            "mask_time_indices": torch.tensor(mask, dtype=torch.long),
-            "sampled_negative_indices": torch.tensor(negatives, dtype=torch.long),
+            "mask_time_indices": torch.tensor(mask, dtype=torch.long, device=x.device),
+            "sampled_negative_indices": torch.tensor(negatives, dtype=torch.long, device=x.device),
         }
         collate_times.append(time.perf_counter() - start)
         return batch
@@ -153,7 +164,7 @@ def transformers_step_fn(cfg, x, lengths, precision: str):
     def step() -> float:
         batch = pending.pop()
         optim.zero_grad(set_to_none=True)
-        with autocast(precision):
+        with autocast(precision, x.device.type):
             out = hf(**batch)
         num = int(batch["mask_time_indices"].sum())
         (out.loss / num).backward()
@@ -215,13 +226,13 @@ def fairseq_step_fn(cfg, x, lengths, precision: str):
         index_put._bench_cast = True  # type: ignore[attr-defined]
         fs_w2v2.index_put = index_put
     torch.manual_seed(0)
-    model = FSModel(fs_cfg).train()
+    model = FSModel(fs_cfg).train().to(x.device)
     optim = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-6)
-    padding = torch.arange(x.size(1))[None, :] >= lengths[:, None]
+    padding = torch.arange(x.size(1), device=x.device)[None, :] >= lengths[:, None]
 
     def step() -> float:
         optim.zero_grad(set_to_none=True)
-        with autocast(precision):
+        with autocast(precision, x.device.type):
             out = model(source=x, padding_mask=padding)
             logits = model.get_logits(out).float()
             target = model.get_targets(None, out).long()
@@ -252,14 +263,17 @@ def available(impl: str) -> bool:
 # --- measurement -----------------------------------------------------------------------------
 
 
-def matmul_peak(precision: str, n: int = 2048, reps: int = 10) -> float:
+def matmul_peak(precision: str, device: torch.device, reps: int = 10) -> float:
+    n = 8192 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
+    synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
@@ -282,18 +296,30 @@ def peak_rss_subprocess(impl: str, config: str, precision: str, args: argparse.N
         "--seconds",
         *map(str, args.seconds),
     ]
-    cmd += ["--threads", str(args.threads)]
+    cmd += ["--threads", str(args.threads), "--device", args.device]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
 
 
 def run_single(impl: str, config: str, precision: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    x, lengths = make_batch(args.seconds)
+    no_tf32()
+    x, lengths = make_batch(args.seconds, args.device)
     step, _ = STEP_FNS[impl](bench_config(config), x, lengths, precision)
     for _ in range(3):
         step()
-    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+    if x.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(x.device) / 2**20
+    else:
+        peak = peak_rss_mb()
+    print(json.dumps({"peak_mb": peak}))
+
+
+def no_tf32() -> None:
+    """fp32 is true fp32 on a GPU, also in bf16 autocast's fp32 islands: no TF32 in matmuls or
+    cuDNN convolutions (cuDNN allows it by default), the same for every implementation."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def peak_rss_mb() -> float:
@@ -316,12 +342,14 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     impls = [i for i in args.impls if available(i)]
-    x, lengths = make_batch(args.seconds)
+    x, lengths = make_batch(args.seconds, args.device)
+    device = x.device
     audio_seconds = float(lengths.sum()) / SAMPLE_RATE
     results = []
     for config in args.configs:
         for precision in args.precisions:
-            peak = matmul_peak(precision)
+            no_tf32()
+            peak = matmul_peak(precision, device)
             steps = {impl: STEP_FNS[impl](bench_config(config), x, lengths, precision)[0] for impl in impls}
             flops = {impl: count_flops(fn) for impl, fn in steps.items()}
             for _ in range(args.warmup):
@@ -330,8 +358,10 @@ def main() -> None:
             times: dict[str, list[float]] = {impl: [] for impl in impls}
             for _ in range(args.steps):
                 for impl, fn in steps.items():
+                    synchronize(device)
                     start = time.perf_counter()
                     fn()
+                    synchronize(device)
                     times[impl].append(time.perf_counter() - start)
             for impl in impls:
                 t = statistics.median(times[impl])
@@ -350,25 +380,33 @@ def main() -> None:
                 if collate:
                     row["collate_s"] = statistics.median(collate)
                 if args.memory:
-                    row["peak_rss_mb"] = peak_rss_subprocess(impl, config, precision, args)
+                    key = "peak_cuda_mb" if device.type == "cuda" else "peak_rss_mb"
+                    row[key] = peak_rss_subprocess(impl, config, precision, args)
                 results.append(row)
     fastest_ref: dict[tuple[str, str], float] = {}
     for r in results:
         if r["impl"] != "speechvq":
             key = (r["config"], r["precision"])
             fastest_ref[key] = max(fastest_ref.get(key, 0.0), r["audio_s_per_s"])
-    print(
-        f"# {date.today()} {platform.processor() or platform.machine()}, {args.threads} threads, "
-        f"torch {torch.__version__}, batch {args.seconds} s ({audio_seconds:.1f} s of audio)"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {args.threads} threads"
     )
     print(
-        "| config | precision | impl | audio-s/s | vs best reference | GFLOP/step | % of matmul peak | peak RSS MB |"
+        f"# {date.today()} {where}, torch {torch.__version__}, "
+        f"batch {args.seconds} s ({audio_seconds:.1f} s of audio)"
+    )
+    memory = "peak CUDA MB" if device.type == "cuda" else "peak RSS MB"
+    print(
+        f"| config | precision | impl | audio-s/s | vs best reference | GFLOP/step | % of matmul peak | {memory} |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         ref = fastest_ref.get((r["config"], r["precision"]))
         ratio = f"{r['audio_s_per_s'] / ref:.2f}x" if ref else "-"
-        rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
+        mem = r.get("peak_cuda_mb", r.get("peak_rss_mb"))
+        rss = f"{mem:.0f}" if mem is not None else "-"
         print(
             f"| {r['config']} | {r['precision']} | {r['impl']} | {r['audio_s_per_s']:.2f} | {ratio} | "
             f"{r['gflop_per_step']:.0f} | {100 * r['fraction_of_peak']:.1f}% of {r['peak_gflops']:.0f} | {rss} |"
@@ -378,6 +416,8 @@ def main() -> None:
             json.dump(
                 {
                     "date": str(date.today()),
+                    "device": where,
+                    "torch": torch.__version__,
                     "threads": args.threads,
                     "seconds": args.seconds,
                     "results": results,
