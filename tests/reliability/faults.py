@@ -203,15 +203,20 @@ def run_with_kills(
                 proc.send_signal(signal.SIGKILL)
                 attempt.killed_while_writing = present[0] if present else None
         elif fault == "kill-at-random-time":
-            try:
-                # from the middle of start-up to half-way through the updates left, so the run
-                # cannot finish before every planned kill has landed
-                left = max_steps - _step(expected)
-                proc.wait(
-                    timeout=rng.uniform(0.3 * timing.startup_s, timing.startup_s + 0.5 * left * timing.step_s)
-                )
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
+            # from the middle of start-up to half-way through the updates left, so the run cannot
+            # finish before every planned kill has landed; the timer is aimed from the timed run,
+            # so half-way is also watched for, in case this run goes faster (a less loaded machine)
+            left = max_steps - _step(expected)
+            halfway = _step(expected) + max(1, left // 2)
+            deadline = time.monotonic() + rng.uniform(
+                0.3 * timing.startup_s, timing.startup_s + 0.5 * left * timing.step_s
+            )
+            while proc.poll() is None:
+                newest = step_dirs(ckpt_dir)
+                if time.monotonic() >= deadline or (newest and _step(newest[-1]) >= halfway):
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.005)
         attempt.returncode = proc.wait(timeout=600)
         attempt.killed = attempt.returncode == -signal.SIGKILL  # (not if it finished first)
         text = log.read_text(errors="replace")
