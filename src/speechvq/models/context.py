@@ -365,15 +365,11 @@ class ContextNetwork(nn.Module):
             x = x.reshape(-1, x.size(-1))[rows]
         if self.layer_norm_first and num_layers is None:
             x = self.layer_norm(x)
-        if output_frames is not None:
-            states = tuple(hidden) if seq_lens is None else UnpackedStates(hidden, seq_lens, frames)
-            return ContextOutput(last_hidden_state=x, hidden_states=states)
         if seq_lens is None:
             return ContextOutput(last_hidden_state=x, hidden_states=tuple(hidden))
-        return ContextOutput(
-            last_hidden_state=unpack(x, seq_lens, frames),
-            hidden_states=UnpackedStates(hidden, seq_lens, frames),
-        )
+        if output_frames is None:  # with output_frames x is already [R, D] at the selected frames
+            x = unpack(x, seq_lens, frames)
+        return ContextOutput(last_hidden_state=x, hidden_states=UnpackedStates(hidden, seq_lens, frames))
 
 
 def build_context_network(cfg: ContextConfig) -> ContextNetwork:
