@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import subprocess
 import sys
@@ -82,12 +81,7 @@ def run_point(impl: str, seconds: float, args: argparse.Namespace) -> dict[str, 
         step()
         step_bench.synchronize(x.device)
         times.append(time.perf_counter() - start)
-    if x.device.type == "cuda":
-        return {
-            "step_s": statistics.median(times),
-            "peak_mb": torch.cuda.max_memory_allocated(x.device) / 2**20,
-        }
-    return {"step_s": statistics.median(times), "peak_mb": step_bench.peak_rss_mb()}
+    return {"step_s": statistics.median(times), "peak_mb": step_bench.peak_memory_mb(x.device)}
 
 
 def main() -> None:
@@ -115,11 +109,7 @@ def main() -> None:
             results.append(point)
             log.info("%s %.0f s: %.3f s/step, %.0f MB", impl, seconds, point["step_s"], point["peak_mb"])
     cuda = args.device.startswith("cuda")
-    where = (
-        torch.cuda.get_device_name()
-        if cuda
-        else f"{platform.processor() or platform.machine()}, {args.threads} threads"
-    )
+    where = step_bench.describe_device(torch.device(args.device), args.threads)
     print(
         f"# {date.today()} {where}, "
         f"torch {torch.__version__}, {args.config}, {args.precision}, batch {args.batch} x L s"

@@ -285,7 +285,7 @@ def count_flops(step: Callable[[], float]) -> float:
     return float(counter.get_total_flops())
 
 
-def peak_rss_subprocess(impl: str, config: str, precision: str, args: argparse.Namespace) -> float:
+def peak_memory_subprocess(impl: str, config: str, precision: str, args: argparse.Namespace) -> float:
     cmd = [
         sys.executable,
         __file__,
@@ -308,11 +308,7 @@ def run_single(impl: str, config: str, precision: str, args: argparse.Namespace)
     step, _ = STEP_FNS[impl](bench_config(config), x, lengths, precision)
     for _ in range(3):
         step()
-    if x.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(x.device) / 2**20
-    else:
-        peak = peak_rss_mb()
-    print(json.dumps({"peak_mb": peak}))
+    print(json.dumps({"peak_mb": peak_memory_mb(x.device)}))
 
 
 def no_tf32() -> None:
@@ -320,6 +316,20 @@ def no_tf32() -> None:
     cuDNN convolutions (cuDNN allows it by default), the same for every implementation."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory: CUDA memory allocated on a GPU, resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
+
+
+def describe_device(device: torch.device, threads: int) -> str:
+    """The GPU's name, or the CPU and its thread count, for the results' header."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {threads} threads"
 
 
 def peak_rss_mb() -> float:
@@ -381,18 +391,14 @@ def main() -> None:
                     row["collate_s"] = statistics.median(collate)
                 if args.memory:
                     key = "peak_cuda_mb" if device.type == "cuda" else "peak_rss_mb"
-                    row[key] = peak_rss_subprocess(impl, config, precision, args)
+                    row[key] = peak_memory_subprocess(impl, config, precision, args)
                 results.append(row)
     fastest_ref: dict[tuple[str, str], float] = {}
     for r in results:
         if r["impl"] != "speechvq":
             key = (r["config"], r["precision"])
             fastest_ref[key] = max(fastest_ref.get(key, 0.0), r["audio_s_per_s"])
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, {args.threads} threads"
-    )
+    where = describe_device(device, args.threads)
     print(
         f"# {date.today()} {where}, torch {torch.__version__}, "
         f"batch {args.seconds} s ({audio_seconds:.1f} s of audio)"

@@ -88,7 +88,7 @@ def main() -> None:
         own = event.self_device_time_total if cuda else event.self_cpu_time_total
         groups[group_of(event.key, str(event.input_shapes), cfg.context.pos_conv_kernel)] += own
     total = sum(groups.values())
-    where = torch.cuda.get_device_name(x.device) if cuda else f"{args.threads} threads"
+    where = step_bench.describe_device(x.device, args.threads)
     print(f"# {args.config}, {args.precision}, {where}, {args.steps} steps, batch {args.seconds} s")
     kind = "CUDA kernel" if cuda else "self CPU"
     print(f"# {kind} time {total / 1e6:.3f} s; wall time under the profiler {wall:.3f} s")
