@@ -27,13 +27,25 @@ def test_dropout_keeps_one_minus_p_and_scales_like_f_dropout(dtype):
     assert not dropout(x, 1.0, True).any()
 
 
-def test_dropout_draws_span_the_31_bits_its_threshold_assumes():
-    # the keep threshold round(p * 2^31) assumes int32 random_() is uniform over [0, 2^31)
+def test_dropout_draws_fill_the_31_bits_of_each_half_its_threshold_assumes():
+    # the keep threshold round(p * 2^31) assumes that an int64 random_() draw, bit 31 cleared,
+    # holds two int32 halves each uniform over [0, 2^31)
     torch.manual_seed(0)
-    draws = torch.empty(1_000_000, dtype=torch.int32).random_()
-    assert int(draws.min()) >= 0
-    assert int(draws.max()) > common_module._DRAWS - 2**22  # the top of the range is reached
-    assert abs(float((draws >= common_module._DRAWS // 2).float().mean()) - 0.5) < 3e-3
+    draws = torch.empty(1_000_000, dtype=torch.int64).random_()
+    halves = draws.bitwise_and_(common_module._HALVES_31_BITS).view(torch.int32).view(-1, 2)
+    for half in halves.unbind(dim=1):
+        assert int(half.min()) >= 0 and int(half.max()) > common_module._DRAWS - 2**22
+        bits = torch.stack([(half >> i) & 1 for i in range(31)]).float().mean(dim=1)
+        assert float((bits - 0.5).abs().max()) < 3e-3  # each bit a fair coin
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_keeps_both_halves_of_a_draw_at_one_minus_p(p):
+    # even and odd elements come from the two halves of one draw
+    torch.manual_seed(0)
+    y = dropout(torch.ones(3, 100_001), p, True)  # an odd count: the last draw's second half unused
+    kept = (y != 0).float().view(-1)[:-1].view(-1, 2).mean(dim=0)
+    assert float((kept - (1 - p)).abs().max()) < 4e-3  # ~5 standard deviations
 
 
 def test_training_attention_path_is_sdpa_when_its_dropout_keeps_everything(monkeypatch):
