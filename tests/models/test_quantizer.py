@@ -68,3 +68,25 @@ def test_perplexities_span_g_to_gv():
     out = q(torch.randn(50, 20, 8))
     assert 2.0 - 1e-5 <= out.code_perplexity.item() <= 10.0 + 1e-5
     assert 2.0 - 1e-5 <= out.prob_perplexity.item() <= 10.0 + 1e-5
+
+
+def test_per_utterance_gumbel_noise_is_gumbel_distributed_and_zero_on_padding():
+    # the per-utterance noise is -log(E) with E ~ Exp(1) from fp64 uniforms: check the Gumbel(0, 1)
+    # CDF exp(-exp(-x)), mean (Euler's gamma) and variance (pi^2 / 6), and that utterance b's
+    # valid frames come from generator b alone
+    from speechvq.models.quantizer import _gumbel_noise_per_utterance
+
+    lengths = torch.tensor([700, 420])
+    valid = torch.arange(700)[None, :] < lengths[:, None]
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    noise = _gumbel_noise_per_utterance(torch.zeros(2, 700, 2, 320), valid, gens)
+    assert noise.dtype == torch.float32 and bool(torch.isfinite(noise).all())
+    assert not noise[1, 420:].any()
+    draws = noise[valid].double().reshape(-1)  # 1120 frames x 640 = 716,800 draws
+    for x in (-1.0, 0.0, 0.5, 2.0, 5.0):
+        want = math.exp(-math.exp(-x))
+        assert abs(float((draws <= x).double().mean()) - want) < 3e-3
+    assert abs(float(draws.mean()) - 0.5772157) < 6e-3
+    assert abs(float(draws.var()) - math.pi**2 / 6) < 2e-2
+    alone = _gumbel_noise_per_utterance(torch.zeros(1, 420, 2, 320), None, [torch.Generator().manual_seed(2)])
+    assert torch.equal(alone[0], noise[1, :420])
