@@ -9,7 +9,7 @@ import torch
 
 from speechvq import build_wav2vec2, preset
 from speechvq.config import FeatureEncoderConfig, Wav2Vec2Config
-from speechvq.models.encoder import conv_output_lengths
+from speechvq.models.encoder import build_feature_encoder, conv_output_lengths
 
 
 def _eval_model(name: str = "tiny", norm_mode: str = "group_norm"):
@@ -272,26 +272,31 @@ def test_window_blocks_conv_gradients_pass_gradcheck(kernel, stride, samples):
     assert torch.autograd.gradcheck(lambda *a: _WindowBlocksConv.apply(*a, kernel, stride), (x, weight, bias))
 
 
+def _first_layer_with_group_norm(channels: int = 16, bias: bool = False):
+    from speechvq.models.encoder import ConvLayerBlock, MaskedGroupNorm
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(1, channels, 10, stride=5, bias=bias)
+    norm = MaskedGroupNorm(channels)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    ref_norm = torch.nn.GroupNorm(channels, channels)
+    with torch.no_grad():
+        ref_norm.weight.copy_(norm.weight)
+        ref_norm.bias.copy_(norm.bias)
+    return ConvLayerBlock(conv, norm), conv, ref_norm
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_first_layer_group_norm_from_window_moments_matches_conv1d_group_norm(bias):
     # the first layer's GroupNorm statistics come from the 10 x 10 moments of the waveform windows
     # (linear_output_moments); output and all gradients equal nn.Conv1d + nn.GroupNorm
-    from speechvq.models.encoder import ConvLayerBlock, MaskedGroupNorm
-
-    torch.manual_seed(0)
-    conv = torch.nn.Conv1d(1, 16, 10, stride=5, bias=bias)
-    norm = MaskedGroupNorm(16)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.uniform_(-0.5, 0.5)
-    block = ConvLayerBlock(conv, norm)
+    block, conv, ref_norm = _first_layer_with_group_norm(bias=bias)
+    norm = block.norm
     wave = torch.randn(3, 803) * 0.3 + 0.05  # a DC offset, so the centring matters
     x = wave[:, :, None].requires_grad_(True)
     out, _ = block(x, None)
-    ref_norm = torch.nn.GroupNorm(16, 16)
-    with torch.no_grad():
-        ref_norm.weight.copy_(norm.weight)
-        ref_norm.bias.copy_(norm.bias)
     ref_x = wave[:, None, :].clone().requires_grad_(True)
     ref = torch.nn.functional.gelu(ref_norm(conv(ref_x))).transpose(1, 2)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -307,6 +312,50 @@ def test_first_layer_group_norm_from_window_moments_matches_conv1d_group_norm(bi
         (got,) = torch.autograd.grad(out, [conv.bias], upstream)
         (want,) = torch.autograd.grad(ref, [conv.bias], upstream)
         assert float(got.abs().max()) < 1e-3 and float(want.abs().max()) < 1e-3
+
+
+def test_first_layer_folded_group_norm_of_a_padded_batch_equals_each_utterance_alone():
+    # the norm is folded into one weight per utterance, from that utterance's valid frames: the
+    # valid frames and the gradients equal Conv1d + GroupNorm run on each utterance by itself
+    block, conv, ref_norm = _first_layer_with_group_norm(bias=True)
+    samples = [803, 611, 402]
+    wave = torch.zeros(3, 803)
+    for b, n in enumerate(samples):
+        wave[b, :n] = torch.randn(n) * 0.3 + 0.1 * b
+    out, frames = block(wave[:, :, None], torch.tensor(samples))
+    assert frames.tolist() == [159, 121, 79]
+    valid = torch.arange(out.size(1))[None, :, None] < frames[:, None, None]
+    upstream = torch.randn_like(out) * valid
+    grads = torch.autograd.grad(out, [conv.weight, conv.bias, block.norm.weight, block.norm.bias], upstream)
+    want_grads = [torch.zeros_like(g) for g in grads]
+    for b, (n, t) in enumerate(zip(samples, frames.tolist())):
+        ref = torch.nn.functional.gelu(ref_norm(conv(wave[b : b + 1, None, :n]))).transpose(1, 2)
+        torch.testing.assert_close(out[b : b + 1, :t], ref, atol=1e-5, rtol=1e-5)
+        ref_params = [conv.weight, conv.bias, ref_norm.weight, ref_norm.bias]
+        for acc, g in zip(want_grads, torch.autograd.grad(ref, ref_params, upstream[b : b + 1, :t])):
+            acc += g
+    for got, want in zip(grads[:1] + grads[2:], want_grads[:1] + want_grads[2:]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # the norm removes a conv bias: its gradient is zero up to rounding in both
+    assert float(grads[1].abs().max()) < 1e-3 and float(want_grads[1].abs().max()) < 1e-3
+
+
+def test_first_layer_folded_group_norm_under_bf16_autocast_stays_near_fp32():
+    # the norm's scale multiplies the fp32 weight before the single rounding to bf16
+    block, conv, _ = _first_layer_with_group_norm(channels=64)
+    wave = torch.randn(2, 4001, 1) * 0.3
+    upstream = torch.randn(2, 799, 64)
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out, _ = block(wave, None)
+        assert out.dtype == (torch.bfloat16 if enabled else torch.float32)
+        grads = torch.autograd.grad(out.float(), [conv.weight, block.norm.weight, block.norm.bias], upstream)
+        results.append((out.float(), grads))
+    (want, want_grads), (got, got_grads) = results
+    assert float((got - want).norm() / want.norm()) < 6e-3
+    for g, w in zip(got_grads, want_grads):
+        assert float((g - w).norm() / w.norm()) < 1e-2
 
 
 def test_window_moments_equal_output_statistics_per_utterance_with_padding():
@@ -396,3 +445,45 @@ def test_cpu_encoder_runs_per_utterance_with_the_batched_result(norm_mode, sampl
     ref_grads = torch.autograd.grad((batched[valid] * weight).sum(), params)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bf16_encoder_kernels_cast_once_per_batch_equal_autocast_per_utterance(
+    monkeypatch, conv_bias, checkpointing
+):
+    # on the CPU a batch is convolved one utterance at a time; in bf16 each layer's kernel is cast
+    # once for all of them (_PrecastKernelConv). The features and the fp32 weight gradients equal
+    # autocast's cast per utterance bit for bit: the same bf16 products, summed in fp32 alike.
+    # A conv bias is a leaf, which autocast casts once and whose utterances' gradients it sums in
+    # bf16; here they are summed in fp32, so they agree to bf16 rounding only
+    from speechvq.models.encoder import ConvLayerBlock
+
+    cfg = FeatureEncoderConfig(
+        conv_layers=((32, 10, 5), (48, 3, 2), (48, 3, 2), (32, 2, 2)),
+        conv_bias=conv_bias,
+        checkpoint_activations=checkpointing,
+    )
+    torch.manual_seed(0)
+    encoder = build_feature_encoder(cfg).train()
+    lengths = torch.tensor([4000, 3100, 2300])
+    waves = torch.randn(3, 4000) * 0.3
+    upstream = torch.randn(3, 99, 32)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features, frames = encoder(waves, lengths)
+        valid = torch.arange(features.size(1))[None, :, None] < frames[:, None, None]
+        grads = torch.autograd.grad(features.float(), list(encoder.parameters()), upstream * valid)
+        return features, grads
+
+    precast, precast_grads = run()
+    monkeypatch.setattr(ConvLayerBlock, "precast_kernel", lambda self: None)  # autocast's casts
+    cast, cast_grads = run()
+    assert precast.dtype == torch.bfloat16 and torch.equal(precast, cast)
+    for (name, _), got, want in zip(encoder.named_parameters(), precast_grads, cast_grads):
+        assert got.dtype == torch.float32
+        if name.endswith("conv.bias") and name != "layers.0.conv.bias":
+            assert float((got - want).norm() / want.norm()) < 1e-2
+        else:
+            assert torch.equal(got, want), name

@@ -77,15 +77,10 @@ class MaskedGroupNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
-    def forward(
-        self, x: Tensor, lengths: Tensor | None, stats: tuple[Tensor, Tensor] | None = None
-    ) -> Tensor:
-        """x: ``[B, T, C]``; lengths: ``[B]`` frames or None; stats: fp32 (var, mean), each
-        ``[B, 1, C]``, if the caller has them (see :func:`linear_output_moments`)."""
+    def forward(self, x: Tensor, lengths: Tensor | None) -> Tensor:
+        """x: ``[B, T, C]``; lengths: ``[B]`` frames or None."""
         batch = x.size(0)
-        if stats is not None:
-            var, mean = stats
-        elif lengths is None:
+        if lengths is None:
             var, mean = torch.var_mean(x.float(), dim=1, unbiased=False, keepdim=True)  # (B, 1, C)
         else:
             # per utterance over its valid frames; B is small, the reductions are the cost
@@ -94,9 +89,14 @@ class MaskedGroupNorm(nn.Module):
             ]
             var = torch.stack([v for v, _ in stats])[:, None, :]
             mean = torch.stack([m for _, m in stats])[:, None, :]
-        scale = torch.rsqrt(var + self.eps) * self.weight.float()
-        shift = self.bias.float() - mean * scale
+        scale, shift = self.scale_shift(var, mean)
         return _ChannelAffine.apply(x, scale.to(x.dtype), shift.to(x.dtype))
+
+    def scale_shift(self, var: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+        """The normalisation as ``x * scale + shift``: fp32 ``[B, 1, C]`` each, from the fp32
+        statistics."""
+        scale = torch.rsqrt(var + self.eps) * self.weight.float()
+        return scale, self.bias.float() - mean * scale
 
 
 class _ChannelAffine(torch.autograd.Function):
@@ -195,18 +195,24 @@ class ConvLayerBlock(nn.Module):
         self.norm = norm
         self.kernel = int(conv.kernel_size[0])
         self.stride = int(conv.stride[0])
+        # at most _FEW_COLUMNS input columns (the first layer): a batched matmul, GroupNorm folded in
+        self.few_columns = self.kernel * conv.in_channels <= _FEW_COLUMNS
 
-    def forward(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """x: ``[B, S, C_in]`` -> ``[B, S', C_out]``; lengths in and out in steps of this layer."""
+    def forward(
+        self, x: Tensor, lengths: Tensor | None, kernel: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """x: ``[B, S, C_in]`` -> ``[B, S', C_out]``; lengths in and out in steps of this layer.
+        ``kernel``: this layer's :meth:`precast_kernel`, when the caller convolves several
+        utterances one at a time and has prepared it once for all of them."""
         if lengths is not None:
             lengths = conv_output_lengths(lengths, ((0, self.kernel, self.stride),))
-        if self.kernel * x.size(-1) > _FEW_COLUMNS and _bf16_on_cpu(x):
-            x = _conv_time_major(x, self.conv.weight, self.conv.bias, self.stride)
+        if not self.few_columns and _bf16_on_cpu(x):
+            x = _conv_time_major(x, self.conv.weight, self.conv.bias, self.stride, kernel)
             return F.gelu(self.norm(x, lengths) if self.norm is not None else x), lengths
         # (C_out, C_in, k) -> (C_out, k, C_in) -> (C_out, k*C_in), the columns' kernel-major order
         weight = self.conv.weight.permute(0, 2, 1).reshape(self.conv.out_channels, -1)
         if (
-            self.kernel * x.size(-1) > _FEW_COLUMNS
+            not self.few_columns
             and x.size(0) == 1
             and x.device.type == "cpu"
             and x.dtype == torch.float32
@@ -216,8 +222,21 @@ class ConvLayerBlock(nn.Module):
             x = _WindowBlocksConv.apply(x.squeeze(0), weight, self.conv.bias, self.kernel, self.stride)[None]
             return F.gelu(self.norm(x, lengths) if self.norm is not None else x), lengths
         cols = _KernelMajorColumns.apply(x, self.kernel, self.stride)  # (B, S, C) -> (B, S', k*C)
-        few = cols.size(-1) <= _FEW_COLUMNS
-        if few:
+        if self.few_columns and isinstance(self.norm, MaskedGroupNorm):
+            # GroupNorm folded into the matmul: y = (W x + b) * scale + shift = (W * scale) x +
+            # (b * scale + shift), with the statistics from the window moments. No pass over the
+            # layer's output (the largest activation of the encoder) but the GELU; forward +
+            # backward of one 4 s utterance: 19.4 -> 13.6 ms SMALL, 41 -> 18 ms BASE in bf16,
+            # 65 -> 38 ms BASE in fp32 (docs/performance.md). In bf16 it is also nearer fp32:
+            # the norm's scale is applied in fp32 before the one rounding to bf16.
+            var, mean = linear_output_moments(cols, weight, self.conv.bias, lengths)
+            scale, shift = self.norm.scale_shift(var, mean)  # fp32 (B, 1, C)
+            if self.conv.bias is not None:
+                shift = shift + self.conv.bias.float() * scale
+            folded = weight.float().t()[None] * scale  # (B, k*C_in, C_out): one weight per utterance
+            x = torch.baddbmm(shift.to(cols.dtype), cols, folded.to(cols.dtype))
+            return F.gelu(x), lengths
+        if self.few_columns:
             # [B, S', k] @ [k, C] per utterance: autograd's weight gradient is then a bmm + sum,
             # 2.5-3x faster than the [C, B*S'] @ [B*S', k] mm it derives from F.linear (bench in
             # docs/performance.md)
@@ -226,11 +245,61 @@ class ConvLayerBlock(nn.Module):
                 x = x + self.conv.bias.to(x.dtype)
         else:
             x = F.linear(cols, weight, self.conv.bias)
-        if isinstance(self.norm, MaskedGroupNorm) and few:
-            x = self.norm(x, lengths, stats=linear_output_moments(cols, weight, self.conv.bias, lengths))
-        elif self.norm is not None:
+        if self.norm is not None:
             x = self.norm(x, lengths)
         return F.gelu(x), lengths
+
+    def precast_kernel(self) -> tuple[Tensor, Tensor] | None:
+        """The weight as the channels-last ``[C_out, C_in, 1, k]`` kernel that oneDNN convolves
+        with on the CPU, for :class:`_PrecastKernelConv`: in the weight's dtype (differentiable:
+        the utterances' gradients are summed in this layout, then transposed back once) and in
+        bf16 (detached). None for a layer that runs as a matmul (the first)."""
+        if self.few_columns:
+            return None
+        kernel = self.conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        return kernel, kernel.detach().to(torch.bfloat16)
+
+
+class _PrecastKernelConv(torch.autograd.Function):
+    """:func:`_conv_time_major`'s bf16 oneDNN convolution of a ``[B, C, 1, S]`` channels-last
+    image with a kernel prepared once for the batch (:meth:`ConvLayerBlock.precast_kernel`).
+
+    On the CPU the encoder convolves one utterance at a time, and autocast would cast the fp32
+    weight again for each: a layout copy and a cast per utterance and layer, and in the backward
+    a gradient transposed back per utterance (4-5 ms of a SMALL bf16 step). Here the gradient of
+    the channels-last fp32 kernel is each utterance's bf16 gradient cast to fp32, which autograd
+    sums in fp32 before the one transposition: the values autocast's casts give.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, image: Tensor, weight: Tensor, kernel: Tensor, bias: Tensor | None, stride: int
+    ) -> Tensor:
+        """image: ``[B, C_in, 1, S]``; weight: the channels-last kernel (fp32 under autocast);
+        kernel: its bf16 copy."""
+        ctx.image_dtype, ctx.weight_dtype, ctx.stride = image.dtype, weight.dtype, stride
+        ctx.has_bias = bias is not None
+        image = image.to(kernel.dtype)
+        ctx.save_for_backward(image, kernel)
+        bias = bias.to(kernel.dtype) if bias is not None else None
+        with torch.autocast("cpu", enabled=False):
+            return F.conv2d(image, kernel, bias, stride=(1, stride))  # (B, C_out, 1, S'), channels-last
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, Tensor | None, None]:
+        image, kernel = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
+        grad_image, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
+            grad.to(kernel.dtype), image, kernel, [kernel.size(0)] if ctx.has_bias else None,
+            [1, ctx.stride], [0, 0], [1, 1], False, [0, 0], 1, mask,
+        )  # fmt: skip
+        return (
+            grad_image.to(ctx.image_dtype) if mask[0] else None,
+            grad_kernel.to(ctx.weight_dtype) if mask[1] else None,  # channels-last, as the weight
+            None,
+            grad_bias.to(ctx.weight_dtype) if mask[2] else None,
+            None,
+        )
 
 
 def _bf16_on_cpu(x: Tensor) -> bool:
@@ -241,15 +310,21 @@ def _bf16_on_cpu(x: Tensor) -> bool:
     return x.dtype == torch.bfloat16 or autocast_bf16
 
 
-def _conv_time_major(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int) -> Tensor:
+def _conv_time_major(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, kernel: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """``nn.Conv1d`` of a time-major ``[B, S, C]`` tensor without a layout copy: ``[B, S, C]`` is
     the memory of a channels-last ``[B, C, 1, S]`` image, which oneDNN convolves directly (as a
     ``1 x k`` conv2d) into a channels-last output, read back as ``[B, S', C_out]``. In bf16 on CPU
     its forward + backward beat the im2col matmul by 15-30% on the k = 3 layers (bench in
-    docs/performance.md); the im2col matmul stays faster in fp32 and for the first layer."""
+    docs/performance.md); the im2col matmul stays faster in fp32 and for the first layer.
+    ``kernel``: the layer's :meth:`ConvLayerBlock.precast_kernel`, if the caller made it."""
     image = x.unsqueeze(1).permute(0, 3, 1, 2)  # (B, S, C) -> (B, C, 1, S), channels-last strides
-    kernel = weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (C_out, C_in, 1, k)
-    y = F.conv2d(image, kernel, bias, stride=(1, stride))  # (B, C_out, 1, S'), channels-last
+    if kernel is not None:
+        y = _PrecastKernelConv.apply(image, *kernel, bias, stride)
+    else:
+        cl_weight = weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (C_out, C_in, 1, k)
+        y = F.conv2d(image, cl_weight, bias, stride=(1, stride))  # (B, C_out, 1, S'), channels-last
     return y.permute(0, 2, 3, 1).squeeze(1)  # (B, C_out, 1, S') -> (B, S', C_out)
 
 
@@ -412,8 +487,12 @@ class ConvFeatureEncoder(nn.Module):
                 # utterance); padded frames are zeros. Off the CPU the batched call stays (one
                 # launch per layer; no GPU has been available to time the per-utterance form).
                 frames = int(self.output_lengths(torch.tensor([samples]))[0])
+                # bf16: each layer's kernel cast once for all utterances (_PrecastKernelConv)
+                kernels = (
+                    [layer.precast_kernel() for layer in self.layers] if _bf16_on_cpu(waveforms) else None
+                )
                 parts = [
-                    self._layers(waveforms[b : b + 1, :n, None], None)[0][0]
+                    self._layers(waveforms[b : b + 1, :n, None], None, kernels)[0][0]
                     for b, n in enumerate(lengths.tolist())
                 ]
                 x = torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)  # (B, max n, C)
@@ -425,15 +504,19 @@ class ConvFeatureEncoder(nn.Module):
             x = GradMultiply.apply(x, self.grad_mult)
         return x, frame_lengths
 
-    def _layers(self, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Run the conv layers on ``[B, S, 1]``; lengths in samples -> frames (None: all valid)."""
+    def _layers(
+        self, x: Tensor, lengths: Tensor | None, kernels: list[tuple[Tensor, Tensor] | None] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Run the conv layers on ``[B, S, 1]``; lengths in samples -> frames (None: all valid);
+        ``kernels``: each layer's :meth:`ConvLayerBlock.precast_kernel`, or None."""
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         frame_lengths = lengths
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            kernel = kernels[i] if kernels is not None else None
             if recompute:  # keep only the layer's input; recompute the rest in the backward
-                x, frame_lengths = checkpoint(layer, x, frame_lengths, use_reentrant=False)
+                x, frame_lengths = checkpoint(layer, x, frame_lengths, kernel, use_reentrant=False)
             else:
-                x, frame_lengths = layer(x, frame_lengths)
+                x, frame_lengths = layer(x, frame_lengths, kernel)
         if frame_lengths is None:
             frame_lengths = torch.full((x.size(0),), x.size(1), dtype=torch.long, device=x.device)
         return x, frame_lengths
