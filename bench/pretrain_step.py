@@ -380,6 +380,7 @@ def main() -> None:
                     "precision": precision,
                     "impl": impl,
                     "step_s": t,
+                    "step_times_s": times[impl],  # in round order: the impls alternate within a round
                     "audio_s_per_s": audio_seconds / t,
                     "gflop_per_step": flops[impl] / 1e9,
                     "achieved_gflops": flops[impl] / t / 1e9,
