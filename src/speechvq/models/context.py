@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from speechvq.config import ContextConfig
-from speechvq.models.common import Dropout, dropout, lengths_to_padding_mask
+from speechvq.models.common import Dropout, Linear, dropout, lengths_to_padding_mask, linear
 
 
 class ConvPositionalEmbedding(nn.Module):
@@ -101,10 +101,10 @@ class SelfAttention(nn.Module):
             raise ValueError(f"`dim` must be a multiple of `num_heads` ({num_heads}), but is {dim} instead.")
         self.num_heads = num_heads
         self.dropout_p = dropout_p
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def forward(
         self,
@@ -126,7 +126,7 @@ class SelfAttention(nn.Module):
         # one matmul for q, k and v (the three projections stay separate modules for checkpoints)
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        qkv = F.linear(x, weight, bias)  # (..., 3D)
+        qkv = linear(x, weight, bias)  # (..., 3D)
         if seq_lens is None:
             batch, frames, _ = x.shape
             qkv = qkv.view(batch, frames, 3, heads, dim // heads)
@@ -167,9 +167,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int, activation_dropout_p: float, dropout_p: float) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear1 = Linear(dim, ffn_dim)
         self.activation_dropout = Dropout(activation_dropout_p)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.linear2 = Linear(ffn_dim, dim)
         self.dropout = Dropout(dropout_p)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from speechvq.config import (
     _to_plain,
 )
 from speechvq.losses_ctc import ctc_loss
-from speechvq.models.common import lengths_to_padding_mask, padding_mask_or_none
+from speechvq.models.common import Linear, lengths_to_padding_mask, padding_mask_or_none
 from speechvq.models.context import ContextNetwork, build_context_network
 from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
 from speechvq.models.masking import compute_span_mask
@@ -214,7 +214,7 @@ class CtcModel(nn.Module):
         self.context = context
         self.mask_embedding = nn.Parameter(torch.empty(cfg.context.dim).uniform_())
         self.final_dropout = nn.Dropout(cfg.final_dropout_p)
-        self.lm_head = nn.Linear(cfg.context.dim, cfg.vocab_size)
+        self.lm_head = Linear(cfg.context.dim, cfg.vocab_size)
         nn.init.xavier_uniform_(self.lm_head.weight)
         nn.init.zeros_(self.lm_head.bias)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechvq.config import QuantizerConfig
+from speechvq.models.common import Linear, linear
 
 
 @dataclass
@@ -122,12 +123,12 @@ class GumbelVectorQuantizer(nn.Module):
         if weight_proj_depth > 1:
             inner = input_dim * weight_proj_factor
             blocks = [
-                nn.Sequential(nn.Linear(input_dim if i == 0 else inner, inner), _ACTIVATIONS[activation]())
+                nn.Sequential(Linear(input_dim if i == 0 else inner, inner), _ACTIVATIONS[activation]())
                 for i in range(weight_proj_depth - 1)
             ]
             self.hidden_proj = nn.Sequential(*blocks)
             proj_in = inner
-        self.weight_proj = nn.Linear(proj_in, num_codebooks * codebook_size)
+        self.weight_proj = Linear(proj_in, num_codebooks * codebook_size)
         num_books = 1 if combine_groups else num_codebooks
         self.codevectors = nn.Parameter(
             torch.empty(1, num_books * codebook_size, codevector_dim // num_codebooks)
@@ -185,9 +186,9 @@ class GumbelVectorQuantizer(nn.Module):
         # Quantizer math in fp32 whatever the autocast context (vector-quantize-pytorch practice).
         with torch.autocast(device_type=x.device.type, enabled=False):
             h = x.float()
-            for linear, activation in self.hidden_proj if self.hidden_proj is not None else ():
-                h = activation(F.linear(h, linear.weight.float(), linear.bias.float()))
-            logits = F.linear(h, self.weight_proj.weight.float(), self.weight_proj.bias.float())
+            for layer, activation in self.hidden_proj if self.hidden_proj is not None else ():
+                h = activation(linear(h, layer.weight.float(), layer.bias.float()))
+            logits = linear(h, self.weight_proj.weight.float(), self.weight_proj.bias.float())
             logits = logits.view(batch * frames * g, v)  # (B, T, G*V) -> (B*T*G, V)
             codes = logits.argmax(dim=-1)
             hard = torch.zeros_like(logits).scatter_(-1, codes[:, None], 1.0)

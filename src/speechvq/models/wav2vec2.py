@@ -16,7 +16,7 @@ from speechvq.losses import (
     diversity_loss,
     feature_penalty,
 )
-from speechvq.models.common import Dropout, padding_mask_or_none
+from speechvq.models.common import Dropout, Linear, padding_mask_or_none
 from speechvq.models.context import ContextNetwork, build_context_network
 from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer, build_kmeans_quantizer
@@ -35,7 +35,7 @@ class FeatureProjection(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, dropout_p: float, eps: float = 1e-5) -> None:
         super().__init__()
         self.layer_norm = nn.LayerNorm(in_dim, eps=eps)
-        self.linear = nn.Linear(in_dim, out_dim)
+        self.linear = Linear(in_dim, out_dim)
         self.dropout = Dropout(dropout_p)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,8 +105,8 @@ class Wav2Vec2Model(nn.Module):
         self.context = context
         self.mask_embedding = nn.Parameter(torch.empty(cfg.context.dim).uniform_())
         self.quantizer_dropout = Dropout(cfg.quantizer.dropout_p)
-        self.project_q = nn.Linear(cfg.codevector_dim, cfg.final_dim)
-        self.project_hid = nn.Linear(cfg.context.dim, cfg.final_dim)
+        self.project_q = Linear(cfg.codevector_dim, cfg.final_dim)
+        self.project_hid = Linear(cfg.context.dim, cfg.final_dim)
         self.cross_process_sum: Callable[[Tensor], Tensor] | None = None
 
     def set_cross_process_sum_(self, fn: Callable[[Tensor], Tensor] | None) -> None:

@@ -58,6 +58,7 @@ from speechvq.errors import UserInputError
 from speechvq.io import replace_directory
 from speechvq.losses_ctc import ctc_loss
 from speechvq.metrics_asr import char_errors, word_errors
+from speechvq.models.common import Linear
 from speechvq.text.vocab import Vocabulary
 from speechvq.train.config import OptimSection, TrainSection, plain
 from speechvq.train.finetune import (
@@ -353,11 +354,11 @@ class AcousticHead(nn.Module):
 
     def __init__(self, in_dim: int, blocks: nn.Module | None, cfg: UnitBertCtcConfig) -> None:
         super().__init__()
-        self.proj = nn.Linear(in_dim, cfg.head_dim)
+        self.proj = Linear(in_dim, cfg.head_dim)
         self.dropout = nn.Dropout(cfg.dropout_p)
         self.blocks = blocks
         self.final_dropout = nn.Dropout(cfg.final_dropout_p)
-        self.out = nn.Linear(cfg.head_dim, cfg.vocab_size)
+        self.out = Linear(cfg.head_dim, cfg.vocab_size)
 
     def forward(self, features: Tensor, lengths: Tensor) -> Tensor:
         """``[B, T, D_bert]`` features, ``[B]`` frames -> ``[B, T, V]`` logits."""
