@@ -272,42 +272,6 @@ def test_window_blocks_conv_gradients_pass_gradcheck(kernel, stride, samples):
     assert torch.autograd.gradcheck(lambda *a: _WindowBlocksConv.apply(*a, kernel, stride), (x, weight, bias))
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("samples", [3, 4, 5, 6, 7, 8, 50, 51, 52, 53])
-def test_paired_windows_conv_equals_conv1d_and_passes_gradcheck(samples, bias):
-    # the k = 3, s = 2 conv with the middle frame's product shared by two windows: an even and an
-    # odd number of output frames, a sample left over, and a single window (no pair at all)
-    from speechvq.models.encoder import _PairedWindowsConv
-
-    torch.manual_seed(0)
-    x = torch.randn(samples, 7, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(5, 3 * 7, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, dtype=torch.float64, requires_grad=True) if bias else None
-    conv_weight = weight.view(5, 3, 7).permute(0, 2, 1)  # kernel-major columns -> (C_out, C_in, k)
-    want = torch.nn.functional.conv1d(x.t()[None], conv_weight, b, stride=2)[0].t()
-    torch.testing.assert_close(_PairedWindowsConv.apply(x, weight, b), want)
-    assert torch.autograd.gradcheck(lambda *a: _PairedWindowsConv.apply(*a), tuple(t for t in (x, weight, b)))
-
-
-def test_paired_windows_conv_needs_five_sixths_of_the_products():
-    # the point of the pairing: 5 products per two windows instead of 6, forward and backward
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from speechvq.models.encoder import _PairedWindowsConv, _WindowBlocksConv
-
-    x = torch.randn(4001, 32, requires_grad=True)  # 2000 output frames
-    weight = torch.randn(16, 96, requires_grad=True)
-
-    def flops(fn):
-        with FlopCounterMode(display=False) as counter:
-            fn(x, weight, None).sum().backward()
-        return counter.get_total_flops()
-
-    direct = flops(lambda *a: _WindowBlocksConv.apply(*a, 3, 2))
-    assert direct == 3 * 2 * 2000 * 96 * 16
-    assert flops(_PairedWindowsConv.apply) == direct * 5 // 6
-
-
 def _first_layer_with_group_norm(channels: int = 16, bias: bool = False):
     from speechvq.models.encoder import ConvLayerBlock, MaskedGroupNorm
 

@@ -219,12 +219,7 @@ class ConvLayerBlock(nn.Module):
             and not torch.is_autocast_enabled("cpu")
             and self.kernel <= 2 * self.stride
         ):  # one utterance on the CPU (ConvFeatureEncoder's CPU path), fp32: no im2col copy
-            if self.kernel == 3 and self.stride == 2:
-                x = _PairedWindowsConv.apply(x.squeeze(0), weight, self.conv.bias)[None]
-            else:
-                x = _WindowBlocksConv.apply(x.squeeze(0), weight, self.conv.bias, self.kernel, self.stride)[
-                    None
-                ]
+            x = _WindowBlocksConv.apply(x.squeeze(0), weight, self.conv.bias, self.kernel, self.stride)[None]
             return F.gelu(self.norm(x, lengths) if self.norm is not None else x), lengths
         cols = _KernelMajorColumns.apply(x, self.kernel, self.stride)  # (B, S, C) -> (B, S', k*C)
         if self.few_columns and isinstance(self.norm, MaskedGroupNorm):
@@ -341,8 +336,7 @@ class _WindowBlocksConv(torch.autograd.Function):
     in row ``t`` and its remaining ``k - s`` frames in row ``t + 1``; so the conv is
     ``A @ W_A^T + B @ W_B^T`` over two strided views (``B`` only when ``k > s``), and its backward
     is matmuls over the same views (:func:`matmul_nt`: oneDNN's in fp32 on x86). It skips the
-    im2col matmul's column copy, scatter-add and zero fill. The k = 3, s = 2 layers take
-    :class:`_PairedWindowsConv`, which needs fewer products.
+    im2col matmul's column copy, scatter-add and zero fill.
     """
 
     @staticmethod
@@ -378,102 +372,15 @@ class _WindowBlocksConv(torch.autograd.Function):
                 grad_views[1].add_(
                     matmul_nt(grad, weight[:, split:].t())
                 )  # frames shared with the next window
-        if ctx.needs_input_grad[1]:  # (C_out, k*C), each block as (view^T @ grad)^T: the view is oneDNN's x
-            grad_weight = torch.cat([matmul_nt(v.t(), grad.t()) for v in views]).t().contiguous()
+        if ctx.needs_input_grad[1]:
+            # (C_out, k*C) = grad^T @ views: oneDNN copies a matmul's x to contiguous, so the
+            # gradient is transposed once here, and the views are its weight (a dense view is read
+            # in place)
+            grad_t = grad.t().contiguous()  # (C_out, S')
+            grad_weight = torch.cat([matmul_nt(grad_t, v.t()) for v in views], dim=1)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_weight, grad_bias, None, None
-
-
-class _PairedWindowsConv(torch.autograd.Function):
-    """The k = 3, s = 2 conv of one time-major utterance, ``[S, C]`` -> ``[S', C_out]``, with 5
-    matmul products per two output frames instead of 6, in the forward and in both gradients.
-
-    Output frames ``2j`` and ``2j + 1`` read input frames ``a, b, c`` and ``c, d, e``
-    (``a = x[4j]``, ..., ``e = x[4j + 4]``): the middle frame ``c`` is shared, with ``W_2`` in the
-    first window and ``W_0`` in the second. With ``m = (W_0 + W_2) c``,
-
-        y[2j]     = W_0 a + W_1 b + W_2 c = W_0 (a - c) + W_1 b + m
-        y[2j + 1] = W_0 c + W_1 d + W_2 e = W_2 (e - c) + W_1 d + m
-
-    (the two-term Karatsuba / minimal-filtering identity). The same FLOPs are saved in the input
-    and weight gradients, which are the transposed products. Every product is a matmul over
-    strided views of the input (rows of ``4 C``: ``a, b, c, d`` of one pair, ``e`` the next row's
-    ``a``); the differences ``a - c``, ``e - c`` and the pair sums are elementwise passes over a
-    quarter of the input each. The k = 3, s = 2 layers hold 96% of the conv encoder's FLOPs, and
-    1/6 of those go. In fp32 the results differ from the direct conv in rounding only (tested
-    against ``Conv1d`` and by gradcheck in fp64). An odd last output frame is computed directly.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """x: ``[S, C]``; weight: ``[C_out, 3*C]`` kernel-major; bias: ``[C_out]``."""
-        x = x.contiguous()
-        frames = (x.size(0) - 3) // 2 + 1
-        pairs = frames // 2
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        w0, w1, w2 = weight.split(x.size(1), dim=1)
-        a, b, c, d, e = _pair_rows(x, pairs)
-        shared = matmul_nt(c, w0 + w2, bias)  # (P, C_out), bias included
-        even = matmul_nt(b, w1, add=matmul_nt(a - c, w0, add=shared))
-        odd = matmul_nt(d, w1, add=matmul_nt(e - c, w2, add=shared))
-        y = torch.stack([even, odd], dim=1).view(2 * pairs, weight.size(0))
-        if frames % 2:  # the last window, x[2S'-2 : 2S'+1], directly
-            y = torch.cat([y, matmul_nt(x[2 * frames - 2 :].view(1, -1)[:, : weight.size(1)], weight, bias)])
-        return y  # (S', C_out)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, weight = ctx.saved_tensors
-        samples, channels = x.shape
-        grad = grad.contiguous()
-        frames = grad.size(0)
-        pairs = frames // 2
-        w0, _, w2 = weight.split(channels, dim=1)
-        # (P, 2, C_out) -> (2, P, C_out): the even and odd frames' gradients, each contiguous
-        grad_even, grad_odd = grad[: 2 * pairs].view(pairs, 2, weight.size(0)).transpose(0, 1).contiguous()
-        grad_shared = grad_even + grad_odd
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = x.new_zeros(samples, channels)
-            ga, gb, gc, gd, ge = _pair_rows(grad_x, pairs)
-            grad_ab = matmul_nt(grad_even, weight[:, : 2 * channels].t())  # (P, 2C): d/da, d/db
-            grad_de = matmul_nt(grad_odd, weight[:, channels:].t())  # (P, 2C): d/dd, d/de
-            grad_a, grad_e = grad_ab[:, :channels], grad_de[:, channels:]
-            gc.copy_(matmul_nt(grad_shared, (w0 + w2).t())).sub_(grad_a).sub_(grad_e)
-            ga.copy_(grad_a)
-            gb.copy_(grad_ab[:, channels:])
-            gd.copy_(grad_de[:, :channels])
-            ge.add_(grad_e)  # e of pair j is a of pair j + 1
-            if frames % 2:
-                last = grad_x[2 * frames - 2 : 2 * frames + 1].view(1, -1)
-                last.add_(matmul_nt(grad[-1:], weight.t()))
-        if ctx.needs_input_grad[1]:
-            # each block transposed, (C, C_out) = view^T @ grad: the strided input views are
-            # oneDNN's x, the dense gradients its weight
-            a, b, c, d, e = _pair_rows(x, pairs)
-            even_t, odd_t = grad_even.t(), grad_odd.t()
-            grad_m = matmul_nt(c.t(), grad_shared.t())  # d/d(W_0 + W_2)
-            grad_w0 = matmul_nt((a - c).t(), even_t, add=grad_m)
-            grad_w1 = matmul_nt(d.t(), odd_t, add=matmul_nt(b.t(), even_t))
-            grad_w2 = matmul_nt((e - c).t(), odd_t, add=grad_m)
-            grad_weight = torch.cat([grad_w0, grad_w1, grad_w2]).t().contiguous()  # (C_out, 3C)
-            if frames % 2:
-                window = x[2 * frames - 2 :].reshape(1, -1)[:, : weight.size(1)]
-                grad_weight.add_(grad[-1:].t() @ window)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(0)
-        return grad_x, grad_weight, grad_bias
-
-
-def _pair_rows(x: Tensor, pairs: int) -> list[Tensor]:
-    """Views ``[P, C]`` of contiguous ``[S, C]``: frames ``4j + i`` for ``i`` = 0..4, row stride 4C."""
-    channels = x.size(1)
-    return [
-        x.as_strided((pairs, channels), (4 * channels, 1), x.storage_offset() + i * channels)
-        for i in range(5)
-    ]
 
 
 def _window_blocks(x: Tensor, frames: int, kernel: int, stride: int) -> list[Tensor]:
