@@ -28,14 +28,15 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretrain_step as step_bench  # the sibling benchmark's step functions
 
-MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+# mkldnn::_linear_pointwise: the fp32 linear layers and conv-encoder matmuls on oneDNN (models/common.linear)
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"}
 CONVS = {"aten::mkldnn_convolution", "aten::convolution_backward"}
 
 
 def group_of(name: str, shapes: str, pos_conv_kernel: int) -> str:
     """The kind of work an op (with its input shapes) belongs to."""
     if name in MATMULS:
-        return "matmuls (Transformer, projections, first conv layer)"
+        return "matmuls (Transformer, projections, first conv layer; in fp32 all conv layers)"
     if name in CONVS or name.startswith(
         "aten::cudnn_convolution"
     ):  # the positional conv is the only one with the pos_conv kernel

@@ -267,9 +267,22 @@ def test_window_blocks_conv_gradients_pass_gradcheck(kernel, stride, samples):
 
     torch.manual_seed(0)
     x = torch.randn(samples, 7, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(5, kernel * 7, dtype=torch.float64, requires_grad=True)
+    split = min(kernel, stride) * 7  # the weight's columns for the first view, the rest for the second
+    weight_a = torch.randn(5, split, dtype=torch.float64, requires_grad=True)
+    weight_b = (
+        torch.randn(5, kernel * 7 - split, dtype=torch.float64, requires_grad=True)
+        if kernel > stride
+        else None
+    )
     bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: _WindowBlocksConv.apply(*a, kernel, stride), (x, weight, bias))
+    inputs = tuple(t for t in (x, weight_a, weight_b, bias) if t is not None)
+
+    def conv(*args):
+        x, weight_a, *rest = args
+        weight_b = rest[0] if kernel > stride else None
+        return _WindowBlocksConv.apply(x, weight_a, weight_b, rest[-1], kernel, stride)
+
+    assert torch.autograd.gradcheck(conv, inputs)
 
 
 def _first_layer_with_group_norm(channels: int = 16, bias: bool = False):

@@ -199,28 +199,24 @@ class ConvLayerBlock(nn.Module):
         self.few_columns = self.kernel * conv.in_channels <= _FEW_COLUMNS
 
     def forward(
-        self, x: Tensor, lengths: Tensor | None, kernel: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, lengths: Tensor | None, kernel: tuple[Tensor, Tensor | None] | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """x: ``[B, S, C_in]`` -> ``[B, S', C_out]``; lengths in and out in steps of this layer.
-        ``kernel``: this layer's :meth:`precast_kernel`, when the caller convolves several
-        utterances one at a time and has prepared it once for all of them."""
+        ``kernel``: this layer's weight prepared once by a caller that convolves several
+        utterances one at a time on the CPU: :meth:`precast_kernel` in bf16,
+        :meth:`window_weights` in fp32."""
         if lengths is not None:
             lengths = conv_output_lengths(lengths, ((0, self.kernel, self.stride),))
         if not self.few_columns and _bf16_on_cpu(x):
             x = _conv_time_major(x, self.conv.weight, self.conv.bias, self.stride, kernel)
             return F.gelu(self.norm(x, lengths) if self.norm is not None else x), lengths
+        if x.size(0) == 1 and _fp32_on_cpu(x) and self.window_weights_apply():
+            # one utterance on the CPU (ConvFeatureEncoder's CPU path), fp32: no im2col copy
+            blocks = kernel if kernel is not None else self.window_weights()
+            x = _WindowBlocksConv.apply(x.squeeze(0), *blocks, self.conv.bias, self.kernel, self.stride)[None]
+            return F.gelu(self.norm(x, lengths) if self.norm is not None else x), lengths
         # (C_out, C_in, k) -> (C_out, k, C_in) -> (C_out, k*C_in), the columns' kernel-major order
         weight = self.conv.weight.permute(0, 2, 1).reshape(self.conv.out_channels, -1)
-        if (
-            not self.few_columns
-            and x.size(0) == 1
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and self.kernel <= 2 * self.stride
-        ):  # one utterance on the CPU (ConvFeatureEncoder's CPU path), fp32: no im2col copy
-            x = _WindowBlocksConv.apply(x.squeeze(0), weight, self.conv.bias, self.kernel, self.stride)[None]
-            return F.gelu(self.norm(x, lengths) if self.norm is not None else x), lengths
         cols = _KernelMajorColumns.apply(x, self.kernel, self.stride)  # (B, S, C) -> (B, S', k*C)
         if self.few_columns and isinstance(self.norm, MaskedGroupNorm):
             # GroupNorm folded into the matmul: y = (W x + b) * scale + shift = (W * scale) x +
@@ -248,6 +244,23 @@ class ConvLayerBlock(nn.Module):
         if self.norm is not None:
             x = self.norm(x, lengths)
         return F.gelu(x), lengths
+
+    def window_weights_apply(self) -> bool:
+        """Whether an fp32 utterance on the CPU runs through :class:`_WindowBlocksConv` (every layer
+        but the first, whose windows span at most two strides)."""
+        return not self.few_columns and self.kernel <= 2 * self.stride
+
+    def window_weights(self) -> tuple[Tensor, Tensor | None]:
+        """:class:`_WindowBlocksConv`'s two weight blocks, differentiable: the kernel-major
+        ``[C_out, k*C_in]`` weight's first ``min(k, s) * C_in`` columns and the rest (None when
+        ``k <= s``), each contiguous. oneDNN copies a weight that is not dense for every product,
+        so a caller that convolves several utterances makes these once for all of them."""
+        # (C_out, C_in, k) -> (C_out, k, C_in) -> (C_out, k*C_in), the columns' kernel-major order
+        weight = self.conv.weight.permute(0, 2, 1).reshape(self.conv.out_channels, -1)
+        split = min(self.kernel, self.stride) * self.conv.in_channels
+        if self.kernel <= self.stride:
+            return weight, None
+        return weight[:, :split].contiguous(), weight[:, split:].contiguous()
 
     def precast_kernel(self) -> tuple[Tensor, Tensor] | None:
         """The weight as the channels-last ``[C_out, C_in, 1, k]`` kernel that oneDNN convolves
@@ -302,6 +315,11 @@ class _PrecastKernelConv(torch.autograd.Function):
         )
 
 
+def _fp32_on_cpu(x: Tensor) -> bool:
+    """Whether this layer's convolution runs in fp32 on the CPU (fp32 input, no CPU autocast)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
 def _bf16_on_cpu(x: Tensor) -> bool:
     """Whether this layer's convolution runs in bf16 on the CPU (bf16 input, or bf16 autocast)."""
     if x.device.type != "cpu":
@@ -340,47 +358,55 @@ class _WindowBlocksConv(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, kernel: int, stride: int) -> Tensor:
-        """x: ``[S, C]`` contiguous; weight: ``[C_out, k*C]`` kernel-major; bias: ``[C_out]``."""
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight_a: Tensor,
+        weight_b: Tensor | None,
+        bias: Tensor | None,
+        kernel: int,
+        stride: int,
+    ) -> Tensor:
+        """x: ``[S, C]``; weight_a, weight_b: :meth:`ConvLayerBlock.window_weights`, the
+        kernel-major weight's columns for the two views; bias: ``[C_out]``."""
         x = x.contiguous()
         frames = (x.size(0) - kernel) // stride + 1
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight_a, weight_b)
         ctx.kernel, ctx.stride, ctx.has_bias = kernel, stride, bias is not None
         views = _window_blocks(x, frames, kernel, stride)
-        split = views[0].size(1)
-        y = matmul_nt(views[0], weight[:, :split], bias)
-        if len(views) == 2:
-            y = matmul_nt(views[1], weight[:, split:], add=y)
+        y = matmul_nt(views[0], weight_a, bias)
+        if weight_b is not None:
+            y = matmul_nt(views[1], weight_b, add=y)
         return y  # (S', C_out)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
-        x, weight = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight_a, weight_b = ctx.saved_tensors
         kernel, stride = ctx.kernel, ctx.stride
         grad = grad.contiguous()
         frames = grad.size(0)
         views = _window_blocks(x, frames, kernel, stride)
-        split = views[0].size(1)
-        grad_x = grad_weight = grad_bias = None
+        weights = [weight_a] if weight_b is None else [weight_a, weight_b]
+        grad_x = grad_bias = None
+        grad_weights: list[Tensor | None] = [None, None]
         if ctx.needs_input_grad[0]:
             # k >= s: the first view tiles the first s * S' frames; k < s: the gaps between windows
             # get no gradient
             grad_x = torch.zeros_like(x)
             grad_views = _window_blocks(grad_x, frames, kernel, stride)
-            grad_views[0].copy_(matmul_nt(grad, weight[:, :split].t()))
-            if len(grad_views) == 2:
-                grad_views[1].add_(
-                    matmul_nt(grad, weight[:, split:].t())
-                )  # frames shared with the next window
-        if ctx.needs_input_grad[1]:
-            # (C_out, k*C) = grad^T @ views: oneDNN copies a matmul's x to contiguous, so the
-            # gradient is transposed once here, and the views are its weight (a dense view is read
-            # in place)
+            grad_views[0].copy_(matmul_nt(grad, weight_a.t()))
+            if weight_b is not None:
+                grad_views[1].add_(matmul_nt(grad, weight_b.t()))  # frames shared with the next window
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # (C_out, columns) = grad^T @ view: oneDNN copies a matmul's x to contiguous, so the
+            # gradient is transposed once here, and the views are its weight
             grad_t = grad.t().contiguous()  # (C_out, S')
-            grad_weight = torch.cat([matmul_nt(grad_t, v.t()) for v in views], dim=1)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+            for i, view in enumerate(views[: len(weights)]):
+                if ctx.needs_input_grad[1 + i]:
+                    grad_weights[i] = matmul_nt(grad_t, view.t())
+        if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad.sum(0)
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weights[0], grad_weights[1], grad_bias, None, None
 
 
 def _window_blocks(x: Tensor, frames: int, kernel: int, stride: int) -> list[Tensor]:
@@ -482,10 +508,16 @@ class ConvFeatureEncoder(nn.Module):
                 # utterance); padded frames are zeros. Off the CPU the batched call stays (one
                 # launch per layer; no GPU has been available to time the per-utterance form).
                 frames = int(self.output_lengths(torch.tensor([samples]))[0])
-                # bf16: each layer's kernel cast once for all utterances (_PrecastKernelConv)
-                kernels = (
-                    [layer.precast_kernel() for layer in self.layers] if _bf16_on_cpu(waveforms) else None
-                )
+                # each layer's weight laid out once for all utterances: bf16 cast (_PrecastKernelConv)
+                # or fp32 window blocks (_WindowBlocksConv)
+                kernels = None
+                if _bf16_on_cpu(waveforms):
+                    kernels = [layer.precast_kernel() for layer in self.layers]
+                elif _fp32_on_cpu(waveforms):
+                    kernels = [
+                        layer.window_weights() if layer.window_weights_apply() else None
+                        for layer in self.layers
+                    ]
                 parts = [
                     self._layers(waveforms[b : b + 1, :n, None], None, kernels)[0][0]
                     for b, n in enumerate(lengths.tolist())
@@ -500,10 +532,14 @@ class ConvFeatureEncoder(nn.Module):
         return x, frame_lengths
 
     def _layers(
-        self, x: Tensor, lengths: Tensor | None, kernels: list[tuple[Tensor, Tensor] | None] | None = None
+        self,
+        x: Tensor,
+        lengths: Tensor | None,
+        kernels: list[tuple[Tensor, Tensor | None] | None] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Run the conv layers on ``[B, S, 1]``; lengths in samples -> frames (None: all valid);
-        ``kernels``: each layer's :meth:`ConvLayerBlock.precast_kernel`, or None."""
+        ``kernels``: each layer's weight prepared for the batch (:meth:`ConvLayerBlock.forward`'s
+        ``kernel``), or None."""
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         frame_lengths = lengths
         for i, layer in enumerate(self.layers):
