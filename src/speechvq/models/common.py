@@ -92,10 +92,10 @@ def matmul_nt(x: Tensor, weight: Tensor, bias: Tensor | None = None, add: Tensor
     ``add`` ``[N, M]``; no autograd, for the backward passes of custom functions. fp32 on x86 CPUs
     runs on oneDNN's matmul, as :func:`linear`.
 
-    ``x`` may be any strided view with one unit stride (rows of a wider matrix, or a transpose),
-    read in place. ``weight`` must be dense there (contiguous, or the transpose of a contiguous
-    matrix): oneDNN takes any other weight layout to its reference kernel, about 1000x slower, so
-    such a weight is copied first; callers put large strided operands in ``x``."""
+    On oneDNN the operands' layouts matter: the op copies an ``x`` that is not contiguous (once
+    per product), and takes a ``weight`` that is not dense (contiguous, or the transpose of a
+    contiguous matrix) to its reference kernel, about 1000x slower, so such a weight is copied
+    here first. Callers lay out their large operands as contiguous ``x`` or dense weights."""
     if _onednn_fp32(x, weight):
         if not (weight.is_contiguous() or weight.t().is_contiguous()):
             weight = weight.contiguous()

@@ -210,7 +210,7 @@ class ConvLayerBlock(nn.Module):
         if not self.few_columns and _bf16_on_cpu(x):
             x = _conv_time_major(x, self.conv.weight, self.conv.bias, self.stride, kernel)
             return F.gelu(self.norm(x, lengths) if self.norm is not None else x), lengths
-        if x.size(0) == 1 and _fp32_on_cpu(x) and self.window_weights_apply():
+        if x.size(0) == 1 and _fp32_on_cpu(x) and self.runs_window_blocks():
             # one utterance on the CPU (ConvFeatureEncoder's CPU path), fp32: no im2col copy
             blocks = kernel if kernel is not None else self.window_weights()
             x = _WindowBlocksConv.apply(x.squeeze(0), *blocks, self.conv.bias, self.kernel, self.stride)[None]
@@ -245,7 +245,7 @@ class ConvLayerBlock(nn.Module):
             x = self.norm(x, lengths)
         return F.gelu(x), lengths
 
-    def window_weights_apply(self) -> bool:
+    def runs_window_blocks(self) -> bool:
         """Whether an fp32 utterance on the CPU runs through :class:`_WindowBlocksConv` (every layer
         but the first, whose windows span at most two strides)."""
         return not self.few_columns and self.kernel <= 2 * self.stride
@@ -515,7 +515,7 @@ class ConvFeatureEncoder(nn.Module):
                     kernels = [layer.precast_kernel() for layer in self.layers]
                 elif _fp32_on_cpu(waveforms):
                     kernels = [
-                        layer.window_weights() if layer.window_weights_apply() else None
+                        layer.window_weights() if layer.runs_window_blocks() else None
                         for layer in self.layers
                     ]
                 parts = [
