@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechvq.errors import UserInputError
+from speechvq.text.files import read_text_lines
 
 
 @dataclass
@@ -146,22 +147,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     Raises:
         UserInputError: for a missing file or one that is not UTF-8 (naming the line).
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: label file does not exist") from None
-    except OSError as err:
-        raise UserInputError(f"{path}: cannot read label file ({err.strerror})") from None
-    labels = []
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            labels.append(raw.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError:
-            raise UserInputError(f"{path}:{lineno}: transcript is not valid UTF-8") from None
-    if labels and labels[-1] == "" and (data.endswith(b"\n") or not data):  # an empty file has no lines
-        labels.pop()
-    return labels
+    return read_text_lines(path, "label file", "transcript is not valid UTF-8")
 
 
 def words_to_letters(words: str) -> str:
