@@ -207,6 +207,28 @@ def test_kenlm_scores_our_arpa_files_like_arpalm(tmp_path):
         assert total / math.log(10) == pytest.approx(lm.sentence_log10(sentence), abs=1e-4)
 
 
+def test_kenlm_unigrams_lookahead_and_beam_search_equal_arpalms(tmp_path):
+    pytest.importorskip("kenlm", reason="KenLM is the optional [lm] extra (compiled from source)")
+    from speechvq.text import KenLMScorer
+
+    lm = train_ngram([s.split() for s in ["THE CAT", "THE CAT SAT", "A CAP"]], order=2)
+    lm.save(tmp_path / "lm.arpa")
+    arpa, ken = ArpaLM.load(tmp_path / "lm.arpa"), KenLMScorer(tmp_path / "lm.arpa")
+    for word in [*sorted(lm.words), "DOG"]:  # DOG: unknown, both score <unk>
+        assert ken.unigram(word) == pytest.approx(arpa.unigram(word), abs=1e-4), word
+    words = ["THE", "CAT", "CAP", "A", "SAT"]
+    assert Lexicon.build(words, ken).lookahead == pytest.approx(
+        Lexicon.build(words, arpa).lookahead, abs=1e-4
+    )
+    lp = _cat_or_cap()
+    kwargs = dict(beam_size=8, lm_weight=1.0, word_bonus=0.5, num_hypotheses=4)
+    for lexicon in (None, Lexicon.build(words, arpa)):
+        want = beam_search(lp, VOCAB, lm=arpa, lexicon=lexicon, **kwargs)
+        got = beam_search(lp, VOCAB, lm=ken, lexicon=lexicon, **kwargs)
+        assert [h.text for h in got] == [h.text for h in want]
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-3)
+
+
 def test_arpa_loader_raises_user_input_error_naming_the_line(tmp_path):
     bad = tmp_path / "bad.arpa"
     bad.write_text("\\data\\\nngram 1=1\n\n\\1-grams:\nnot-a-number a\n\\end\\\n")
