@@ -257,9 +257,9 @@ class ConvLayerBlock(nn.Module):
         so a caller that convolves several utterances makes these once for all of them."""
         # (C_out, C_in, k) -> (C_out, k, C_in) -> (C_out, k*C_in), the columns' kernel-major order
         weight = self.conv.weight.permute(0, 2, 1).reshape(self.conv.out_channels, -1)
-        split = min(self.kernel, self.stride) * self.conv.in_channels
         if self.kernel <= self.stride:
             return weight, None
+        split = self.stride * self.conv.in_channels  # min(k, s) = s here
         return weight[:, :split].contiguous(), weight[:, split:].contiguous()
 
     def precast_kernel(self) -> tuple[Tensor, Tensor] | None:
