@@ -270,8 +270,10 @@ def test_grouped_conv_with_flipped_kernel_backward_passes_gradcheck(kernel):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_positional_conv_on_the_cpu_equals_its_conv1d(autocast):
-    # the module's CPU path (custom backward, autocast's casts done up front) against its own
-    # weight-normed nn.Conv1d, outputs and gradients, in fp32 and under bf16 autocast
+    # the module's CPU path (custom backward, autocast's casts done up front, the low-precision
+    # guard) against its own weight-normed nn.Conv1d in fp32, outputs and gradients, in fp32 and
+    # under bf16 autocast. The reference stays fp32: on AMX CPUs oneDNN's bf16 kernel for this
+    # shape (8 channels per group) is wrong, and the module must not be (lowp_guard).
     torch.manual_seed(0)
     pos = context_module.ConvPositionalEmbedding(32, 16, 4)
     x = torch.randn(3, 21, 32, requires_grad=True)
@@ -283,10 +285,11 @@ def test_positional_conv_on_the_cpu_equals_its_conv1d(autocast):
         return torch.nn.functional.gelu(y).transpose(1, 2)
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        got, want = pos(x), reference(x)
-    assert got.dtype == want.dtype == (torch.bfloat16 if autocast else torch.float32)
+        got = pos(x)
+    want = reference(x)
+    assert got.dtype == (torch.bfloat16 if autocast else torch.float32)
     tol = {"atol": 2e-2, "rtol": 2e-2} if autocast else {"atol": 1e-5, "rtol": 1e-5}
-    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got.float(), want, **tol)
     got_grads = torch.autograd.grad(got.float(), params, upstream)
     want_grads = torch.autograd.grad(want.float(), params, upstream)
     for g, w in zip(got_grads, want_grads, strict=True):

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
+from speechvq.models import lowp_guard
+
 
 def lengths_to_padding_mask(lengths: Tensor, max_len: int) -> Tensor:
     """Padding mask from lengths.
@@ -81,9 +83,17 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     Zen 5 CPU of docs/performance.md 200 GFLOP/s, against 350-450 GFLOP/s for oneDNN's AVX-512
     matmul, in all three products (forward, input and weight gradients). The result is fp32 with
     fp32 accumulation either way (the two differ in rounding only, ~1e-6 relative). bf16 and fp16
-    already run on oneDNN, and autocast, other devices and dtypes take ``F.linear`` unchanged."""
+    already run on oneDNN, and autocast, other devices and dtypes take ``F.linear`` unchanged.
+    In bf16 / fp16 on the CPU the product is checked once per shape by :mod:`lowp_guard`."""
     if _onednn_fp32(x, weight):
         return _OneDnnLinear.apply(x, weight, bias)
+    if lowp_guard.low_precision_dtype(x) is not None:
+        out_features, in_features = weight.shape
+        shape = f"{in_features} -> {out_features}{'' if bias is not None else ', no bias'}"
+        probe = [(64, in_features), (out_features, in_features)] + (
+            [(out_features,)] if bias is not None else []
+        )
+        return lowp_guard.call("linear", shape, F.linear, [x, weight, bias], lowp_guard.randn_inputs(*probe))
     return F.linear(x, weight, bias)
 
 
@@ -137,6 +147,29 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class Conv1d(nn.Conv1d):
+    """``nn.Conv1d`` (the same parameters and state dict) whose bf16 / fp16 convolution on the CPU
+    is checked once per shape by :mod:`lowp_guard` (and runs in fp32 where it is wrong)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if lowp_guard.low_precision_dtype(x) is None:
+            return self._conv_forward(x, self.weight, self.bias)
+        (kernel,), (stride,), (dilation,) = self.kernel_size, self.stride, self.dilation
+        shape = (
+            f"in {self.in_channels}, out {self.out_channels}, kernel {kernel}, stride {stride}, "
+            f"dilation {dilation}, groups {self.groups}, padding {self.padding}"
+        )
+        frames = dilation * (kernel - 1) + stride * 49 + 1  # 50 output frames without padding
+        probe = [(2, self.in_channels, frames), tuple(self.weight.shape)]
+        probe += [(self.out_channels,)] if self.bias is not None else []
+        return lowp_guard.call(
+            "conv1d", shape, self._conv, [x, self.weight, self.bias], lowp_guard.randn_inputs(*probe)
+        )
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return self._conv_forward(x, weight, bias)
 
 
 if _ONEDNN_LINEAR is not None:

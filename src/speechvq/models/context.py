@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from speechvq.config import ContextConfig
+from speechvq.models import lowp_guard
 from speechvq.models.common import Dropout, Linear, dropout, lengths_to_padding_mask, linear
 
 
@@ -40,12 +41,29 @@ class ConvPositionalEmbedding(nn.Module):
                 dtype = torch.get_autocast_dtype("cpu")
                 x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
             with torch.autocast("cpu", enabled=False):
-                y = _GroupedConvFlippedBackward.apply(x, weight, bias, conv.padding[0], conv.groups)
+                # bf16 / fp16 checked once per shape (oneDNN's bf16 grouped conv with 8 channels
+                # per group is wrong on AMX CPUs)
+                y = lowp_guard.call("grouped_conv1d", self._shape, self._conv, [x, weight, bias], self._probe)
         else:
             y = self.conv(x)  # (B, D, T')
         if self.remove_last:
             y = y[:, :, :-1]  # an even kernel yields T + 1 frames
         return F.gelu(y).transpose(1, 2)  # (B, D, T) -> (B, T, D)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """The CPU conv, ``[B, D, T]`` -> ``[B, D, T']``, in the inputs' dtype."""
+        return _GroupedConvFlippedBackward.apply(x, weight, bias, self.conv.padding[0], self.conv.groups)
+
+    @property
+    def _shape(self) -> str:
+        conv = self.conv
+        return f"channels {conv.in_channels}, groups {conv.groups}, kernel {conv.kernel_size[0]}"
+
+    def _probe(self, generator: torch.Generator) -> list[Tensor]:
+        """:mod:`lowp_guard`'s probe: 2 utterances of 50 frames, this conv's weight shape."""
+        conv = self.conv
+        shape = (conv.out_channels, conv.in_channels // conv.groups, conv.kernel_size[0])
+        return lowp_guard.randn_inputs((2, conv.in_channels, 50), shape, (conv.out_channels,))(generator)
 
 
 class _GroupedConvFlippedBackward(torch.autograd.Function):
@@ -146,20 +164,46 @@ class SelfAttention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         """``[..., H, T, D/H]`` q, k, v -> attention output of the same shape."""
-        if self.training and self.dropout_p > 0.0 and q.device.type == "cpu":
-            # what SDPA's math path computes (the CPU has no fused kernel with dropout), with the
-            # faster dropout of the attention probabilities
-            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (..., H, T, T)
-            if key_padding_mask is not None:
-                scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-            probs = dropout(torch.softmax(scores, dim=-1), self.dropout_p, True)
-            return probs.to(v.dtype) @ v
-        attn_mask = None
-        if key_padding_mask is not None:
-            attn_mask = ~key_padding_mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T), True = attend
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
+        dropout_p = self.dropout_p if self.training else 0.0
+        # the CPU has no fused kernel with dropout: SDPA's math path, with the faster dropout
+        attend = _attention_math if dropout_p > 0.0 and q.device.type == "cpu" else _attention_sdpa
+        if key_padding_mask is not None or lowp_guard.low_precision_dtype(q) is None:
+            # (a padding mask is a GPU layout: on the CPU the blocks run packed, unmasked)
+            return attend(q, k, v, key_padding_mask, dropout_p)
+        heads, head_dim = q.size(-3), q.size(-1)
+        dtype = lowp_guard.low_precision_dtype(q)
+        assert dtype is not None
+        how = lowp_guard.mode(
+            "attention",
+            f"heads {heads}, head dim {head_dim}, {'math' if attend is _attention_math else 'sdpa'}",
+            dtype,
+            lambda q, k, v: attend(q, k, v, None, 0.0),  # the probe: the same path without dropout
+            lambda g: [torch.randn(heads, 48, head_dim, generator=g) for _ in range(3)],
         )
+        if how == lowp_guard.NATIVE:
+            return attend(q, k, v, None, dropout_p)
+        return lowp_guard.island(how, dtype, lambda q, k, v: attend(q, k, v, None, dropout_p), [q, k, v])
+
+
+def _attention_math(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, dropout_p: float
+) -> Tensor:
+    """Attention as SDPA's math path computes it, with :func:`dropout` of the probabilities."""
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (..., H, T, T)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    probs = dropout(torch.softmax(scores, dim=-1), dropout_p, True)
+    return probs.to(v.dtype) @ v
+
+
+def _attention_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, dropout_p: float
+) -> Tensor:
+    """Attention through ``F.scaled_dot_product_attention``."""
+    attn_mask = None
+    if key_padding_mask is not None:
+        attn_mask = ~key_padding_mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T), True = attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 class FeedForward(nn.Module):

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from speechvq.config import FeatureEncoderConfig
+from speechvq.models import lowp_guard
 from speechvq.models.common import GradMultiply, linear, matmul_nt
 
 
@@ -208,7 +209,13 @@ class ConvLayerBlock(nn.Module):
         if lengths is not None:
             lengths = conv_output_lengths(lengths, ((0, self.kernel, self.stride),))
         if not self.few_columns and _bf16_on_cpu(x):
-            x = _conv_time_major(x, self.conv.weight, self.conv.bias, self.stride, kernel)
+            how = self.low_precision_mode("conv_time_major")
+            if how == lowp_guard.NATIVE:
+                x = _conv_time_major(x, self.conv.weight, self.conv.bias, self.stride, kernel)
+            else:
+                x = lowp_guard.island(
+                    how, torch.bfloat16, self._time_major, [x, self.conv.weight, self.conv.bias]
+                )
             return F.gelu(self.norm(x, lengths) if self.norm is not None else x), lengths
         if x.size(0) == 1 and _fp32_on_cpu(x) and self.runs_window_blocks():
             # one utterance on the CPU (ConvFeatureEncoder's CPU path), fp32: no im2col copy
@@ -230,13 +237,15 @@ class ConvLayerBlock(nn.Module):
             if self.conv.bias is not None:
                 shift = shift + self.conv.bias.float() * scale
             folded = weight.float().t()[None] * scale  # (B, k*C_in, C_out): one weight per utterance
-            x = torch.baddbmm(shift.to(cols.dtype), cols, folded.to(cols.dtype))
+            inputs = [shift.to(cols.dtype), cols, folded.to(cols.dtype)]
+            x = self._guarded_matmul("baddbmm", torch.baddbmm, inputs, [(2, 1), (2, 64), (2, cols.size(-1))])
             return F.gelu(x), lengths
         if self.few_columns:
             # [B, S', k] @ [k, C] per utterance: autograd's weight gradient is then a bmm + sum,
             # 2.5-3x faster than the [C, B*S'] @ [B*S', k] mm it derives from F.linear (bench in
             # docs/performance.md)
-            x = torch.bmm(cols, weight.t().expand(cols.size(0), -1, -1))
+            inputs = [cols, weight.t().expand(cols.size(0), -1, -1)]
+            x = self._guarded_matmul("bmm", torch.bmm, inputs, [(2, 64), (2, cols.size(-1))])
             if self.conv.bias is not None:
                 x = x + self.conv.bias.to(x.dtype)
         else:
@@ -244,6 +253,31 @@ class ConvLayerBlock(nn.Module):
         if self.norm is not None:
             x = self.norm(x, lengths)
         return F.gelu(x), lengths
+
+    def low_precision_mode(self, op: str) -> str:
+        """How this layer's bf16 time-major conv runs on this CPU (:mod:`lowp_guard`)."""
+        conv = self.conv
+        shape = f"in {conv.in_channels}, out {conv.out_channels}, kernel {self.kernel}, stride {self.stride}"
+        samples = self.kernel + self.stride * 63  # 64 output frames
+        probe = [(1, samples, conv.in_channels), tuple(conv.weight.shape)]
+        probe += [(conv.out_channels,)] if conv.bias is not None else []
+        return lowp_guard.mode(op, shape, torch.bfloat16, self._time_major, lowp_guard.randn_inputs(*probe))
+
+    def _time_major(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """:func:`_conv_time_major` of ``[B, S, C_in]``, in the inputs' dtype."""
+        return _conv_time_major(x, weight, bias, self.stride)
+
+    def _guarded_matmul(self, op: str, fn: Any, inputs: list[Tensor], rows: list[tuple[int, int]]) -> Tensor:
+        """The first layer's batched matmul ``fn(*inputs)``, checked by :mod:`lowp_guard` in
+        bf16 / fp16 on the CPU; ``rows``: the probe's leading dims of each input."""
+        if lowp_guard.low_precision_dtype(inputs[0]) is None:
+            return fn(*inputs)
+        columns, channels = inputs[-1].shape[-2:]
+        probe = [
+            (*lead, size) for lead, size in zip(rows, [channels] * (len(inputs) - 2) + [columns, channels])
+        ]
+        shape = f"[T, {columns}] @ [{columns}, {channels}]"
+        return lowp_guard.call(op, shape, fn, inputs, lowp_guard.randn_inputs(*probe))
 
     def runs_window_blocks(self) -> bool:
         """Whether an fp32 utterance on the CPU runs through :class:`_WindowBlocksConv` (every layer

@@ -17,7 +17,8 @@ from speechvq.losses_wav2vec import (
     future_prediction_loss,
     sample_future_distractors,
 )
-from speechvq.models.common import lengths_to_padding_mask
+from speechvq.models import lowp_guard
+from speechvq.models.common import Conv1d, lengths_to_padding_mask
 from speechvq.models.encoder import check_waveforms, conv_output_lengths, receptive_field
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer, build_kmeans_quantizer
 from speechvq.models.quantizer import GumbelVectorQuantizer, QuantizerOutput, build_quantizer
@@ -179,8 +180,19 @@ class StepPredictor(nn.Module):
         weight = self.project_to_steps.weight[:, :, 0, :]  # (C, D, 1, S) -> (C, D, S)
         bias = self.project_to_steps.bias
         assert bias is not None
-        out = torch.einsum("btc,cds->btsd", context, weight) + bias
-        return self.dropout(out)
+        out = lowp_guard.call(
+            "einsum btc,cds->btsd",
+            f"C {weight.size(0)}, D {weight.size(1)}, steps {weight.size(2)}",
+            _project_to_steps,
+            [context, weight],
+            lowp_guard.randn_inputs((2, 50, weight.size(0)), tuple(weight.shape)),
+        )
+        return self.dropout(out + bias)
+
+
+def _project_to_steps(context: Tensor, weight: Tensor) -> Tensor:
+    """``[B, T, C]`` x ``[C, D, S]`` -> ``[B, T, S, D]``."""
+    return torch.einsum("btc,cds->btsd", context, weight)
 
 
 @dataclass
@@ -345,7 +357,7 @@ def build_vq_wav2vec(cfg: VqWav2VecConfig) -> VqWav2VecModel:
     blocks = []
     in_dim = 1
     for channels, kernel, stride in cfg.encoder_layers:
-        conv = nn.Conv1d(in_dim, channels, kernel, stride=stride, bias=False)
+        conv = Conv1d(in_dim, channels, kernel, stride=stride, bias=False)
         blocks.append(
             ConvBlock(conv, UtteranceGroupNorm(channels), act(), dropout_p=0.0, left_pad=0, zero_pad=False)
         )
@@ -368,7 +380,7 @@ def build_vq_wav2vec(cfg: VqWav2VecConfig) -> VqWav2VecModel:
     for channels, kernel, stride in cfg.aggregator_layers:
         if stride != 1:
             raise ValueError(f"aggregator strides must be 1, but one is {stride} instead.")
-        conv = nn.Conv1d(in_dim, channels, kernel, bias=cfg.aggregator_conv_bias)
+        conv = Conv1d(in_dim, channels, kernel, bias=cfg.aggregator_conv_bias)
         agg_blocks.append(
             ConvBlock(
                 conv,
@@ -380,7 +392,7 @@ def build_vq_wav2vec(cfg: VqWav2VecConfig) -> VqWav2VecModel:
             )
         )
         needs_proj = cfg.aggregator_skip_connections and in_dim != channels
-        projections.append(nn.Conv1d(in_dim, channels, 1, bias=False) if needs_proj else nn.Identity())
+        projections.append(Conv1d(in_dim, channels, 1, bias=False) if needs_proj else nn.Identity())
         in_dim = channels
     aggregator = ConvAggregator(
         nn.ModuleList(agg_blocks),

@@ -58,7 +58,7 @@ from speechvq.errors import UserInputError
 from speechvq.io import replace_directory
 from speechvq.losses_ctc import ctc_loss
 from speechvq.metrics_asr import char_errors, word_errors
-from speechvq.models.common import Linear
+from speechvq.models.common import Conv1d, Linear
 from speechvq.text.vocab import Vocabulary
 from speechvq.train.config import OptimSection, TrainSection, plain
 from speechvq.train.finetune import (
@@ -309,7 +309,7 @@ class ConvBlock(nn.Module):
 
     def __init__(self, dim: int, kernel: int, dropout_p: float) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2)
+        self.conv = Conv1d(dim, dim, kernel, padding=kernel // 2)
         self.dropout = nn.Dropout(dropout_p)
         self.norm = nn.LayerNorm(dim)
 
@@ -326,7 +326,7 @@ class TransformerBlocks(nn.Module):
         self, dim: int, layers: int, heads: int, ffn_dim: int, kernel: int, dropout_p: float
     ) -> None:
         super().__init__()
-        self.pos_conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.pos_conv = Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
                 dim, heads, ffn_dim, dropout_p, activation="gelu", batch_first=True, norm_first=True
