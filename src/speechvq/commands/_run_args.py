@@ -14,10 +14,19 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, configs: str, example:
 
     Args:
         parser: the command's parser.
-        configs: where its configs live, for the help (e.g. ``conf/pretrain_*.yaml``).
+        configs: its shipped configs, for the help (e.g. ``conf/pretrain_*.yaml``); the help
+            names the first of them (``pretrain_base``).
         example: example overrides for the help.
     """
-    parser.add_argument("--config", required=True, help=f"YAML run config (see {configs})")
+    from speechvq.configs import bundled_configs
+
+    prefix = configs.rsplit("/", 1)[-1].split("*")[0]  # conf/pretrain_*.yaml -> pretrain_
+    shipped = next((name for name in bundled_configs() if name.startswith(prefix)), prefix + "...")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help=f"YAML run config: a path, or the name of a shipped config ({configs}, e.g. {shipped})",
+    )
     parser.add_argument(
         "--exp-dir", required=True, help="experiment directory (checkpoints, metrics, best_model)"
     )

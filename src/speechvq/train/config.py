@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from speechvq.config import Wav2Vec2Config, preset
+from speechvq.configs import resolve_config
 from speechvq.errors import UserInputError
 
 
@@ -420,9 +421,7 @@ def _nested(node: Any, keys: list[str], value: Any) -> Any:
 def load_config(path: str | Path, overrides: list[str] | None = None, cls: type = PretrainConfig) -> Any:
     """Read a YAML config into ``cls`` (default :class:`PretrainConfig`), apply ``--set`` overrides,
     type-check and validate it (``cls.validate()``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"{path}: config file not found")
+    path = resolve_config(path)  # a path, or the name of a shipped config
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
