@@ -15,6 +15,7 @@ import importlib
 import logging
 import sys
 
+from speechvq import progress
 from speechvq.errors import UserInputError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,6 +53,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="speechvq", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--progress",
+        default=None,
+        choices=["auto", "always", "never"],
+        help="progress bars of the commands that walk a corpus: auto (where stderr is a terminal; "
+        "the default, or SPEECHVQ_PROGRESS), always or never",
+    )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     parsers = {}
     for name, (_, help_text) in COMMANDS.items():
@@ -78,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        return int(module.run(args) or 0)
+        with progress.mode_set_to(args.progress):
+            return int(module.run(args) or 0)
     except UserInputError as err:
         print(f"speechvq {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -112,3 +112,19 @@ def test_transcribe_exits_2_for_a_pretraining_checkpoint(tmp_path, capsys):
     save_pretrained(build_wav2vec2(wav2vec2_tiny()), tmp_path / "w2v")
     assert main(["transcribe", str(tmp_path / "w2v"), "x.wav"]) == 2
     assert "not a CTC model" in capsys.readouterr().err
+
+
+def test_transcribe_shows_progress_bars_with_rates(tmp_path, corpus, capsys):
+    from ctc_toy import tiny_ctc_config
+
+    from speechvq.models.ctc import build_ctc_model
+
+    save_ctc_pretrained(
+        build_ctc_model(tiny_ctc_config(len(corpus.vocab))).eval(), corpus.vocab, tmp_path / "m"
+    )
+    _write_corpus(tmp_path, corpus.transcripts)
+    assert main(["--progress", "always", "transcribe", str(tmp_path / "m"), str(tmp_path / "test.tsv")]) == 0
+    err = capsys.readouterr().err
+    n = len(corpus.transcripts)
+    assert "transcribe: load: 100%" in err and f"| {n}/{n} [" in err
+    assert "transcribe: 100%" in err and "utt/s" in err and "x real time" in err

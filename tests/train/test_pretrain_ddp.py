@@ -66,6 +66,8 @@ def test_two_processes_with_batch_b_match_one_process_with_batch_2b(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done at step 4" in result.stderr
     assert result.stderr.count("done at step 4") == 1  # only the main process reports
+    assert "pretrain: 2 processes on cpu" in result.stderr  # the start-up summary
+    assert "accelerate launch asked for" not in result.stderr  # both processes did run
 
     single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
     assert len(single) == len(ddp) == 4

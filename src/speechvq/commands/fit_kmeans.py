@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
             features_dir,
             shard_size=args.shard_size,
             max_tokens=args.max_tokens,
+            desc="fit-kmeans: features",
         )
         rows = sample_rows(features_dir, args.percent, seed=args.seed)
         km = fit_kmeans(

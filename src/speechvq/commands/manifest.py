@@ -16,6 +16,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from speechvq import progress
 from speechvq.data.audio import audio_info
 from speechvq.data.manifest import ManifestItem, write_manifest
 from speechvq.errors import UserInputError
@@ -46,7 +47,9 @@ def scan(root: Path, ext: str, must_contain: str | None = None) -> tuple[list[Ma
         return ManifestItem(relpath=p.relative_to(root).as_posix(), num_samples=info.num_frames, line=0)
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(header, files))
+        results = list(
+            progress.track(pool.map(header, files), total=len(files), desc="manifest", unit="file")
+        )
     items = [r for r in results if isinstance(r, ManifestItem)]
     problems = [r for r in results if isinstance(r, str)]
     return items, problems

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from speechvq import progress
 from speechvq.errors import UserInputError
 
 log = logging.getLogger("speechvq.transcribe")
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     use_beam = (args.beam or 1) > 1 or lm is not None or lexicon is not None
     beam_size = args.beam or (16 if use_beam else 1)
 
-    waves = [load_audio(path) for _, path in inputs]
+    waves = [load_audio(path) for _, path in progress.track(inputs, desc="transcribe: load")]
     minimum = model.feature_encoder.receptive_field
     for (name, _), wave in zip(inputs, waves):
         if wave.numel() < minimum:
@@ -168,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     log_probs: dict[int, torch.Tensor] = {}  # input index -> log-probabilities, when tuning
     hypotheses: list[str] = [""] * len(inputs)
     order = sorted(range(len(inputs)), key=lambda i: waves[i].numel())  # similar lengths per batch
+    shown = progress.bar(total=len(order), desc="transcribe")
+    audio_s = 0.0
     for start in range(0, len(order), args.batch_size):
         index = order[start : start + args.batch_size]
         lengths = torch.tensor([waves[i].numel() for i in index])
@@ -184,6 +187,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             for i, text in zip(index, decode(rows, *grid[0])):
                 hypotheses[i] = text
+        audio_s += float(lengths.sum()) / 16000  # load_audio gives 16 kHz
+        shown.update(len(index))
+        progress.set_audio_rate(shown, audio_s)
+    shown.close()
 
     if tuning:
         assert references is not None

@@ -19,6 +19,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from speechvq import progress
 from speechvq.data.audio import RawFormat
 from speechvq.data.checks import DEFAULT_LETTERS, categorize, read_vocab, transcript_problem
 from speechvq.data.manifest import parse_manifest
@@ -103,7 +104,7 @@ def validate(args: argparse.Namespace) -> tuple[list[str], Counter[str], int]:
         results = pool.map(
             lambda i: check_audio(source, i, args.sample_rate, args.min_samples, args.raw_format), range(n)
         )
-        problems += [r for r in results if r is not None]
+        problems += [r for r in progress.track(results, total=n, desc="validate") if r is not None]
     for label in _label_sets(args):
         vocab = _vocab(args, label)
         if args.source.suffix == ".tsv":

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from speechvq import progress
 from speechvq.data.audio import audio_info
 from speechvq.data.manifest import ManifestItem, words_to_letters, write_manifest
 from speechvq.errors import UserInputError
@@ -58,7 +59,8 @@ def scan_split(split_dir: Path, ext: str = "flac") -> tuple[list[LibriUtterance]
     """
     utts: list[LibriUtterance] = []
     problems: list[str] = []
-    for trans in sorted(split_dir.glob("*/*/*.trans.txt")):
+    chapters = sorted(split_dir.glob("*/*/*.trans.txt"))
+    for trans in progress.track(chapters, desc=f"prepare {split_dir.name}", unit="chapter"):
         try:
             texts = read_trans(trans)
         except UnicodeDecodeError:

@@ -24,6 +24,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from speechvq import progress
 from speechvq.data import synth_words as W
 from speechvq.errors import UserInputError
 
@@ -395,7 +396,10 @@ def write_corpus(
     seconds: dict[str, float] = {"train": 0.0, "dev": 0.0, "test": 0.0}
     utts: dict[str, int] = {"train": 0, "dev": 0, "test": 0}
     with mp.get_context(method).Pool(processes=max(1, jobs), maxtasksperchild=1) as pool:
-        for task, (_, secs, ids) in zip(tasks, pool.imap(synthesize_chapter, tasks)):
+        chapters = progress.track(
+            pool.imap(synthesize_chapter, tasks), total=len(tasks), desc="synth-corpus", unit="chapter"
+        )
+        for task, (_, secs, ids) in zip(tasks, chapters):
             seconds[task.speaker.split] += secs
             utts[task.speaker.split] += len(ids)
     header = "; ID | SPLIT | VOICE | VARIANT | PITCH | RANGE | RATE_WPM | WORD_GAP\n"

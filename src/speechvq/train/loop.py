@@ -40,13 +40,15 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from speechvq.data import BucketBatchSampler
 from speechvq.errors import UserInputError
 from speechvq.models.wav2vec2 import Wav2Vec2Model
 from speechvq.train import checkpoint as ckpt
+from speechvq.train import launch
 from speechvq.train.config import PretrainConfig
-from speechvq.train.metrics import MetricsLogger
+from speechvq.train.metrics import MetricsLogger, read_metrics
 from speechvq.train.optim import build_optimizer, lr_at, set_lr_
 from speechvq.train.task import Task, Wav2Vec2PretrainTask
 
@@ -186,7 +188,8 @@ def train(
         A :class:`RunSummary`.
     """
     try:
-        return _train(task, cfg, Path(exp_dir), require_resume, stop_at_step)
+        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+            return _train(task, cfg, Path(exp_dir), require_resume, stop_at_step)
     finally:
         # accelerate's state is a process-wide singleton; a single-process run (tests, notebooks)
         # releases it so that the next run may choose another precision
@@ -206,6 +209,9 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)],
     )
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
+    launch_warning = launch.process_count_warning(world)
+    if launch_warning is not None and main:
+        logger.warning("%s", launch_warning)
     ckpt_dir = exp_dir / "checkpoints"
     resume_from = ckpt.latest_checkpoint(ckpt_dir)
     if require_resume and resume_from is None:
@@ -251,6 +257,16 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
             ) from err
         step, attempt, skipped = state["step"], state["attempt"], state["skipped"]
         ckpt.set_rng_state_(state["rng"][rank % len(state["rng"])])
+    if main:
+        logger.info(
+            "%s: %d process%s on %s, precision %s, batch %s per process x %d accumulated; %s; "
+            "train %s%s; %s",
+            task.name, world, "" if world == 1 else "es", launch.describe_device(acc.device), t.precision,
+            _batch_text(cfg.data), t.grad_accum, launch.describe_parameters(model),
+            launch.describe_data(data.dataset), f", valid {launch.describe_data(valid.dataset)}" if valid else "",
+            f"resuming at update {step} of {t.max_steps}" if state else f"{t.max_steps} updates from scratch",
+        )  # fmt: skip
+    already_done = bool(state) and step >= t.max_steps
 
     def better(score: float) -> bool:
         if best is None:
@@ -289,6 +305,18 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
     names = task.stat_names
     metrics = MetricsLogger(exp_dir, tensorboard=t.tensorboard) if main else None
     summary = RunSummary(step=step, skipped_steps=skipped, main_process=main)
+    if already_done:
+        # a re-run of a finished run: nothing to train; say so, and report its last records
+        records = read_metrics(exp_dir) if (exp_dir / "metrics.jsonl").is_file() else []
+        summary.last_train = next((r for r in reversed(records) if r["split"] == "train"), {})
+        summary.last_valid = next((r for r in reversed(records) if r["split"] == "valid"), None)
+        if main:
+            logger.info(
+                "%s: this run is already finished (%d of %d updates, %s); nothing to train. Last "
+                "training record: %s%s",
+                task.name, step, t.max_steps, resume_from, _metric_line(summary.last_train) or "none",
+                f"; last validation: {_metric_line(summary.last_valid)}" if summary.last_valid else "",
+            )  # fmt: skip
     stop = False  # set when the time budget ends the run
     interval = torch.zeros(len(names), dtype=torch.float64)
     grad_norms: list[float] = []
@@ -362,6 +390,7 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
             if metrics is not None:
                 metrics.log("train", step, rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}")
+                logger.info("step %d/%d: %s", step, t.max_steps, _metric_line(rec))
             interval.zero_()
             grad_norms.clear()
             tick = time.monotonic()
@@ -393,6 +422,27 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
     summary.step, summary.skipped_steps = step, skipped
     summary.stopped_early = step < t.max_steps
     return summary
+
+
+_LOGGED = ("loss", "accuracy", "wer", "cer", "code_perplexity", "prob_perplexity", "temperature",
+           "grad_norm", "lr", "audio_s_per_s", "tokens_per_s")  # fmt: skip
+"""The metrics of a periodic log line (every metric is in metrics.jsonl), in this order."""
+
+
+def _metric_line(rec: dict[str, Any] | None) -> str:
+    """``loss 3.21, accuracy 0.45, ..., lr 0.0005`` of the :data:`_LOGGED` metrics in ``rec``."""
+    if not rec:
+        return ""
+    return ", ".join(
+        f"{k.replace('_', ' ')} {rec[k]:.4g}" for k in _LOGGED if isinstance(rec.get(k), (int, float))
+    )
+
+
+def _batch_text(data: Any) -> str:
+    """``64,000 samples (4.0 s)`` for audio data, ``16,384 tokens`` for units."""
+    tokens = int(data.max_tokens)
+    rate = getattr(data, "sample_rate", None)
+    return f"{tokens:,} samples ({tokens / rate:.1f} s)" if rate else f"{tokens:,} tokens"
 
 
 def _untied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from speechvq import progress
 from speechvq.data import AudioDataset, read_manifest
 from speechvq.errors import UserInputError
 from speechvq.units.io import Token, UnitWriter
@@ -185,11 +186,13 @@ def iter_manifest(
     *,
     max_tokens: int = 1_600_000,
     max_items: int = 64,
+    desc: str = "features",
 ) -> Iterator[ExportBatch]:
     """Stream a manifest through in order, a batch of consecutive items at a time.
 
     Only one batch of audio is held at once. Items that fail to load, or hold fewer samples than
     one frame needs, are reported (logged) and left out of ``usable``; their units are empty.
+    ``desc`` names the progress bar (:mod:`speechvq.progress`).
     """
     if max_items < 1:
         raise UserInputError(f"--shard-size must be >= 1, but is {max_items}")
@@ -205,6 +208,15 @@ def iter_manifest(
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=plan, collate_fn=dataset.collate, num_workers=0
     )
+    with progress.bar(total=len(dataset), desc=desc) as shown:
+        yield from _batches(plan, loader, relpaths, min_samples, shown)
+
+
+def _batches(
+    plan: list[list[int]], loader: Any, relpaths: list[str], min_samples: int, shown: Any
+) -> Iterator[ExportBatch]:
+    """:func:`iter_manifest`'s batches, advancing the progress bar ``shown``."""
+    audio_s = 0.0
     for indices, batch in zip(plan, loader):
         loaded = {int(i): row for row, i in enumerate(batch.indices.tolist())}
         usable, rows = [], []
@@ -225,6 +237,9 @@ def iter_manifest(
         take = torch.tensor(rows, dtype=torch.long)
         lengths = batch.lengths[take]
         width = int(lengths.max()) if len(rows) else 0
+        audio_s += float(lengths.sum()) / SAMPLE_RATE
+        shown.update(len(indices))
+        progress.set_audio_rate(shown, audio_s)
         yield ExportBatch(
             relpaths=[relpaths[i] for i in indices],
             waveforms=batch.waveforms[take, :width],
@@ -246,6 +261,7 @@ def export_units(
     max_tokens: int = 1_600_000,
     max_items: int = 64,
     meta: dict[str, Any] | None = None,
+    desc: str = "export-units",
 ) -> dict[str, Any]:
     """Write the units of every manifest item to ``out_dir`` (format: :mod:`speechvq.units.io`).
 
@@ -261,6 +277,7 @@ def export_units(
         max_tokens: padded samples per batch.
         max_items: items per batch.
         meta: extra ``meta.json`` entries.
+        desc: the progress bar's name.
 
     Returns:
         The written ``meta.json`` contents.
@@ -285,7 +302,7 @@ def export_units(
     with UnitWriter(
         out_dir, frame_stride_s=stride_s, frame_centre_s=centre_s, dedup=dedup, meta=info
     ) as writer:
-        for batch in iter_manifest(manifest, model, max_tokens=max_tokens, max_items=max_items):
+        for batch in iter_manifest(manifest, model, max_tokens=max_tokens, max_items=max_items, desc=desc):
             per_item: list[list[Token]] = [[] for _ in batch.relpaths]
             if batch.usable:
                 if kind == "codes":
@@ -318,10 +335,11 @@ def dump_features(
     shard_size: int,
     max_tokens: int = 1_600_000,
     max_items: int = 64,
+    desc: str = "features",
 ) -> FeatureShardWriter:
     """Dump ``layer`` features of every usable manifest item into shards (see :mod:`.kmeans`)."""
     writer = FeatureShardWriter(Path(directory), shard_size)
-    for batch in iter_manifest(manifest, model, max_tokens=max_tokens, max_items=max_items):
+    for batch in iter_manifest(manifest, model, max_tokens=max_tokens, max_items=max_items, desc=desc):
         if not batch.usable:
             continue
         feats, frames = layer_features(model, batch.waveforms, batch.lengths, layer)
