@@ -23,9 +23,10 @@ inputs to ``NAME.safetensors``:
   ``[B, T, K]``), ``cpc_logits`` (fairseq's flat BCE logits), ``loss`` (BCE sum) and, for k-means,
   ``kmeans_loss``.
 
-With ``--speechvq-python`` a random speechvq wav2vec 2.0 model is exported by speechvq to a
-fairseq checkpoint, loaded by fairseq's own ``checkpoint_utils.load_model_ensemble_and_task`` and
-run; ``export_check.json`` records the largest difference to speechvq's outputs.
+With ``--speechvq-python`` random speechvq models (wav2vec 2.0 in both layouts, vq-wav2vec with
+both quantizers) are exported by speechvq to fairseq checkpoints, loaded by fairseq's own
+``checkpoint_utils.load_model_ensemble_and_task`` and run; ``manifest.json``'s ``export_check``
+records the largest difference to speechvq's outputs.
 
 Inputs are unpadded: fairseq's group-norm extractor normalises over the padded input, which
 speechvq (and transformers) only match without padding. Outputs are recorded in eval mode.
@@ -381,6 +382,37 @@ save_file({k: v.contiguous() for k, v in {"input": x, "features": features, "con
 """
 
 
+EXPORT_VQ_SCRIPT = r"""
+import sys, torch
+from safetensors.torch import save_file
+from speechvq.config import QuantizerConfig, KMeansQuantizerConfig, VqWav2VecConfig
+from speechvq.models.vq_wav2vec import build_vq_wav2vec
+from speechvq.interop.fairseq import speechvq_to_fairseq
+torch.manual_seed(int(sys.argv[3]))
+kmeans = sys.argv[4] == "kmeans"
+layers = ((32, 10, 5), (32, 8, 4), (32, 4, 2), (32, 4, 2), (32, 4, 2), (32, 1, 1), (32, 1, 1), (32, 1, 1))
+cfg = VqWav2VecConfig(
+    encoder_layers=layers, aggregator_layers=((24, 2, 1), (24, 3, 1), (24, 4, 1), (24, 5, 1)),
+    quantizer_type="kmeans" if kmeans else "gumbel", prediction_steps=4, num_negatives=5,
+    quantizer=QuantizerConfig(codebook_size=8, codevector_dim=32, weight_proj_depth=2, weight_proj_factor=2,
+                              combine_groups=True),
+    kmeans=KMeansQuantizerConfig(codebook_size=8, codevector_dim=32),
+    log_compression=not kmeans, encoder_skip_connections=not kmeans, aggregator_zero_pad=kmeans,
+)
+model = build_vq_wav2vec(cfg).eval()
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(0.1 * torch.randn_like(p))
+torch.save(speechvq_to_fairseq(model), sys.argv[1])
+x = torch.randn(2, 6400, generator=torch.Generator().manual_seed(7))
+with torch.no_grad():
+    features, lengths, q = model.encode(x)
+    context = model.aggregate(q.quantized, lengths)
+tensors = {"input": x, "features": features, "codes": q.codes, "quantized": q.quantized, "context": context}
+save_file({k: v.contiguous() for k, v in tensors.items()}, sys.argv[2])
+"""
+
+
 def check_export(python: str, out: Path, seed: int) -> dict:
     """Export a random speechvq model with speechvq, load it with fairseq, compare outputs."""
     from fairseq import checkpoint_utils
@@ -407,6 +439,30 @@ def check_export(python: str, out: Path, seed: int) -> dict:
                 "max_abs_diff": diffs,
             }
             logger.info("export check %s: %s", mode, diffs)
+    for kind in ("vq_gumbel", "vq_kmeans"):
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt, ref = os.path.join(tmp, "exported.pt"), os.path.join(tmp, "speechvq.safetensors")
+            quantizer = kind.removeprefix("vq_")
+            subprocess.run([python, "-c", EXPORT_VQ_SCRIPT, ckpt, ref, str(seed), quantizer], check=True)
+            models, _cfg, _ = checkpoint_utils.load_model_ensemble_and_task([ckpt])
+            model = models[0].eval()
+            expected = load_file(ref)
+            x = expected["input"]
+            with torch.no_grad():
+                features = model.feature_extractor(x)
+                q = model.vector_quantizer(features, produce_targets=True)
+                got = {
+                    "features": features.transpose(1, 2),
+                    "codes": q["targets"].view(x.size(0), features.size(2), -1),
+                    "quantized": q["x"].transpose(1, 2),
+                    "context": model.feature_aggregator(q["x"]).transpose(1, 2),
+                }
+            diffs = {k: float((got[k].float() - expected[k].float()).abs().max()) for k in got}
+            results[kind] = {
+                "loaded_by": "fairseq.checkpoint_utils.load_model_ensemble_and_task",
+                "max_abs_diff": diffs,
+            }
+            logger.info("export check %s: %s", kind, diffs)
     return results
 
 

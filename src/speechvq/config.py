@@ -576,6 +576,13 @@ PRESETS = {
 }
 
 
+VQ_WAV2VEC_PRESETS = {
+    "gumbel": vq_wav2vec_gumbel,
+    "kmeans": vq_wav2vec_kmeans,
+}
+"""vq-wav2vec presets by name (``model.type: vq_wav2vec`` in a run config)."""
+
+
 def preset(name: str) -> Wav2Vec2Config:
     """The named preset config (``tiny``, ``small``, ``base``, ``large``)."""
     if name not in PRESETS:

@@ -167,7 +167,7 @@ def test_export_of_imported_fairseq_model_restores_its_state_dict() -> None:
 
 def test_export_was_loaded_and_matched_by_fairseq() -> None:
     manifest = json.loads((FIXTURES / "manifest.json").read_text())
-    for mode in ("group_norm", "layer_norm"):
+    for mode in ("group_norm", "layer_norm", "vq_gumbel", "vq_kmeans"):  # tools/make_fairseq_fixtures.py
         check = manifest["export_check"][mode]
         assert check["loaded_by"].startswith("fairseq.")
         assert max(check["max_abs_diff"].values()) <= ATOL
@@ -307,18 +307,39 @@ def test_convert_cli_imports_and_exports_fairseq(tmp_path: Path) -> None:
     ]
     assert main(hf_args) == 0
     assert (tmp_path / "hf" / "config.json").is_file()
-    # vq-wav2vec has no fairseq export (only wav2vec 2.0 does): a one-line error, exit code 2
-    assert (
-        main(
-            [
-                "convert",
-                str(tmp_path / "vq"),
-                str(tmp_path / "vq.pt"),
-                "--from",
-                "speechvq",
-                "--to",
-                "fairseq",
-            ]
-        )
-        == 2
-    )
+    # vq-wav2vec back to fairseq: the same weights as the checkpoint it came from
+    argv = ["convert", str(tmp_path / "vq"), str(tmp_path / "vq.pt"), "--from", "speechvq", "--to", "fairseq"]
+    assert main(argv) == 0
+    exported = load_fairseq_checkpoint(tmp_path / "vq.pt")["model"]
+    original = load_fairseq_checkpoint(FIXTURES / "vq_kmeans.pt")["model"]
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("name", ["vq_gumbel", "vq_kmeans"])
+def test_vq_wav2vec_exports_fairseqs_own_weights_and_config(name: str, tmp_path: Path) -> None:
+    # fairseq's checkpoint -> speechvq -> fairseq: every tensor of fairseq's state dict, under its
+    # own name and layout, and the config fields fairseq's Wav2VecModel is built from
+    ckpt = load_fairseq_checkpoint(FIXTURES / f"{name}.pt")
+    model = import_fairseq(FIXTURES / f"{name}.pt")
+    out = speechvq_to_fairseq(model)
+    assert out["model"].keys() == ckpt["model"].keys()
+    for key, value in ckpt["model"].items():
+        assert torch.equal(out["model"][key], value), key
+    args = vars(ckpt["args"])
+    section = out["cfg"]["model"]
+    assert section["_name"] == "wav2vec" and out["cfg"]["criterion"]["infonce"] is False
+    for field in ("vq_type", "vq_vars", "vq_groups", "vq_depth", "combine_groups", "activation", "prediction_steps",
+                  "num_negatives", "skip_connections_agg", "skip_connections_feat", "log_compression",
+                  "agg_zero_pad", "residual_scale", "offset"):  # fmt: skip
+        assert section[field] == args[field], field
+    for field in ("conv_feature_layers", "conv_aggregator_layers"):
+        assert _eval_layers(section[field], field) == _eval_layers(args[field], field)
+    # and back: the same model, outputs included
+    path = save_fairseq_checkpoint(model, tmp_path / "vq.pt")
+    again = import_fairseq(path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+    ref = load_file(str(FIXTURES / f"{name}.safetensors"))
+    for key, value in _outputs(again, ref["input"]).items():
+        assert torch.equal(value, _outputs(model, ref["input"])[key]), key

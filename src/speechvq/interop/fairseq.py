@@ -1,5 +1,5 @@
 """Import of fairseq checkpoints (wav2vec 2.0, wav2vec 2.0 CTC, vq-wav2vec) and export of
-wav2vec 2.0 back to a fairseq-loadable checkpoint.
+wav2vec 2.0 and vq-wav2vec back to fairseq-loadable checkpoints.
 
 fairseq checkpoints are pickles. :func:`load_fairseq_checkpoint` reads them with
 ``torch.load(weights_only=True)`` plus an explicit allow-list of the few plain types they hold
@@ -10,8 +10,8 @@ ones, numpy scalars in training metadata); anything else, such as a pickle that 
 field from the checkpoint's ``cfg`` (or legacy ``args``).
 
 Entry points: :func:`import_fairseq` (path -> speechvq model), :func:`fairseq_to_speechvq`
-(loaded checkpoint -> model), :func:`speechvq_to_fairseq` (wav2vec 2.0 model -> checkpoint dict)
-and :func:`save_fairseq_checkpoint` (model -> ``.pt`` file).
+(loaded checkpoint -> model), :func:`speechvq_to_fairseq` (wav2vec 2.0 or vq-wav2vec model ->
+checkpoint dict) and :func:`save_fairseq_checkpoint` (model -> ``.pt`` file).
 """
 
 from __future__ import annotations
@@ -511,7 +511,12 @@ def fairseq_to_speechvq(ckpt: dict[str, Any], source: str = "checkpoint") -> nn.
         else:
             from speechvq.models.vq_wav2vec import build_vq_wav2vec
 
-            model = build_vq_wav2vec(vq_wav2vec_config_from_fairseq(model_cfg, criterion_cfg))
+            embedded = (ckpt.get("extra_state") or {}).get("speechvq_config")
+            if isinstance(embedded, dict):  # written by speechvq_to_fairseq: lossless round trip
+                vq_cfg = VqWav2VecConfig.from_dict(embedded)
+            else:
+                vq_cfg = vq_wav2vec_config_from_fairseq(model_cfg, criterion_cfg)
+            model = build_vq_wav2vec(vq_cfg)
             _load_renamed(model, state, VQ_WAV2VEC_KEY_MAP, source)
             quantizer = model.get_submodule("quantizer")
             if isinstance(quantizer, KMeansVectorQuantizer):
@@ -524,6 +529,11 @@ def fairseq_to_speechvq(ckpt: dict[str, Any], source: str = "checkpoint") -> nn.
     set_num_updates = getattr(model, "set_num_updates_", None)
     if callable(set_num_updates):
         set_num_updates(_num_updates(ckpt))
+    buffers = (ckpt.get("extra_state") or {}).get("speechvq_buffers")
+    if isinstance(buffers, dict):  # written by speechvq_to_fairseq
+        own = model.state_dict()
+        known = {k: v for k, v in buffers.items() if k in own and own[k].shape == getattr(v, "shape", None)}
+        model.load_state_dict(known, strict=False)
     return model.eval()
 
 
@@ -643,7 +653,7 @@ def fairseq_wav2vec2_config(cfg: Wav2Vec2Config) -> dict[str, Any]:
 
 
 def speechvq_to_fairseq(model: nn.Module) -> dict[str, Any]:
-    """A fairseq checkpoint dict for a speechvq wav2vec 2.0 pretraining model.
+    """A fairseq checkpoint dict for a speechvq wav2vec 2.0 or vq-wav2vec pretraining model.
 
     The layout is what fairseq's trainer writes (``cfg`` as plain containers, ``args`` None), so
     ``fairseq.checkpoint_utils.load_model_ensemble_and_task`` loads it, even with
@@ -653,11 +663,14 @@ def speechvq_to_fairseq(model: nn.Module) -> dict[str, Any]:
         UserInputError: for a model fairseq cannot represent (not wav2vec 2.0, a k-means
             quantizer, shared codebooks, or a non-identity projection where fairseq has none).
     """
+    from speechvq.models.vq_wav2vec import VqWav2VecModel
     from speechvq.models.wav2vec2 import Wav2Vec2Model
 
+    if isinstance(model, VqWav2VecModel):
+        return _vq_wav2vec_to_fairseq(model)
     if not isinstance(model, Wav2Vec2Model):
         raise UserInputError(
-            f"`model` must be a wav2vec 2.0 pretraining model to export to fairseq, "
+            f"`model` must be a wav2vec 2.0 or vq-wav2vec pretraining model to export to fairseq, "
             f"but is {type(model).__name__} instead."
         )
     cfg = model.cfg
@@ -686,37 +699,70 @@ def speechvq_to_fairseq(model: nn.Module) -> dict[str, Any]:
     table = [(fs, sv) for fs, sv in WAV2VEC2_KEY_MAP if not fs.endswith("{i}" + skip)]
     names = rename_keys(list(state), table, reverse=True)
     fs_state = {names[k]: v for k, v in state.items()}
-    num_updates = int(model.quantizer.get_buffer("num_updates"))
+    criterion = {
+        "_name": "wav2vec",
+        "infonce": True,
+        "loss_weights": [cfg.loss.diversity_weight, cfg.loss.feature_penalty_weight],
+        "log_keys": ["prob_perplexity", "code_perplexity", "temp"],
+    }
+    normalize = cfg.encoder.norm_mode == "layer_norm"
+    return _checkpoint(fairseq_wav2vec2_config(cfg), criterion, normalize, fs_state, model)
+
+
+def _vq_wav2vec_to_fairseq(model: nn.Module) -> dict[str, Any]:
+    """:func:`speechvq_to_fairseq` of a vq-wav2vec model (fairseq's ``wav2vec`` with ``vq_type``)."""
+    from speechvq.interop.fairseq_vq_export import fairseq_vq_wav2vec_config, vq_wav2vec_state_to_fairseq
+
+    cfg: VqWav2VecConfig = model.cfg  # type: ignore[assignment]
+    section = fairseq_vq_wav2vec_config(cfg)
+    state = {
+        k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.endswith(_SPEECHVQ_ONLY)
+    }
+    fs_state = vq_wav2vec_state_to_fairseq(state, cfg, VQ_WAV2VEC_KEY_MAP)
+    criterion = {"_name": "wav2vec", "infonce": False, "loss_weights": section["loss_weights"],
+                 "log_keys": ["prob_perplexity", "code_perplexity", "temp"]}  # fmt: skip
+    return _checkpoint(section, criterion, False, fs_state, model)
+
+
+def _updates_of(model: nn.Module) -> int:
+    """The update count a model carries (the Gumbel quantizer's; 0 for the k-means one)."""
+    updates = getattr(model.get_submodule("quantizer"), "num_updates", None)
+    return int(updates) if isinstance(updates, Tensor) else 0
+
+
+def _checkpoint(
+    model_section: dict[str, Any],
+    criterion: dict[str, Any],
+    normalize: bool,
+    state: dict[str, Tensor],
+    model: nn.Module,
+) -> dict[str, Any]:
+    """A checkpoint in the layout fairseq's trainer writes (``state``: fairseq's weights of
+    ``model``), with the speechvq config and the speechvq-only buffers (Gumbel update count,
+    k-means EMA statistics) in ``extra_state``, for a lossless round trip."""
+    own = model.state_dict()
+    buffers = {k: v.detach().cpu().clone() for k, v in own.items() if k.endswith(_SPEECHVQ_ONLY)}
     return {
         "args": None,
         "cfg": {
             "_name": None,
             "common": {},
-            "model": fairseq_wav2vec2_config(cfg),
-            "task": {
-                "_name": "audio_pretraining",
-                "data": "",
-                "normalize": cfg.encoder.norm_mode == "layer_norm",
-            },
-            "criterion": {
-                "_name": "wav2vec",
-                "infonce": True,
-                "loss_weights": [cfg.loss.diversity_weight, cfg.loss.feature_penalty_weight],
-                "log_keys": ["prob_perplexity", "code_perplexity", "temp"],
-            },
+            "model": model_section,
+            "task": {"_name": "audio_pretraining", "data": "", "normalize": normalize},
+            "criterion": criterion,
         },
-        "model": fs_state,
+        "model": state,
         "criterion": None,
         "optimizer_history": [
             {
                 "criterion_name": "Wav2vecCriterion",
                 "optimizer_name": "FairseqAdam",
                 "lr_scheduler_state": {},
-                "num_updates": num_updates,
+                "num_updates": _updates_of(model),
             }
         ],
         "task_state": {},
-        "extra_state": {"speechvq_config": cfg.to_dict()},
+        "extra_state": {"speechvq_config": model.cfg.to_dict(), "speechvq_buffers": buffers},  # type: ignore[operator]
     }
 
 

@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from speechvq.config import Wav2Vec2Config, preset
+from speechvq.config import PRESETS, VQ_WAV2VEC_PRESETS, VqWav2VecConfig, Wav2Vec2Config
 from speechvq.configs import resolve_config
 from speechvq.errors import UserInputError
 
@@ -29,15 +29,20 @@ from speechvq.errors import UserInputError
 class ModelSection:
     """Which model to pretrain: a preset plus dotted overrides, or a full config dict."""
 
+    type: Literal["wav2vec2", "vq_wav2vec"] = "wav2vec2"
+    """``wav2vec2`` (masked Transformer, contrastive loss; :class:`~speechvq.config.Wav2Vec2Config`)
+    or ``vq_wav2vec`` (conv aggregator predicting future quantized frames with binary
+    cross-entropy; :class:`~speechvq.config.VqWav2VecConfig`)."""
+
     preset: str | None = "base"
-    """Preset name (``tiny``, ``small``, ``base``, ``large``); None when ``config`` is given."""
+    """Preset name: for ``wav2vec2`` ``tiny``, ``small``, ``base``, ``large``; for ``vq_wav2vec``
+    ``gumbel``, ``kmeans`` (the paper's). None when ``config`` is given."""
 
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Dotted paths into :class:`~speechvq.config.Wav2Vec2Config` and values, e.g.
-    ``{context.layer_drop_p: 0.1}``."""
+    """Dotted paths into the model config and values, e.g. ``{context.layer_drop_p: 0.1}``."""
 
     config: dict[str, Any] | None = None
-    """A full ``Wav2Vec2Config.to_dict()`` mapping; used instead of ``preset`` when given."""
+    """A full model config mapping (``to_dict()``); used instead of ``preset`` when given."""
 
 
 @dataclass(kw_only=True)
@@ -239,19 +244,27 @@ class PretrainConfig:
         """A YAML-safe dict (tuples become lists)."""
         return plain(dataclasses.asdict(self))
 
-    def model_config(self) -> Wav2Vec2Config:
-        """The :class:`Wav2Vec2Config` this run trains."""
+    def model_config(self) -> Any:
+        """The model config this run trains: a :class:`Wav2Vec2Config`, or a
+        :class:`VqWav2VecConfig` for ``model.type: vq_wav2vec``."""
         m = self.model
+        cls = VqWav2VecConfig if m.type == "vq_wav2vec" else Wav2Vec2Config
         if m.config is not None:
-            cfg = Wav2Vec2Config.from_dict(m.config)
+            cfg = cls.from_dict(m.config)
         elif m.preset is not None:
-            cfg = preset(m.preset)
+            presets = VQ_WAV2VEC_PRESETS if m.type == "vq_wav2vec" else PRESETS
+            if m.preset not in presets:
+                raise UserInputError(
+                    f"`model.preset` must be one of {sorted(presets)} for a {m.type} model, but is "
+                    f"{m.preset!r} instead."
+                )
+            cfg = presets[m.preset]()
         else:
             raise UserInputError("`model` must give a `preset` or a `config`, but gives neither instead.")
         data = cfg.to_dict()
         for path, value in m.overrides.items():
             _set_dotted(data, path, value, where="model.overrides")
-        return Wav2Vec2Config.from_dict(data)
+        return cls.from_dict(data)
 
     def validate(self) -> None:
         """Cross-field checks; raises :class:`UserInputError`."""
@@ -439,5 +452,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type 
 def dump_config(cfg: PretrainConfig) -> str:
     """The resolved config as YAML, with the model config written out in full."""
     data = cfg.to_dict()
-    data["model"] = {"preset": None, "overrides": {}, "config": cfg.model_config().to_dict()}
+    data["model"] = {
+        "type": cfg.model.type,
+        "preset": None,
+        "overrides": {},
+        "config": cfg.model_config().to_dict(),
+    }
     return yaml.safe_dump(data, sort_keys=False)

@@ -31,6 +31,7 @@ def collapse_warnings(
     num_codebooks: int,
     cfg: DiagnosticsSection,
     chance_after_steps: int | None = None,
+    chance: tuple[float, str] | None = None,
 ) -> list[CollapseWarning]:
     """Diagnose the latest ``cfg.window`` training records.
 
@@ -46,6 +47,8 @@ def collapse_warnings(
         cfg: thresholds.
         chance_after_steps: grace period of the stuck-at-chance check when
             ``cfg.chance_after_steps`` is None (the caller derives it from the warmup; 500 if None).
+        chance: (loss per target at chance, what it is) for a loss other than the contrastive
+            InfoNCE, whose chance is log(K + 1) (e.g. vq-wav2vec's binary cross-entropy).
 
     Returns:
         The warnings, empty for a healthy run.
@@ -60,7 +63,7 @@ def collapse_warnings(
         return all(v is not None and math.isfinite(float(v)) and test(float(v)) for v in values)  # type: ignore[operator]
 
     found: list[CollapseWarning] = []
-    chance = math.log(num_negatives + 1)
+    chance, chance_text = chance if chance is not None else (math.log(num_negatives + 1), "log(K+1)")
     last = recent[-1]
     grace = cfg.chance_after_steps
     if grace is None:
@@ -72,7 +75,7 @@ def collapse_warnings(
             CollapseWarning(
                 "loss_at_chance",
                 f"contrastive loss {last['contrastive']:.3f} nats ({last['contrastive'] / math.log(2):.3f} bits) "
-                f"has stayed at chance log(K+1) = {chance:.3f} since step {int(recent[0]['step'])}: the model "
+                f"has stayed at chance, {chance_text} = {chance:.3f}, since step {int(recent[0]['step'])}: the model "
                 "is not learning (try a lower lr, a longer warmup, or check the audio and masking).",
             )
         )

@@ -277,6 +277,11 @@ def _from_checkpoint(path: Path) -> Wav2Vec2Model:
         w2v_cfg: Wav2Vec2Config = config_from_dict(saved).model_config()
     except (UserInputError, TypeError, ValueError, KeyError) as err:
         raise UserInputError(f"{path}/config.yaml: not a pretraining checkpoint config: {err}") from err
+    if not isinstance(w2v_cfg, Wav2Vec2Config):
+        raise UserInputError(
+            f"{path}: a vq-wav2vec checkpoint; CTC fine-tuning starts from wav2vec 2.0 (for vq-wav2vec, "
+            "export its units and fine-tune a unit BERT: docs/units.md)"
+        )
     model = build_wav2vec2(w2v_cfg)
     model.load_state_dict(ckpt.load_checkpoint(path)[0])
     return model

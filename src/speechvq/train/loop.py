@@ -44,7 +44,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from speechvq.data import BucketBatchSampler
 from speechvq.errors import UserInputError
-from speechvq.models.wav2vec2 import Wav2Vec2Model
 from speechvq.train import checkpoint as ckpt
 from speechvq.train import launch
 from speechvq.train.config import PretrainConfig
@@ -147,10 +146,10 @@ def pretrain(
     exp_dir: str | Path,
     *,
     require_resume: bool = False,
-    model: Wav2Vec2Model | None = None,
+    model: torch.nn.Module | None = None,
     stop_at_step: int | None = None,
 ) -> RunSummary:
-    """Pretrain (or resume) a wav2vec 2.0 model as ``cfg`` says, writing into ``exp_dir``.
+    """Pretrain (or resume) a wav2vec 2.0 or vq-wav2vec model as ``cfg`` says, into ``exp_dir``.
 
     Args:
         cfg: the validated run config.
@@ -162,7 +161,13 @@ def pretrain(
     Returns:
         A :class:`RunSummary`.
     """
-    task = Wav2Vec2PretrainTask(cfg, Path(exp_dir), model)
+    task: Task
+    if cfg.model.type == "vq_wav2vec":
+        from speechvq.train.task_vq_wav2vec import VqWav2VecPretrainTask
+
+        task = VqWav2VecPretrainTask(cfg, Path(exp_dir), model)  # type: ignore[arg-type]
+    else:
+        task = Wav2Vec2PretrainTask(cfg, Path(exp_dir), model)
     return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)
 
 

@@ -147,26 +147,7 @@ class Wav2Vec2PretrainTask:
     def open_data(self, path: str, *, train: bool, num_replicas: int, rank: int) -> DataParts:
         if train:
             self._world = num_replicas
-        d = self.cfg.data
-        try:
-            ds = AudioDataset(
-                path,
-                sample_rate=d.sample_rate,
-                normalize=d.normalize,
-                max_sample_size=d.max_sample_size,
-                min_sample_size=d.min_sample_size,
-                random_crop=train,
-                seed=self.cfg.train.seed,
-            )
-        except FileNotFoundError as err:
-            raise UserInputError(f"{path}: {err}") from err
-        if len(ds) == 0:
-            raise UserInputError(f"{path}: no usable utterances (check min_sample_size)")
-        sampler = BucketBatchSampler(
-            ds.sizes, d.max_tokens, num_replicas=num_replicas, rank=rank, seed=self.cfg.train.seed,
-            shuffle=train, max_sample_size=d.max_sample_size,
-        )  # fmt: skip
-        return ds, sampler, collate_audio
+        return open_audio_data(self.cfg, path, train=train, num_replicas=num_replicas, rank=rank)
 
     def on_update(self, model: nn.Module, step: int) -> None:
         model.set_num_updates_(step)  # Gumbel temperature from the update count
@@ -271,6 +252,33 @@ class Wav2Vec2PretrainTask:
         from speechvq.io import save_pretrained
 
         save_pretrained(model, directory)
+
+
+def open_audio_data(
+    cfg: PretrainConfig, path: str, *, train: bool, num_replicas: int, rank: int
+) -> DataParts:
+    """Dataset (random crops in training), batch sampler and collate function of a pretraining
+    split, as ``cfg.data`` says."""
+    d = cfg.data
+    try:
+        ds = AudioDataset(
+            path,
+            sample_rate=d.sample_rate,
+            normalize=d.normalize,
+            max_sample_size=d.max_sample_size,
+            min_sample_size=d.min_sample_size,
+            random_crop=train,
+            seed=cfg.train.seed,
+        )
+    except FileNotFoundError as err:
+        raise UserInputError(f"{path}: {err}") from err
+    if len(ds) == 0:
+        raise UserInputError(f"{path}: no usable utterances (check min_sample_size)")
+    sampler = BucketBatchSampler(
+        ds.sizes, d.max_tokens, num_replicas=num_replicas, rank=rank, seed=cfg.train.seed,
+        shuffle=train, max_sample_size=d.max_sample_size,
+    )  # fmt: skip
+    return ds, sampler, collate_audio
 
 
 def _utterance_seed(update_seed: int, index: int) -> int:
