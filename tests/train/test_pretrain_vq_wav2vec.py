@@ -62,7 +62,7 @@ def tiny_vq(manifest: Path, quantizer: str, **train: object) -> dict:
             "progress_bar": False,
             "tensorboard": False,
             **train,
-        },  # fmt: skip
+        },
     }
 
 
