@@ -76,3 +76,46 @@ def test_shipped_unit_bert_configs_load_and_their_warmup_fits_the_run(name: str)
     cfg.validate()
     assert cfg.schedule.warmup_steps <= cfg.train.max_steps // 10
     assert cfg.data.max_tokens >= cfg.model.max_positions
+
+
+def test_unigram_baseline_is_the_smoothed_unit_frequency_and_the_commonest_unit() -> None:
+    import numpy as np
+
+    from speechvq.units.bert import unigram_baseline
+    from speechvq.units.dictionary import UnitDictionary
+
+    d = UnitDictionary.build([["a", "a", "a", "b"]])
+    a, b = d.encode(["a"], add_specials=False)[0], d.encode(["b"], add_specials=False)[0]
+    logp, majority = unigram_baseline([np.array([a, a, a, b])], d)
+    units = d.mask_id - d.first_unit_id  # 2
+    assert majority == a
+    assert float(logp[a]) == pytest.approx(np.log((3 + 1) / (4 + units)))
+    assert float(logp[b]) == pytest.approx(np.log((1 + 1) / (4 + units)))
+    assert torch.isinf(logp[d.pad_id]) and torch.isinf(logp[d.mask_id])  # specials are never targets
+
+
+def test_records_hold_the_baselines_and_a_learning_bert_beats_them(units: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    argv = ["pretrain-unit-bert", "--config", str(_config(tmp_path)), "--units", str(units),
+            "--valid-units", str(units), "--exp-dir", str(exp)]  # fmt: skip
+    assert main(argv) == 0
+    records = read_metrics(exp)
+    last_valid = [r for r in records if r["split"] == "valid"][-1]
+    for r in (records[0], last_valid):
+        assert {"unigram_ce", "majority_accuracy", "loss_below_unigram"} <= set(r)
+    # the corpus: two of 12 units per utterance, in runs: ~ln 12 unigram, ~1/12 majority
+    assert 2.2 < last_valid["unigram_ce"] < 2.7 and last_valid["majority_accuracy"] < 0.2
+    assert last_valid["loss"] < last_valid["unigram_ce"] - 0.5
+    assert last_valid["accuracy"] > last_valid["majority_accuracy"] + 0.2
+
+
+def test_a_bert_that_does_not_learn_is_warned_about(units: Path, tmp_path: Path, caplog) -> None:
+    import logging
+
+    cfg = load_config(
+        _config(tmp_path, max_steps=40), [f"data.train={units}", "optim.lr=1e-9"], UnitBertRunConfig
+    )
+    with caplog.at_level(logging.WARNING):
+        pretrain_unit_bert(cfg, tmp_path / "exp")
+    warned = [r.getMessage() for r in caplog.records if "mlm_not_below_unigram" in r.getMessage()]
+    assert warned and "not below the unigram cross-entropy" in warned[0]

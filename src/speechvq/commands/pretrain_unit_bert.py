@@ -54,6 +54,15 @@ def run(args: argparse.Namespace) -> int:
     rec = summary.last_train
     if rec and summary.main_process:
         logger.info(
-            "done at step %d: MLM loss %.4f, accuracy %.3f", summary.step, rec["loss"], rec["accuracy"]
-        )
+            "done at step %d: MLM loss %.4f (unigram cross-entropy %.4f), accuracy %.3f (majority unit %.3f)",
+            summary.step, rec["loss"], rec.get("unigram_ce", float("nan")), rec["accuracy"],
+            rec.get("majority_accuracy", float("nan")),
+        )  # fmt: skip
+        valid = summary.last_valid
+        if valid:
+            logger.info(
+                "validation: MLM loss %.4f (unigram %.4f), accuracy %.3f (majority %.3f)",
+                valid["loss"], valid.get("unigram_ce", float("nan")), valid["accuracy"],
+                valid.get("majority_accuracy", float("nan")),
+            )  # fmt: skip
     return 0

@@ -76,7 +76,7 @@ class UnitBertLoopTask:
     """
 
     name = "unit-bert"
-    stat_names = ("loss", "targets", "correct", "tokens", "nonfinite")
+    stat_names = ("loss", "targets", "correct", "tokens", "unigram_ce", "majority_correct", "nonfinite")
     eval_stat_names = stat_names
     lower_is_better = True
     export_name = "best_model"
@@ -87,6 +87,7 @@ class UnitBertLoopTask:
         self.inner = UnitBertTask(
             cfg.model, cfg.data.train, cfg.data.valid, work_dir=exp_dir, seed=cfg.train.seed
         )
+        self.history: list[dict[str, float]] = []
 
     def config_yaml(self) -> str:
         return yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
@@ -118,6 +119,8 @@ class UnitBertLoopTask:
             "targets": float(n),
             "correct": metrics["accuracy"] * n,
             "tokens": metrics["tokens"],
+            "unigram_ce": metrics["unigram_ce"],
+            "majority_correct": metrics["majority_correct"],
             "nonfinite": 0.0 if math.isfinite(value) else 1.0,
         }
 
@@ -135,13 +138,18 @@ class UnitBertLoopTask:
         return loss, self._stats(loss, n, metrics)
 
     def record(self, sums: dict[str, float]) -> dict[str, float]:
-        """Cross-entropy per masked token (nats and bits), accuracy, masked share."""
+        """Cross-entropy per masked token (nats and bits), accuracy, masked share, and the two
+        baselines on the same tokens: the unigram cross-entropy of the training units and the
+        accuracy of always predicting the commonest one."""
         n = max(sums["targets"], 1.0)
         loss = sums["loss"] / n
         return {
             "loss": loss,
             "loss_bits": loss / math.log(2),
             "accuracy": sums["correct"] / n,
+            "unigram_ce": sums["unigram_ce"] / n,
+            "majority_accuracy": sums["majority_correct"] / n,
+            "loss_below_unigram": sums["unigram_ce"] / n - loss,
             "masked_share": sums["targets"] / max(sums["tokens"], 1.0),
             "targets_per_update": sums["targets"],
         }
@@ -150,6 +158,21 @@ class UnitBertLoopTask:
         self, step: int, rec: dict[str, float], sums: dict[str, float], seconds: float, main: bool
     ) -> list[tuple[str, str]]:
         rec["tokens_per_s"] = sums["tokens"] / max(seconds, 1e-9)
+        self.history.append(dict(rec, step=step))
+        after = max(2 * self.cfg.schedule.warmup_updates(self.cfg.train.max_steps), 1)
+        recent = self.history[-3:]
+        if (
+            len(recent) == 3
+            and recent[0]["step"] > after
+            and all(r["loss_below_unigram"] <= 0 for r in recent)
+        ):
+            return [(
+                "mlm_not_below_unigram",
+                f"MLM loss {rec['loss']:.3f} nats is not below the unigram cross-entropy of the units "
+                f"({rec['unigram_ce']:.3f}) since step {int(recent[0]['step'])}: the BERT predicts the unit "
+                "frequencies, not from context (more updates, a higher lr, dedup or BPE of the units; "
+                "docs/units.md)",
+            )]  # fmt: skip
         return []
 
     def eval_batch(self, model: nn.Module, batch: UnitBatch) -> dict[str, float]:

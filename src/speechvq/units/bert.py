@@ -369,6 +369,7 @@ class UnitBertTask:
         self.base_dictionary, self.bpe, self.dictionary = self._vocab(train_units)
         self._train = self._encode(train_units)
         self._valid = self._encode(self._unit_strings(valid_units_dir)) if valid_units_dir else None
+        self.unigram_logp, self.majority_id = unigram_baseline(self._train, self.dictionary)
 
     def _unit_strings(self, directory: str | os.PathLike[str]) -> list[list[str]]:
         units = read_units(directory)
@@ -447,12 +448,18 @@ class UnitBertTask:
         )
         attention = (torch.arange(ids.size(1), device=ids.device)[None, :] < batch.lengths[:, None]).long()
         predict = targets != -100
-        loss, n, correct = masked_lm_loss(model(inputs, attention, predict), targets[predict])
+        wanted = targets[predict]
+        loss, n, correct = masked_lm_loss(model(inputs, attention, predict), wanted)
         content = int((batch.lengths - 2).sum())
+        # the baselines on the same targets: the training units' unigram distribution, and the
+        # most frequent training unit
+        unigram = -self.unigram_logp.to(wanted.device)[wanted].sum()
         metrics = {
             "accuracy": correct / max(n, 1),
             "masked_share": n / max(content, 1),
             "tokens": float(content),
+            "unigram_ce": float(unigram),
+            "majority_correct": float((wanted == self.majority_id).sum()),
         }
         return loss, n, metrics
 
@@ -465,6 +472,28 @@ class UnitBertTask:
             self.base_dictionary.save(out / BASE_DICT_NAME)
             (out / BPE_NAME).write_bytes(self.bpe.model_file.read_bytes())
         (out / CONFIG_NAME).write_text(json.dumps({"config": self.cfg.to_dict()}, indent=2) + "\n")
+
+
+def unigram_baseline(sequences: list[np.ndarray], dictionary: UnitDictionary) -> tuple[Tensor, int]:
+    """The two baselines a unit BERT must beat, from the training token sequences: ``[V]``
+    log-probabilities of the add-one-smoothed unigram distribution over the units (specials get
+    none), and the id of the most frequent unit.
+
+    A model that learns only how often each unit occurs reaches the unigram cross-entropy on the
+    masked tokens, and one that always predicts the commonest unit reaches its share as accuracy;
+    an MLM loss above the first or an accuracy below the second means the BERT has not used the
+    context at all.
+    """
+    counts = np.zeros(len(dictionary), dtype=np.float64)
+    for seq in sequences:
+        counts += np.bincount(np.asarray(seq, dtype=np.int64), minlength=len(dictionary))
+    units = np.zeros(len(dictionary), dtype=bool)
+    units[dictionary.first_unit_id : dictionary.mask_id] = True
+    counts = np.where(units, counts + 1.0, 0.0)
+    with np.errstate(divide="ignore"):
+        logp = np.log(counts / counts.sum())
+    majority = int(np.argmax(np.where(units, counts, -1.0)))
+    return torch.from_numpy(logp), majority
 
 
 def _dedup(tokens: list[str]) -> list[str]:
