@@ -466,6 +466,18 @@ class VqWav2VecConfig(_QuantizedModelConfig):
     encoder_layers: tuple[ConvSpec, ...] = VQ_WAV2VEC_CONV_LAYERS
     """(channels, kernel, stride) of the encoder convs (fairseq ``conv_feature_layers``)."""
 
+    encoder_kind: Literal["conv", "fbank"] = "conv"
+    """``conv``: the raw-waveform CNN of ``encoder_layers`` (the paper). ``fbank``: per-utterance
+    normalised log-mel frames (``num_mels`` x ``fbank_stack``; 10 ms frames with ``fbank_stack``
+    1, the CNN's rate) instead of the CNN, for small budgets, where the CNN does not leave chance
+    (docs/vq_wav2vec.md); fairseq has no such front end, so such a model does not export there."""
+
+    num_mels: int = 80
+    """Log-mel channels of the ``fbank`` front end."""
+
+    fbank_stack: int = 1
+    """Consecutive 10 ms log-mel frames concatenated per frame by the ``fbank`` front end."""
+
     aggregator_layers: tuple[ConvSpec, ...] = VQ_WAV2VEC_AGGREGATOR_LAYERS
     """(channels, kernel, stride) of the aggregator convs (fairseq ``conv_aggregator_layers``)."""
 
@@ -549,12 +561,27 @@ class VqWav2VecConfig(_QuantizedModelConfig):
             )
         if self.activation not in ("gelu", "relu"):
             raise ValueError(f"`activation` must be 'gelu' or 'relu', but is {self.activation!r} instead.")
+        if self.encoder_kind not in ("conv", "fbank"):
+            raise ValueError(
+                f"`encoder_kind` must be 'conv' or 'fbank', but is {self.encoder_kind!r} instead."
+            )
+        if self.num_mels < 1 or self.fbank_stack < 1:
+            raise ValueError(
+                f"`num_mels` and `fbank_stack` must be >= 1, but are {self.num_mels} and {self.fbank_stack} instead."
+            )
         if self.prediction_steps < 1:
             raise ValueError(f"`prediction_steps` must be >= 1, but is {self.prediction_steps} instead.")
         if self.num_negatives < 1:
             raise ValueError(f"`num_negatives` must be >= 1, but is {self.num_negatives} instead.")
         if self.offset is not None and self.offset < 1:
             raise ValueError(f"`offset` must be >= 1 or None, but is {self.offset} instead.")
+
+    @property
+    def encoder_dim(self) -> int:
+        """Channels of the encoder output (the quantizer's input)."""
+        if self.encoder_kind == "fbank":
+            return self.num_mels * self.fbank_stack
+        return self.encoder_layers[-1][0]
 
 
 def vq_wav2vec_gumbel() -> VqWav2VecConfig:

@@ -32,6 +32,11 @@ def fairseq_vq_wav2vec_config(cfg: VqWav2VecConfig) -> dict[str, Any]:
     Raises:
         UserInputError: for settings fairseq cannot represent.
     """
+    if cfg.encoder_kind != "conv":
+        raise UserInputError(
+            f"`encoder_kind` must be 'conv' to export to fairseq (it has no log-mel front end), "
+            f"but is {cfg.encoder_kind!r} instead."
+        )
     embed = cfg.encoder_layers[-1][0]
     kmeans = cfg.quantizer_type == "kmeans"
     vq_dim = cfg.kmeans.codevector_dim if kmeans else cfg.quantizer.codevector_dim

@@ -20,6 +20,7 @@ from speechvq.losses_wav2vec import (
 from speechvq.models import lowp_guard
 from speechvq.models.common import Conv1d, lengths_to_padding_mask
 from speechvq.models.encoder import check_waveforms, conv_output_lengths, receptive_field
+from speechvq.models.fbank import FbankFeatureEncoder
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer, build_kmeans_quantizer
 from speechvq.models.quantizer import GumbelVectorQuantizer, QuantizerOutput, build_quantizer
 
@@ -235,7 +236,7 @@ class VqWav2VecModel(nn.Module):
 
     def __init__(
         self,
-        feature_encoder: Wav2VecFeatureEncoder,
+        feature_encoder: Wav2VecFeatureEncoder | FbankFeatureEncoder,
         quantizer: GumbelVectorQuantizer | KMeansVectorQuantizer,
         aggregator: ConvAggregator,
         predictor: StepPredictor,
@@ -249,7 +250,7 @@ class VqWav2VecModel(nn.Module):
         self.predictor = predictor
         self.feature_dropout = nn.Dropout(cfg.feature_dropout_p)
         self.aggregator_dropout = nn.Dropout(cfg.aggregator_dropout_p)
-        self.offset = cfg.offset if cfg.offset is not None else auto_offset(cfg.encoder_layers)
+        self.offset = cfg.offset if cfg.offset is not None else _auto_offset(feature_encoder)
 
     def set_num_updates_(self, num_updates: int) -> None:
         """Set the update count that anneals the Gumbel temperature."""
@@ -340,6 +341,13 @@ class VqWav2VecModel(nn.Module):
         return q, frame_lengths
 
 
+def _auto_offset(encoder: nn.Module) -> int:
+    """fairseq's ``offset=auto`` of any front end: ceil(receptive field / frame stride)."""
+    if isinstance(encoder, Wav2VecFeatureEncoder):
+        return auto_offset(encoder.conv_layers)
+    return math.ceil(int(encoder.receptive_field) / int(encoder.frame_stride))  # type: ignore[arg-type]
+
+
 def auto_offset(conv_layers: tuple[tuple[int, int, int], ...]) -> int:
     """fairseq's ``offset=auto``: ceil(receptive field / total stride) of the encoder."""
     field, jump = 0, 0
@@ -354,22 +362,28 @@ def auto_offset(conv_layers: tuple[tuple[int, int, int], ...]) -> int:
 def build_vq_wav2vec(cfg: VqWav2VecConfig) -> VqWav2VecModel:
     """Build a :class:`VqWav2VecModel` from its config."""
     act = _ACTIVATIONS[cfg.activation]
-    blocks = []
-    in_dim = 1
-    for channels, kernel, stride in cfg.encoder_layers:
-        conv = Conv1d(in_dim, channels, kernel, stride=stride, bias=False)
-        blocks.append(
-            ConvBlock(conv, UtteranceGroupNorm(channels), act(), dropout_p=0.0, left_pad=0, zero_pad=False)
+    encoder: Wav2VecFeatureEncoder | FbankFeatureEncoder
+    if cfg.encoder_kind == "fbank":
+        encoder = FbankFeatureEncoder(num_mels=cfg.num_mels, stack=cfg.fbank_stack)
+    else:
+        blocks = []
+        in_dim = 1
+        for channels, kernel, stride in cfg.encoder_layers:
+            conv = Conv1d(in_dim, channels, kernel, stride=stride, bias=False)
+            blocks.append(
+                ConvBlock(
+                    conv, UtteranceGroupNorm(channels), act(), dropout_p=0.0, left_pad=0, zero_pad=False
+                )
+            )
+            in_dim = channels
+        encoder = Wav2VecFeatureEncoder(
+            nn.ModuleList(blocks),
+            cfg.encoder_layers,
+            log_compression=cfg.log_compression,
+            skip_connections=cfg.encoder_skip_connections,
+            residual_scale=cfg.residual_scale,
         )
-        in_dim = channels
-    encoder = Wav2VecFeatureEncoder(
-        nn.ModuleList(blocks),
-        cfg.encoder_layers,
-        log_compression=cfg.log_compression,
-        skip_connections=cfg.encoder_skip_connections,
-        residual_scale=cfg.residual_scale,
-    )
-    embed = cfg.encoder_layers[-1][0]
+    embed = cfg.encoder_dim
     quantizer: GumbelVectorQuantizer | KMeansVectorQuantizer
     if cfg.quantizer_type == "kmeans":
         quantizer = build_kmeans_quantizer(cfg.kmeans, embed)
