@@ -214,32 +214,78 @@ def _plain(value: Any) -> Any:
 # -- configs -----------------------------------------------------------------------------------
 
 
+MAX_LAYER_SPEC_CHARS = 10_000
+"""Longest layer-list string read from a checkpoint config."""
+MAX_LAYER_SPECS = 256
+"""Most layers a layer-list string may describe (fairseq's largest models have 7 conv layers)."""
+MAX_LAYER_VALUE = 1 << 20
+"""Largest channel count, kernel or stride in a layer-list string (and largest factor of ``*``)."""
+
+
 def _eval_layers(text: Any, name: str) -> tuple[tuple[int, int, int], ...]:
     """Parse fairseq's layer-list strings such as ``"[(512, 10, 5)] + [(512, 3, 2)] * 4"``
-    without ``eval``: only list/tuple literals of ints, ``+`` and ``*`` are accepted."""
+    without ``eval``: only list/tuple literals of ints, ``+`` and ``*`` are accepted.
+
+    Parsing is bounded before anything is built: the string's length, every integer, and the
+    length of every list (checked before a ``*`` repeats it), so a crafted ``"[...] * 10**9"`` or
+    ``"[...] * 1000000000"`` is refused instead of allocating without bound.
+    """
     if isinstance(text, (list, tuple)):
-        return tuple(tuple(int(v) for v in spec) for spec in text)  # type: ignore[misc]
+        text = repr(list(text))  # the same bounds for lists given as values
 
     def ev(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
             return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, int)
+            and not isinstance(node.value, bool)
+        ):
+            if not 0 <= node.value <= MAX_LAYER_VALUE:
+                raise ValueError(f"integer {node.value} is outside [0, {MAX_LAYER_VALUE}]")
             return node.value
         if isinstance(node, (ast.List, ast.Tuple)):
+            if len(node.elts) > MAX_LAYER_SPECS:
+                raise ValueError(f"a literal of more than {MAX_LAYER_SPECS} items")
             items = [ev(e) for e in node.elts]
             return items if isinstance(node, ast.List) else tuple(items)
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             left, right = ev(node.left), ev(node.right)
-            return left + right if isinstance(node.op, ast.Add) else left * right
+            if isinstance(node.op, ast.Add):
+                if isinstance(left, int) != isinstance(right, int):
+                    raise ValueError("'+' of a number and a list")
+                result = left + right
+            else:
+                seq, count = (left, right) if isinstance(right, int) else (right, left)
+                if not isinstance(count, int):
+                    raise ValueError("'*' of two lists")
+                if isinstance(seq, int):
+                    result = seq * count
+                elif len(seq) * count > MAX_LAYER_SPECS:
+                    raise ValueError(
+                        f"'* {count}' makes {len(seq) * count} layers, more than {MAX_LAYER_SPECS}"
+                    )
+                else:
+                    result = seq * count
+            if isinstance(result, int) and result > MAX_LAYER_VALUE:
+                raise ValueError(f"integer {result} is outside [0, {MAX_LAYER_VALUE}]")
+            if not isinstance(result, int) and len(result) > MAX_LAYER_SPECS:
+                raise ValueError(f"more than {MAX_LAYER_SPECS} layers")
+            return result
         raise ValueError(f"unsupported expression {ast.dump(node)[:60]}")
 
+    shown = repr(text) if len(str(text)) <= 120 else repr(str(text)[:120]) + "..."
     try:
+        if len(str(text)) > MAX_LAYER_SPEC_CHARS:
+            raise ValueError(f"longer than {MAX_LAYER_SPEC_CHARS} characters")
         layers = ev(ast.parse(str(text), mode="eval"))
-        return tuple((int(c), int(k), int(s)) for c, k, s in layers)
-    except (SyntaxError, ValueError, TypeError) as err:
+        specs = tuple((int(c), int(k), int(s)) for c, k, s in layers)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as err:
         raise UserInputError(
-            f"fairseq `{name}` must be a list of (dim, kernel, stride), but is {text!r} ({err})"
+            f"fairseq `{name}` must be a list of at most {MAX_LAYER_SPECS} (dim, kernel, stride), "
+            f"but is {shown} instead ({type(err).__name__}: {err})"
         ) from None
+    return specs
 
 
 def _loss_weights(value: Any) -> list[float] | None:

@@ -45,9 +45,17 @@ from speechvq.models.ctc import (
     save_ctc_pretrained,
 )
 from speechvq.models.wav2vec2 import Wav2Vec2Model, build_wav2vec2
+from speechvq.ranges import check_probability, check_range
 from speechvq.text.vocab import Vocabulary
 from speechvq.train import checkpoint as ckpt
-from speechvq.train.config import OptimSection, ScheduleSection, TrainSection, config_from_dict, plain
+from speechvq.train.config import (
+    OptimSection,
+    ScheduleSection,
+    TrainSection,
+    check_sampling,
+    config_from_dict,
+    plain,
+)
 from speechvq.train.task import DataParts
 
 logger = logging.getLogger(__name__)
@@ -95,6 +103,23 @@ class FinetuneModelSection:
     normalize_waveform: bool = False
     """Per-utterance waveform normalisation inside the model; must match pretraining."""
 
+    def validate(self) -> None:
+        """Counts >= 0 and dropout probabilities in [0, 1]."""
+        check_range("model.freeze_updates", self.freeze_updates, 0, integer=True)
+        check_range("model.reinit_layers", self.reinit_layers, 0, integer=True)
+        for name in DROPOUT_FIELDS:
+            check_probability(f"model.{name}", getattr(self, name))
+
+
+DROPOUT_FIELDS = (
+    "dropout_p",
+    "attention_dropout_p",
+    "activation_dropout_p",
+    "layer_drop_p",
+    "feature_dropout_p",
+    "final_dropout_p",
+)
+
 
 @dataclass(kw_only=True)
 class MaskSection:
@@ -110,6 +135,14 @@ class MaskSection:
     """Channel masking probability (0 disables it)."""
     channel_length: int = 64
     """Channels per channel span."""
+
+    def validate(self) -> None:
+        """Probabilities finite and >= 0 (channels: in [0, 1]), span lengths >= 1."""
+        check_range("mask.mask_prob", self.mask_prob, 0)
+        check_range("mask.mask_length", self.mask_length, 1, integer=True)
+        check_range("mask.min_masks", self.min_masks, 0, integer=True)
+        check_probability("mask.channel_prob", self.channel_prob)
+        check_range("mask.channel_length", self.channel_length, 1, integer=True)
 
 
 @dataclass(kw_only=True)
@@ -145,6 +178,11 @@ class FinetuneDataSection(LabelSection):
     num_workers: int = 0
     """DataLoader worker processes."""
 
+    def validate(self, prefix: str = "data") -> None:
+        """Sampling values and the sentencepiece size in range."""
+        check_sampling(self, prefix)
+        check_range(f"{prefix}.sentencepiece_vocab_size", self.sentencepiece_vocab_size, 1, integer=True)
+
 
 @dataclass(kw_only=True)
 class FinetuneScheduleSection(ScheduleSection):
@@ -152,13 +190,6 @@ class FinetuneScheduleSection(ScheduleSection):
 
     name: Literal["polynomial", "tri_stage", "cosine", "constant"] = "tri_stage"
     """See :class:`ScheduleSection`."""
-
-    def validate(self) -> None:
-        """``phase_ratio`` sums to 1; raises :class:`UserInputError`."""
-        if abs(sum(self.phase_ratio) - 1.0) > 1e-6:
-            raise UserInputError(
-                f"`schedule.phase_ratio` must sum to 1, but is {list(self.phase_ratio)} instead."
-            )
 
 
 @dataclass(kw_only=True)
@@ -180,16 +211,12 @@ class FinetuneConfig:
         """Cross-field checks; raises :class:`UserInputError`."""
         self.train.validate()
         self.schedule.validate()
+        self.optim.validate()
+        self.data.validate()
+        self.model.validate()
+        self.mask.validate()
         if not self.data.train:
             raise UserInputError("`data.train` must name a manifest, but is empty instead.")
-        if self.model.freeze_updates < 0:
-            raise UserInputError(
-                f"`model.freeze_updates` must be >= 0, but is {self.model.freeze_updates} instead."
-            )
-        if self.model.reinit_layers < 0:
-            raise UserInputError(
-                f"`model.reinit_layers` must be >= 0, but is {self.model.reinit_layers} instead."
-            )
 
     def settings(self) -> dict[str, Any]:
         """Keyword settings for :func:`ctc_config_from_wav2vec2`."""

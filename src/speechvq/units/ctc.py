@@ -59,8 +59,9 @@ from speechvq.io import replace_directory
 from speechvq.losses_ctc import ctc_loss
 from speechvq.metrics_asr import char_errors, word_errors
 from speechvq.models.common import Linear
+from speechvq.ranges import check_probability, check_range
 from speechvq.text.vocab import Vocabulary
-from speechvq.train.config import OptimSection, TrainSection, plain
+from speechvq.train.config import OptimSection, TrainSection, check_sampling, plain
 from speechvq.train.finetune import (
     VOCAB_NAME,
     CtcTask,
@@ -197,6 +198,14 @@ class UnitCtcRunConfig:
         """Cross-field checks; raises :class:`UserInputError`."""
         self.train.validate()
         self.schedule.validate()
+        self.optim.validate()
+        check_sampling(self.data, "data")
+        check_range("model.freeze_updates", self.model.freeze_updates, 0, integer=True)
+        check_range("model.head_dim", self.model.head_dim, 1, integer=True)
+        check_range("model.head_heads", self.model.head_heads, 1, integer=True)
+        check_range("model.head_ffn_dim", self.model.head_ffn_dim, 1, integer=True)
+        check_probability("model.dropout_p", self.model.dropout_p)
+        check_probability("model.final_dropout_p", self.model.final_dropout_p)
         d = self.data
         if not d.train:
             raise UserInputError("`data.train` must name a manifest, but is empty instead.")
