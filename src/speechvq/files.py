@@ -159,7 +159,8 @@ def is_disk_full(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err)
-    return "No space left" in text or ("inline_container" in text and "write" in text)
+    zip_writer = "inline_container" in text and "Reader" not in text  # torch.save's zip container
+    return "No space left" in text or zip_writer or "file write failed" in text
 
 
 def write_failure(err: BaseException, path: str | os.PathLike[str]) -> UserInputError:

@@ -24,12 +24,17 @@ def describe_range(
     """``"a finite number in [0, 1)"``, ``"an integer >= 1"``, ... for the bounds given."""
     kind = "an integer" if integer else "a finite number"
     if low is not None and high is not None:
-        return f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"{kind} in {'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
     if low is not None:
-        return f"{kind} {'>' if low_open else '>='} {low:g}"
+        return f"{kind} {'>' if low_open else '>='} {_fmt(low)}"
     if high is not None:
-        return f"{kind} {'<' if high_open else '<='} {high:g}"
+        return f"{kind} {'<' if high_open else '<='} {_fmt(high)}"
     return kind
+
+
+def _fmt(bound: float) -> str:
+    """A bound as written: integers in full, other numbers in the shortest form."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def in_range(

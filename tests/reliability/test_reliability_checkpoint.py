@@ -195,13 +195,11 @@ def test_disk_full_during_a_checkpoint_stops_the_run_with_one_line_and_keeps_the
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     name = "model.safetensors" if writer == "save_file" else "state.pt"
-    if writer == "torch.save-runtime":
-        assert "step_00000003: checkpoint not written: [enforce fail" in err[0]
-        assert "unexpected pos 320 vs 256 while writing state.pt" in err[0]
-    else:
-        assert (
-            f"step_00000003: checkpoint not written: no space left on device while writing {name}" in err[0]
-        )
+    # torch's zip writer says "enforce fail at inline_container.cc": reported as the full disk it is
+    assert (
+        f"error: no space left on device: {exp}/checkpoints/step_00000003/{name} (checkpoint not written"
+        in err[0]
+    )
     assert "step_00000002 is intact" in err[0]
     ckpts = exp / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001", "step_00000002"]  # no temp dir left

@@ -42,6 +42,7 @@ from speechvq.config import (
     Wav2Vec2Config,
 )
 from speechvq.errors import UserInputError
+from speechvq.files import check_output_file, require_file, writing
 from speechvq.interop.keymap import KeyTable, rename_keys
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer
 
@@ -155,8 +156,9 @@ def load_fairseq_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             the allow-list (a crafted pickle is refused before anything in it runs).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserInputError(f"{path}: no such fairseq checkpoint")
+    require_file(path, "fairseq checkpoint")
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -534,8 +536,11 @@ def fairseq_to_speechvq(ckpt: dict[str, Any], source: str = "checkpoint") -> nn.
     Raises:
         UserInputError: for unsupported architectures or weights that do not match the config.
     """
-    kind = fairseq_model_kind(ckpt)
-    model_cfg, task_cfg, criterion_cfg = checkpoint_sections(ckpt)
+    try:
+        kind = fairseq_model_kind(ckpt)
+        model_cfg, task_cfg, criterion_cfg = checkpoint_sections(ckpt)
+    except UserInputError as err:
+        raise UserInputError(f"{source}: {err}") from None
     state = {k: v for k, v in ckpt["model"].items() if isinstance(v, Tensor)}
     model: nn.Module
     try:
@@ -565,7 +570,9 @@ def fairseq_to_speechvq(ckpt: dict[str, Any], source: str = "checkpoint") -> nn.
                     quantizer.embed_avg.copy_(quantizer.codebook)
     except (TypeError, ValueError) as err:
         if isinstance(err, UserInputError):
-            raise
+            if str(err).startswith(f"{source}:"):
+                raise
+            raise UserInputError(f"{source}: {err}") from None
         raise UserInputError(f"{source}: unsupported fairseq config: {err}") from None
     set_num_updates = getattr(model, "set_num_updates_", None)
     if callable(set_num_updates):
@@ -768,9 +775,14 @@ def speechvq_to_fairseq(model: nn.Module) -> dict[str, Any]:
 
 def save_fairseq_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` as a fairseq checkpoint file (see :func:`speechvq_to_fairseq`)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_output_file(path, "the fairseq checkpoint")
+    checkpoint = speechvq_to_fairseq(model)
     tmp = target.with_name(f".{target.name}.tmp")
-    torch.save(speechvq_to_fairseq(model), tmp)
-    os.replace(tmp, target)
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
     return target

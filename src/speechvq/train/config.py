@@ -22,6 +22,7 @@ import yaml
 
 from speechvq.config import Wav2Vec2Config, preset
 from speechvq.errors import UserInputError
+from speechvq.files import read_text
 from speechvq.ranges import check_range
 
 
@@ -237,7 +238,7 @@ class TrainSection:
         ):
             check_range(f"train.{name}", getattr(self, name), 1, integer=True)
         check_range("train.seed", self.seed, 0, MAX_SEED, integer=True)
-        check_range("train.max_wall_s", self.max_wall_s, 0, low_open=True, optional=True)
+        check_range("train.max_wall_s", self.max_wall_s, 0, optional=True)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise UserInputError(
                 f"`train.precision` must be fp32, bf16 or fp16, but is {self.precision!r} instead."
@@ -554,14 +555,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type 
     """Read a YAML config into ``cls`` (default :class:`PretrainConfig`), apply ``--set`` overrides,
     type-check and validate it (``cls.validate()``)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserInputError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise UserInputError(f"{path}{line}: invalid YAML: {getattr(err, 'problem', err)}") from err
+    data = parse_yaml(read_text(path, "config file"), str(path)) or {}
     try:
         cfg = config_from_dict(apply_overrides(data, overrides or [], cls), cls)
         cfg.validate()

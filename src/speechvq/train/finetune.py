@@ -36,6 +36,7 @@ from speechvq.data.collate import AudioBatch
 from speechvq.data.source import open_source
 from speechvq.decoding import greedy_decode
 from speechvq.errors import UserInputError
+from speechvq.files import read_text
 from speechvq.metrics_asr import char_errors, word_errors
 from speechvq.models.ctc import (
     CtcModel,
@@ -54,6 +55,7 @@ from speechvq.train.config import (
     TrainSection,
     check_sampling,
     config_from_dict,
+    parse_yaml,
     plain,
 )
 from speechvq.train.task import DataParts
@@ -288,24 +290,32 @@ def _is_speechvq_dir(path: Path) -> bool:
 
 
 def _pick_checkpoint(root: Path) -> Path:
-    best = ckpt.read_best(root)
-    if best is not None and (root / f"step_{best['step']:08d}").is_dir():
-        return root / f"step_{best['step']:08d}"
-    latest = ckpt.latest_checkpoint(root)
-    if latest is None:
+    path = ckpt.best_checkpoint(root)
+    if path is None:
         raise UserInputError(f"{root}: no checkpoint")
-    return latest
+    return path
 
 
 def _from_checkpoint(path: Path) -> Wav2Vec2Model:
-    """Rebuild the pretraining model of a ``train/checkpoint.py`` directory."""
+    """Rebuild the pretraining model of a ``train/checkpoint.py`` directory.
+
+    The checkpoint is verified (every sha256) before any of its files is parsed.
+    """
+    problem = ckpt.verify_checkpoint(path)
+    if problem is not None:
+        raise ckpt.CorruptCheckpointError(f"{path}: {problem}")
     try:
-        saved = yaml.safe_load((path / "config.yaml").read_text())
+        saved = parse_yaml(read_text(path / "config.yaml", "checkpoint config"), f"{path}/config.yaml")
         w2v_cfg: Wav2Vec2Config = config_from_dict(saved).model_config()
     except (UserInputError, TypeError, ValueError, KeyError) as err:
         raise UserInputError(f"{path}/config.yaml: not a pretraining checkpoint config: {err}") from err
     model = build_wav2vec2(w2v_cfg)
-    model.load_state_dict(ckpt.load_checkpoint(path)[0])
+    try:
+        model.load_state_dict(ckpt.load_checkpoint(path)[0])
+    except RuntimeError as err:
+        raise UserInputError(
+            f"{path}/model.safetensors: the weights do not fit its config ({str(err).splitlines()[0][:200]})"
+        ) from None
     return model
 
 
@@ -333,13 +343,15 @@ class CtcTask:
 
     name = "finetune-ctc"
     stat_names = ("loss", "targets", "tokens", "samples", "nonfinite")
-    eval_stat_names = ("loss", "utterances", "word_errors", "words", "char_errors", "chars")
+    eval_stat_names = ("loss", "utterances", "word_errors", "words", "char_errors", "chars", "oov_refs")
     lower_is_better = True
     export_name = "best_model"
     find_unused_parameters = True  # the frozen body and LayerDrop leave parameters without gradient
 
     def __init__(self, cfg: FinetuneConfig, init: str | None, exp_dir: Path, *, main: bool = True) -> None:
-        self.cfg, self.init = cfg, init
+        self.cfg, self.init, self.main = cfg, init, main
+        self.oov_seen: set[str] = set()
+        self._oov_warned = False
         self.vocab = self._vocabulary(exp_dir / VOCAB_NAME, main)
         settings = cfg.settings()
         if init is None or cfg.model.random_weights:
@@ -366,7 +378,22 @@ class CtcTask:
             return Vocabulary.load(path)
         d = self.cfg.data
         source = open_source(d.train, d.labels)
-        lines = [_text(source.text(i)) for i in range(len(source))]
+        lines, bad = [], []
+        for i in range(len(source)):
+            try:
+                lines.append(_text(source.text(i)))
+            except UnicodeDecodeError:
+                bad.append(i + 1)
+        if bad:  # the dataset skips (and counts) these utterances in training too
+            logger.warning(
+                "%s: %d transcript line(s) are not UTF-8 (line %s%s); left out of the vocabulary, "
+                "their utterances are skipped",
+                d.train, len(bad), bad[0], f" and {len(bad) - 1} more" if len(bad) > 1 else "",
+            )  # fmt: skip
+        if not any(line.strip() for line in lines):
+            raise UserInputError(
+                f"{d.train}: no usable transcript ({d.labels} labels) to build a vocabulary from"
+            )
         words = [ltr_to_words(x) for x in lines] if d.labels == "ltr" else lines
         if d.vocab == "sentencepiece":
             vocab = Vocabulary.train_sentencepiece(
@@ -495,7 +522,23 @@ class CtcTask:
             "words": float(we.reference_length),
             "char_errors": float(ce.errors),
             "chars": float(ce.reference_length),
+            "oov_refs": float(self.count_oov(batch.texts or [])),
         }
+
+    def count_oov(self, texts: list[str]) -> int:
+        """References among ``texts`` that hold units outside the vocabulary (they become ``<unk>``,
+        which the model can never output); their characters are remembered for the warning."""
+        count = 0
+        for text in texts:
+            ids = self.encode(_text(text))
+            if self.vocab.unk_id in ids:
+                count += 1
+                if self.vocab.kind == "letters":
+                    known = set(self.vocab.tokens)
+                    self.oov_seen.update(
+                        c for c in self.words(_text(text)) if not c.isspace() and c not in known
+                    )
+        return count
 
     def eval_record(self, sums: dict[str, float]) -> tuple[dict[str, float], float]:
         rec = {
@@ -503,6 +546,15 @@ class CtcTask:
             "wer": sums["word_errors"] / max(sums["words"], 1.0),
             "cer": sums["char_errors"] / max(sums["chars"], 1.0),
         }
+        oov = int(sums.get("oov_refs", 0))
+        if oov and self.main and not self._oov_warned:
+            self._oov_warned = True
+            shown = "".join(sorted(self.oov_seen)[:20])
+            logger.warning(
+                "validation: %d of %d references hold letters outside the training vocabulary%s; they "
+                "can never be recognised and count as errors in every WER/CER",
+                oov, int(sums["utterances"]), f" ({shown!r})" if shown else "",
+            )  # fmt: skip
         return rec, rec[self.cfg.data.best_metric]
 
     def export(self, model: nn.Module, directory: Path) -> None:
@@ -528,8 +580,10 @@ def finetune(
         require_resume: raise if there is no checkpoint to resume from.
         stop_at_step: stop (with a checkpoint) after this many updates, as if interrupted.
     """
+    from speechvq.train.lock import experiment_lock
     from speechvq.train.loop import train
 
     main = int(os.environ.get("RANK", "0")) == 0  # accelerate's state is not set up yet
-    task = CtcTask(cfg, init, Path(exp_dir), main=main)
-    return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)
+    with experiment_lock(exp_dir):  # the task writes vocab.json before the loop starts
+        task = CtcTask(cfg, init, Path(exp_dir), main=main)
+        return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)

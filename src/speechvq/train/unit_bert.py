@@ -178,7 +178,9 @@ def pretrain_unit_bert(
 
     ``exp_dir/best_model`` (:func:`speechvq.units.bert.load_unit_bert` reads it) is written at the end.
     """
+    from speechvq.train.lock import experiment_lock
     from speechvq.train.loop import train
 
-    task = UnitBertLoopTask(cfg, Path(exp_dir))
-    return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)
+    with experiment_lock(exp_dir):  # the task writes the dictionary before the loop starts
+        task = UnitBertLoopTask(cfg, Path(exp_dir))
+        return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)
