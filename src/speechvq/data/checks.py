@@ -76,10 +76,11 @@ def read_vocab(path: str) -> frozenset[str]:
 
     Multi-character symbols (e.g. ``<unk>``) are ignored; ``|`` is the word boundary.
     """
+    from speechvq.text.files import read_text_lines
+
     chars = set()
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            sym = re.split(r"\s+", line.strip(), maxsplit=1)[0] if line.strip() else ""
-            if len(sym) == 1:
-                chars.add(sym)
+    for line in read_text_lines(path, "vocabulary file", "vocabulary file is not UTF-8 text"):
+        sym = re.split(r"\s+", line.strip(), maxsplit=1)[0] if line.strip() else ""
+        if len(sym) == 1:
+            chars.add(sym)
     return frozenset(chars)

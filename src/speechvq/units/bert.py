@@ -116,13 +116,17 @@ def load_unit_bert_config(path: str | os.PathLike[str]) -> UnitBertConfig:
     """Read a ``conf/unit_bert_*.yaml`` file (a flat mapping of :class:`UnitBertConfig` fields)."""
     import yaml
 
+    from speechvq.files import read_text
+
     path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"{path}: config file does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path, "config file")) or {}
         return UnitBertConfig.from_dict(data.get("model", data))
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: config file does not exist") from None
-    except (TypeError, ValueError, yaml.YAMLError) as err:
+    except UserInputError:
+        raise
+    except (TypeError, ValueError, AttributeError, yaml.YAMLError) as err:
         raise UserInputError(f"{path}: invalid unit BERT config: {err}") from None
 
 

@@ -55,6 +55,7 @@ from speechvq.data import BucketBatchSampler
 from speechvq.data.source import open_source
 from speechvq.decoding import greedy_decode
 from speechvq.errors import UserInputError
+from speechvq.files import read_json
 from speechvq.io import replace_directory
 from speechvq.losses_ctc import ctc_loss
 from speechvq.metrics_asr import char_errors, word_errors
@@ -274,10 +275,12 @@ def tokenizer_of(
 
 def _unit_bert_config(root: Path) -> UnitBertConfig:
     path = root / UNIT_BERT_CONFIG_NAME
+    if not path.exists():
+        raise UserInputError(f"{path}: file does not exist (not a unit BERT export)")
     try:
-        return UnitBertConfig.from_dict(json.loads(path.read_text())["config"])
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: file does not exist (not a unit BERT export)") from None
+        return UnitBertConfig.from_dict(read_json(path, "unit BERT config")["config"])
+    except UserInputError:
+        raise
     except (ValueError, KeyError, TypeError) as err:
         raise UserInputError(f"{path}: invalid unit BERT config: {err}") from None
 
@@ -515,13 +518,15 @@ def load_unit_bert_ctc(
 
     root = Path(directory)
     path = root / CONFIG_NAME
+    if not path.exists():
+        raise UserInputError(f"{path}: file does not exist (not a unit-BERT CTC model)")
     try:
-        meta = json.loads(path.read_text())
+        meta = read_json(path, "model config")
         cfg = UnitBertCtcConfig.from_dict(meta["config"])
         vocab = Vocabulary.from_dict(meta["vocabulary"])
         bert_cfg = dict(meta["bert_config"])
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: file does not exist (not a unit-BERT CTC model)") from None
+    except UserInputError:
+        raise
     except (ValueError, KeyError, TypeError) as err:
         raise UserInputError(f"{path}: invalid unit-BERT CTC config: {err}") from None
     if meta.get("model_type") != MODEL_TYPE:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from speechvq.data import AudioDataset, read_manifest
+from speechvq.data.checks import categorize
 from speechvq.errors import UserInputError
 from speechvq.units.io import Token, UnitWriter
 from speechvq.units.kmeans import FeatureShardWriter, KMeansModel
@@ -185,20 +187,30 @@ def iter_manifest(
     *,
     max_tokens: int = 1_600_000,
     max_items: int = 64,
+    skipped: Counter[str] | None = None,
 ) -> Iterator[ExportBatch]:
     """Stream a manifest through in order, a batch of consecutive items at a time.
 
     Only one batch of audio is held at once. Items that fail to load, or hold fewer samples than
-    one frame needs, are reported (logged) and left out of ``usable``; their units are empty.
+    one frame needs, are reported (logged), counted by reason in ``skipped`` and left out of
+    ``usable``; their units are empty.
+
+    Raises:
+        UserInputError: the manifest lists no item, or an argument is out of range.
     """
     if max_items < 1:
         raise UserInputError(f"--shard-size must be >= 1, but is {max_items}")
+    if max_tokens < 1:
+        raise UserInputError(f"--max-tokens must be >= 1, but is {max_tokens}")
     dataset = AudioDataset(
         manifest, sample_rate=SAMPLE_RATE, normalize=normalizes_waveform(model), random_crop=False
     )
     if dataset.num_filtered:
         raise UserInputError(f"{manifest}: {dataset.num_filtered} items could not be listed")
     relpaths = [item.relpath for item in read_manifest(manifest).items]
+    if not relpaths:
+        raise UserInputError(f"{manifest}: the manifest lists no audio")
+    skipped = Counter() if skipped is None else skipped
     assert len(relpaths) == len(dataset)
     min_samples = receptive_field(model)
     plan = consecutive_batches(np.asarray(dataset.sizes), max_tokens, max_items)
@@ -211,8 +223,11 @@ def iter_manifest(
         for pos, index in enumerate(indices):
             row = loaded.get(index)
             if row is None:
-                logger.warning("%s: could not be loaded; writing no units for it", relpaths[index])
+                reason = batch.skipped.get(index, "could not be loaded")
+                skipped[categorize(reason)] += 1
+                logger.warning("%s: %s; writing no units for it", relpaths[index], reason)
             elif int(batch.lengths[row]) < min_samples:
+                skipped["too_short"] += 1
                 logger.warning(
                     "%s: %d samples are fewer than one frame needs (%d); writing no units for it",
                     relpaths[index],
@@ -282,10 +297,12 @@ def export_units(
         raise UserInputError(f"--kind must be 'codes' or 'kmeans', but is {kind!r}")
     stride_s = frame_stride_samples(model) / SAMPLE_RATE
     centre_s = frame_centre_s(model)
+    skipped: Counter[str] = Counter()
     with UnitWriter(
         out_dir, frame_stride_s=stride_s, frame_centre_s=centre_s, dedup=dedup, meta=info
     ) as writer:
-        for batch in iter_manifest(manifest, model, max_tokens=max_tokens, max_items=max_items):
+        batches = iter_manifest(manifest, model, max_tokens=max_tokens, max_items=max_items, skipped=skipped)
+        for batch in batches:
             per_item: list[list[Token]] = [[] for _ in batch.relpaths]
             if batch.usable:
                 if kind == "codes":
@@ -306,7 +323,19 @@ def export_units(
                         per_item[pos] = [int(x) for x in lab[:n].tolist()]
             for relpath, tokens in zip(batch.relpaths, per_item):
                 writer.write(relpath, tokens)
-    return dict(info, num_utterances=writer.num_utterances, frame_stride_s=stride_s, frame_centre_s=centre_s)
+        if sum(skipped.values()) == writer.num_utterances:  # raised inside: no meta.json, incomplete
+            detail = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+            raise UserInputError(
+                f"{manifest}: none of its {writer.num_utterances} items could be used ({detail}); no units written"
+            )
+        writer.meta["skipped"] = dict(skipped)
+    return dict(
+        info,
+        num_utterances=writer.num_utterances,
+        frame_stride_s=stride_s,
+        frame_centre_s=centre_s,
+        skipped=dict(skipped),
+    )
 
 
 def dump_features(
@@ -321,7 +350,9 @@ def dump_features(
 ) -> FeatureShardWriter:
     """Dump ``layer`` features of every usable manifest item into shards (see :mod:`.kmeans`)."""
     writer = FeatureShardWriter(Path(directory), shard_size)
-    for batch in iter_manifest(manifest, model, max_tokens=max_tokens, max_items=max_items):
+    for batch in iter_manifest(
+        manifest, model, max_tokens=max_tokens, max_items=max_items, skipped=writer.skipped
+    ):
         if not batch.usable:
             continue
         feats, frames = layer_features(model, batch.waveforms, batch.lengths, layer)
