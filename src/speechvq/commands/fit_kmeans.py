@@ -106,10 +106,9 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     km.save(args.out)
-    if writer.skipped:
-        detail = ", ".join(f"{k}: {v}" for k, v in sorted(writer.skipped.items()))
+    if writer.skipped.total:
         logger.warning(
-            "%s: %d utterance(s) skipped (%s)", args.manifest, sum(writer.skipped.values()), detail
+            "%s: %d utterance(s) skipped (%s)", args.manifest, writer.skipped.total, writer.skipped.describe()
         )
     print(
         f"k={args.k} on {len(rows)} of {writer.num_rows} frames ({writer.num_shards} shards), "

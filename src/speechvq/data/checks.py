@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
+from dataclasses import dataclass, field
 
 # Category names, in a fixed order (the dataset stores the index of a category per item).
 CATEGORIES = (
@@ -84,3 +86,27 @@ def read_vocab(path: str) -> frozenset[str]:
         if len(sym) == 1:
             chars.add(sym)
     return frozenset(chars)
+
+
+@dataclass
+class SkipCounts:
+    """Items a long run skipped instead of failing: the count per category and the first reason."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    """Skipped items per category (see :data:`CATEGORIES`)."""
+    first: str | None = None
+    """The message of the first skipped item (names its file and the problem)."""
+
+    def add(self, category: str, message: str) -> None:
+        """Count one skipped item."""
+        self.counts[category] += 1
+        if self.first is None:
+            self.first = message
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        """``"missing: 2, corrupt: 1"``."""
+        return ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))

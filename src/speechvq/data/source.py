@@ -261,6 +261,8 @@ def open_source(
     path = Path(source)
     if not path.exists():
         raise UserInputError(f"{path}: data source does not exist")
+    if not path.is_dir() and (problem := path_problem(path)) is not None:
+        raise UserInputError(f"{path}: data source {problem}")
     if path.is_file() and path.suffix.lower() in (".tsv", ".txt"):
         return manifest_source(read_manifest(path), labels)
     text_labels = None if labels is None else str(labels)

@@ -164,7 +164,10 @@ def load_fairseq_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = found.group(1) if found else str(err).splitlines()[0]
+        if found is None:  # not a refused global: the bytes are no pickle torch can read
+            reason = next((ln.strip() for ln in reversed(str(err).splitlines()) if ln.strip()), "")
+            raise UserInputError(f"{path}: not a readable torch checkpoint ({reason[:200]})") from None
+        what = found.group(1)
         hint = ""
         if any(name.startswith("omegaconf.") for name in _unsafe_globals(path)):
             try:

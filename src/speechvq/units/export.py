@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from speechvq.data import AudioDataset, read_manifest
-from speechvq.data.checks import categorize
+from speechvq.data.checks import SkipCounts, categorize
 from speechvq.errors import UserInputError
 from speechvq.units.io import Token, UnitWriter
 from speechvq.units.kmeans import FeatureShardWriter, KMeansModel
@@ -187,7 +186,7 @@ def iter_manifest(
     *,
     max_tokens: int = 1_600_000,
     max_items: int = 64,
-    skipped: Counter[str] | None = None,
+    skipped: SkipCounts | None = None,
 ) -> Iterator[ExportBatch]:
     """Stream a manifest through in order, a batch of consecutive items at a time.
 
@@ -210,7 +209,7 @@ def iter_manifest(
     relpaths = [item.relpath for item in read_manifest(manifest).items]
     if not relpaths:
         raise UserInputError(f"{manifest}: the manifest lists no audio")
-    skipped = Counter() if skipped is None else skipped
+    skipped = SkipCounts() if skipped is None else skipped
     assert len(relpaths) == len(dataset)
     min_samples = receptive_field(model)
     plan = consecutive_batches(np.asarray(dataset.sizes), max_tokens, max_items)
@@ -223,11 +222,11 @@ def iter_manifest(
         for pos, index in enumerate(indices):
             row = loaded.get(index)
             if row is None:
-                reason = batch.skipped.get(index, "could not be loaded")
-                skipped[categorize(reason)] += 1
-                logger.warning("%s: %s; writing no units for it", relpaths[index], reason)
+                reason = batch.skipped.get(index, f"{relpaths[index]}: could not be loaded")
+                skipped.add(categorize(reason), reason)
+                logger.warning("%s; writing no units for it", reason)
             elif int(batch.lengths[row]) < min_samples:
-                skipped["too_short"] += 1
+                skipped.add("too_short", f"{relpaths[index]}: fewer samples than one frame needs")
                 logger.warning(
                     "%s: %d samples are fewer than one frame needs (%d); writing no units for it",
                     relpaths[index],
@@ -297,7 +296,7 @@ def export_units(
         raise UserInputError(f"--kind must be 'codes' or 'kmeans', but is {kind!r}")
     stride_s = frame_stride_samples(model) / SAMPLE_RATE
     centre_s = frame_centre_s(model)
-    skipped: Counter[str] = Counter()
+    skipped = SkipCounts()
     with UnitWriter(
         out_dir, frame_stride_s=stride_s, frame_centre_s=centre_s, dedup=dedup, meta=info
     ) as writer:
@@ -323,18 +322,18 @@ def export_units(
                         per_item[pos] = [int(x) for x in lab[:n].tolist()]
             for relpath, tokens in zip(batch.relpaths, per_item):
                 writer.write(relpath, tokens)
-        if sum(skipped.values()) == writer.num_utterances:  # raised inside: no meta.json, incomplete
-            detail = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+        if skipped.total == writer.num_utterances:  # raised inside: no meta.json, incomplete
             raise UserInputError(
-                f"{manifest}: none of its {writer.num_utterances} items could be used ({detail}); no units written"
+                f"{manifest}: none of its {writer.num_utterances} items could be used ({skipped.describe()}); "
+                f"no units written; first: {skipped.first}"
             )
-        writer.meta["skipped"] = dict(skipped)
+        writer.meta["skipped"] = dict(skipped.counts)
     return dict(
         info,
         num_utterances=writer.num_utterances,
         frame_stride_s=stride_s,
         frame_centre_s=centre_s,
-        skipped=dict(skipped),
+        skipped=dict(skipped.counts),
     )
 
 

@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import os
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from speechvq.config import MAX_SIZE
+from speechvq.data.checks import SkipCounts
 from speechvq.errors import UserInputError
 from speechvq.files import check_output_dir, read_json, require_file, write_atomic, writing
 
@@ -53,8 +53,8 @@ class FeatureShardWriter:
         self.directory = check_output_dir(directory, "the features directory")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
-        self.skipped: Counter[str] = Counter()
-        """Utterances left out of the dump, by reason (filled by :func:`~speechvq.units.export.dump_features`)."""
+        self.skipped = SkipCounts()
+        """Utterances left out of the dump (filled by :func:`~speechvq.units.export.dump_features`)."""
         self.num_shards = 0
         self.num_rows = 0
         self.max_rows_held = 0
