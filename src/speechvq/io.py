@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,21 @@ def save_pretrained(
                 save_file(state_dict_for_save(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             with writing(target / CONFIG_NAME):
                 (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return replace_directory(tmp, target)
+
+
+def write_directory(target: Path, fill: Callable[[Path], None]) -> Path:
+    """Write a directory atomically: ``fill(tmp)`` writes a temporary sibling, which then replaces
+    ``target`` (:func:`replace_directory`); on failure the temporary is removed and ``target`` is
+    untouched. A full disk is reported as ``no space left on device: <target>``."""
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            fill(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -8,6 +8,8 @@ lossless; a config without it (any checkpoint made by transformers) is mapped fi
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,9 @@ from speechvq.config import (
     Wav2Vec2Config,
 )
 from speechvq.errors import UserInputError
-from speechvq.files import check_output_dir, read_json, require_file, writing
+from speechvq.files import check_output_dir, read_json, require_file
 from speechvq.interop.keymap import rename_keys
-from speechvq.io import read_safetensors, state_dict_for_save
+from speechvq.io import read_safetensors, state_dict_for_save, write_directory
 from speechvq.models.wav2vec2 import Wav2Vec2Model, build_wav2vec2
 
 HF_KEY_MAP: list[tuple[str, str]] = [
@@ -211,9 +213,22 @@ def save_hf(model: Wav2Vec2Model, directory: str | Path) -> Path:
     from transformers import Wav2Vec2FeatureExtractor
 
     directory = check_output_dir(directory, "the transformers model directory")
-    with writing(directory):
-        _save_hf(model, directory, Wav2Vec2FeatureExtractor)
-    return directory
+    with quiet_transformers():
+        return write_directory(directory, lambda tmp: _save_hf(model, tmp, Wav2Vec2FeatureExtractor))
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars while writing (stderr keeps to the one error line, if any)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _save_hf(model: Wav2Vec2Model, directory: Path, extractor: Any) -> None:

@@ -23,9 +23,9 @@ import torch
 
 from speechvq.config import Wav2Vec2Config
 from speechvq.errors import UserInputError
-from speechvq.files import check_output_dir, read_json, writing
-from speechvq.interop.hf import HF_KEY_MAP, hf_config_from_speechvq, rename_keys
-from speechvq.io import load_weights, read_safetensors, state_dict_for_save
+from speechvq.files import check_output_dir, read_json
+from speechvq.interop.hf import HF_KEY_MAP, hf_config_from_speechvq, quiet_transformers, rename_keys
+from speechvq.io import load_weights, read_safetensors, state_dict_for_save, write_directory
 from speechvq.models.ctc import CtcConfig, CtcModel, build_ctc_model
 from speechvq.text.vocab import BOS, EOS, PAD, UNK, WORD_DELIMITER, Vocabulary
 
@@ -133,12 +133,14 @@ def save_hf_ctc(model: CtcModel, vocab: Vocabulary, directory: str | Path) -> Pa
         ``directory``.
     """
     directory = check_output_dir(directory, "the transformers model directory")
-    with writing(directory):
-        hf = to_hf_ctc(model, vocab)
-        processor = hf_processor(model.cfg, vocab, directory)
-        hf.save_pretrained(directory)
-        processor.save_pretrained(directory)
-    return directory
+    hf = to_hf_ctc(model, vocab)
+
+    def save(tmp: Path) -> None:
+        hf.save_pretrained(tmp)
+        hf_processor(model.cfg, vocab, tmp).save_pretrained(tmp)
+
+    with quiet_transformers():
+        return write_directory(directory, save)
 
 
 def load_hf_ctc(directory: str | Path) -> tuple[CtcModel, Vocabulary]:
