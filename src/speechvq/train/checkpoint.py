@@ -57,6 +57,10 @@ WRITE_DELAY_ENV = "SPEECHVQ_CKPT_WRITE_DELAY_S"
 that a kill can be made to land in the middle of a write. Unset (or 0) in normal use."""
 
 
+_NOT_RECORDED: Any = object()
+"""``save_checkpoint(best=...)`` left out: the checkpoint records no best (readers use ``best.json``)."""
+
+
 class CheckpointWriteError(UserInputError):
     """A checkpoint could not be written (e.g. no space left); the previous ones are intact."""
 
@@ -127,7 +131,7 @@ def save_checkpoint(
     state: dict[str, Any],
     config_yaml: str,
     valid_loss: float | None = None,
-    best: dict[str, Any] | None = None,
+    best: Any = _NOT_RECORDED,
 ) -> Path:
     """Write ``root/step_{step:08d}`` atomically and return its path.
 
@@ -140,6 +144,7 @@ def save_checkpoint(
         valid_loss: validation loss at this step, if measured.
         best: ``{"step", "valid_loss"}`` of the best checkpoint as of this step (this one, if its
             score is the best so far), or None before any validation; stored in ``meta.json``.
+            Left out, nothing is recorded and readers fall back to ``best.json``.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -164,7 +169,9 @@ def save_checkpoint(
         _pause(delay)
         sums = {name: sha256_file(tmp / name) for name in _FILES}
         current = tmp / "meta.json"
-        meta = {"step": step, "valid_loss": valid_loss, "best": best, "sha256": sums}
+        meta: dict[str, Any] = {"step": step, "valid_loss": valid_loss, "sha256": sums}
+        if best is not _NOT_RECORDED:
+            meta["best"] = best
         current.write_text(json.dumps(meta) + "\n")
         for name in (*_FILES, "meta.json"):
             _fsync_file(tmp / name)
