@@ -7,6 +7,7 @@ the option is given where it differs. Presets are written as deltas of :func:`wa
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -183,6 +184,12 @@ class QuantizerConfig:
             )
         if len(self.temperature) != 3:
             raise ValueError(f"`temperature` must be (start, end, decay), but is {self.temperature} instead.")
+        start, end, decay = self.temperature
+        if not (math.isfinite(start) and 0 < end <= start and 0 < decay <= 1):
+            raise ValueError(
+                f"`temperature` must be (start, end, decay) with start >= end > 0 and decay in (0, 1], "
+                f"but is {self.temperature} instead."
+            )
 
 
 @dataclass(kw_only=True)
@@ -342,6 +349,15 @@ class LossConfig:
 
     feature_penalty_weight: float = 10.0
     """Weight of the L2 penalty on the encoder output (fairseq ``loss_weights[1]``)."""
+
+    def __post_init__(self) -> None:
+        if not (
+            isinstance(self.logit_temp, (int, float))
+            and math.isfinite(self.logit_temp)
+            and self.logit_temp > 0
+        ):
+            raise ValueError(f"`logit_temp` must be a finite number > 0, but is {self.logit_temp!r} instead.")
+        _check_sizes(self, ("num_negatives",), low=0)
 
 
 class _QuantizedModelConfig:

@@ -276,7 +276,12 @@ def load_hf(directory: str | Path) -> Wav2Vec2Model:
             raise
         raise UserInputError(f"{config_path}: unsupported transformers config: {err}") from None
     model = build_wav2vec2(cfg)
-    converted = hf_to_speechvq_state_dict(state)
+    try:
+        converted = hf_to_speechvq_state_dict(state)
+    except KeyError as err:
+        raise UserInputError(
+            f"{directory}: not a transformers wav2vec 2.0 checkpoint (unexpected parameter {err.args[0]!r})"
+        ) from None
     converted["quantizer.num_updates"] = torch.tensor(int(getattr(hf_cfg, "speechvq_num_updates", 0)))
     own = model.state_dict()
     shapes = [k for k in converted if k in own and tuple(converted[k].shape) != tuple(own[k].shape)]

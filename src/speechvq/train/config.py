@@ -336,11 +336,19 @@ class PretrainConfig:
         if not self.data.train:
             raise UserInputError("`data.train` must name a manifest, but is empty instead.")
         try:
-            self.model_config()
+            model = self.model_config()
         except (TypeError, ValueError, KeyError) as err:
             if isinstance(err, UserInputError):
                 raise
             raise UserInputError(f"`model` is not a valid model config: {err}") from err
+        from speechvq.models.encoder import min_input_samples
+
+        shortest = min_input_samples(model.encoder)
+        if self.data.max_sample_size is not None and self.data.max_sample_size < shortest:
+            raise UserInputError(
+                f"`data.max_sample_size` must be >= {shortest} (the samples one frame of this model needs), "
+                f"but is {self.data.max_sample_size} instead."
+            )
 
 
 def plain(value: Any) -> Any:

@@ -45,6 +45,7 @@ from speechvq.models.ctc import (
     from_pretrained_wav2vec2,
     save_ctc_pretrained,
 )
+from speechvq.models.encoder import min_input_samples
 from speechvq.models.wav2vec2 import Wav2Vec2Model, build_wav2vec2
 from speechvq.ranges import check_probability, check_range
 from speechvq.text.vocab import Vocabulary
@@ -445,8 +446,9 @@ class CtcTask:
         d = self.cfg.data
         try:
             ds = AudioDataset(
-                path, sample_rate=d.sample_rate, random_crop=False, labels=d.labels, seed=self.cfg.train.seed
-            )
+                path, sample_rate=d.sample_rate, random_crop=False, labels=d.labels, seed=self.cfg.train.seed,
+                min_sample_size=min_input_samples(self.ctc_cfg.encoder),  # shorter: no frame to encode
+            )  # fmt: skip
         except FileNotFoundError as err:
             raise UserInputError(f"{path}: {err}") from err
         if len(ds) == 0:

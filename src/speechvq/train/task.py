@@ -26,6 +26,7 @@ from speechvq.data import AudioDataset, BucketBatchSampler, collate_audio
 from speechvq.data.collate import AudioBatch
 from speechvq.errors import UserInputError
 from speechvq.losses import contrastive_accuracy
+from speechvq.models.encoder import min_input_samples
 from speechvq.models.wav2vec2 import Wav2Vec2Model, Wav2Vec2Output, build_wav2vec2
 from speechvq.train.config import PretrainConfig, dump_config
 from speechvq.train.diagnostics import collapse_warnings
@@ -148,13 +149,15 @@ class Wav2Vec2PretrainTask:
         if train:
             self._world = num_replicas
         d = self.cfg.data
+        # an utterance shorter than one frame cannot be encoded: dropped (listed) or skipped (decoded)
+        shortest = max(d.min_sample_size or 0, min_input_samples(self.model_cfg.encoder))
         try:
             ds = AudioDataset(
                 path,
                 sample_rate=d.sample_rate,
                 normalize=d.normalize,
                 max_sample_size=d.max_sample_size,
-                min_sample_size=d.min_sample_size,
+                min_sample_size=shortest,
                 random_crop=train,
                 seed=self.cfg.train.seed,
             )
