@@ -74,11 +74,27 @@ def make_hostile_workspace(root: Path) -> Path:
     split.mkdir(parents=True)
     (split / "1-2.trans.txt").write_text("1-2-0 HELLO\n")
     sf.write(split / "1-2-0.flac", np.zeros(8000, np.float32), SR)
-    assert (
-        main(
-            ["--log-level", "ERROR", "pretrain", "--config", str(w / "pt.yaml"), "--exp-dir", str(w / "pexp")]
+    pretrain = ["pretrain", "--config", str(w / "pt.yaml"), "--exp-dir", str(w / "pexp")]
+    assert main(["--log-level", "ERROR", *pretrain]) == 0
+    ub = [
+        "pretrain-unit-bert",
+        "--config",
+        str(w / "ub.yaml"),
+        "--units",
+        str(w / "units"),
+        "--exp-dir",
+        str(w / "uexp"),
+    ]
+    assert main(["--log-level", "ERROR", *ub]) == 0
+    (w / "fu.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"freeze_updates": 0},
+                "data": {"max_tokens": 2000},
+                "schedule": {"name": "constant", "warmup_steps": 0},
+                "train": {"max_steps": 1, "valid_interval": 1, **run},
+            }
         )
-        == 0
     )
     return w
 

@@ -64,6 +64,12 @@ def ft(
     return argv + (["--set", *sets] if sets else [])
 
 
+def fu(w: Path, units: Path | None = None) -> list[str]:
+    """finetune-ctc from the unit BERT of the workspace."""
+    return ["finetune-ctc", "--config", str(w / "fu.yaml"), "--init", str(w / "uexp" / "best_model"),
+            "--train", str(w / "good.tsv"), "--units", str(units or w / "units"), "--exp-dir", str(w / "fexp")]  # fmt: skip
+
+
 def tr(w: Path, *audio: str | Path, opts: tuple[str, ...] = ()) -> list[str]:
     return ["transcribe", str(w / "ctc"), *(str(a) for a in audio or (w / "good.tsv",)), *opts]
 
@@ -305,6 +311,19 @@ CASES: dict[str, Case] = {
     "finetune-ctc-init-not-a-checkpoint": Case(
         lambda w: ft(w, init=str(write(w / "x.pt", b"not torch"))),
         ("x.pt", "not a readable torch checkpoint"),
+    ),
+    "finetune-ctc-unit-bert-units-of-another-manifest": Case(
+        lambda w: fu(w) if units_dir(w, "1 2\n") and write(w / "units" / "utts.txt", "a0.wav\n") else [],
+        ("units.txt", "has 1 lines", "2 items"),
+    ),
+    "finetune-ctc-unit-bert-config-list": Case(
+        lambda w: fu(w) if write(w / "uexp" / "best_model" / "unit_bert.json", "[1]") else [],
+        ("unit_bert.json", "JSON object"),
+    ),
+    "finetune-ctc-unit-bert-transcript-not-utf8": Case(
+        lambda w: fu(w) if write(w / "good.ltr", b"H E L L O |\n\xff |\n") else [],
+        ("units.txt", "1 of 2 utterance(s) skipped", "bad_transcript: 1"),
+        S,
     ),
     # transcribe
     "transcribe-empty-manifest": Case(lambda w: tr(w, manifest(w, "e.tsv")), ("e.tsv", "lists no audio")),
@@ -738,3 +757,20 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+def test_skipped_items_are_counted_at_every_epoch_end_and_in_the_run_summary(
+    pristine: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = tmp_path / "w"
+    shutil.copytree(pristine, w, symlinks=True)
+    train = manifest(w, "m.tsv", ("a0.wav", 8000), ("gone.wav", 8000), ("a1.wav", 8000))
+    with caplog.at_level(logging.WARNING), deadline(DEADLINE_S):
+        assert main(pt(w, f"data.train={train}", "train.max_steps=3")) == 0  # one batch = one epoch
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("gone.wav: file does not exist" in m for m in messages) == 1  # each bad item once
+    for epoch in (0, 1):
+        assert any(
+            f"m.tsv: epoch {epoch} done: 1 of 3 items skipped so far (missing: 1)" in m for m in messages
+        )
+    assert any("run summary: 1 training item(s) skipped (missing: 1)" in m for m in messages), messages

@@ -462,13 +462,20 @@ class UnitBertTask:
 
     def save_export(self, model: UnitMaskedLM, directory: str | os.PathLike[str]) -> None:
         """transformers ``save_pretrained`` of ``model.hf`` + ``dict.txt`` (+ BPE files) + ``unit_bert.json``."""
-        out = Path(directory)
-        model.hf.save_pretrained(out)  # type: ignore[operator]
-        self.dictionary.save(out / DICT_NAME)
-        if self.bpe is not None:
-            self.base_dictionary.save(out / BASE_DICT_NAME)
-            (out / BPE_NAME).write_bytes(self.bpe.model_file.read_bytes())
-        (out / CONFIG_NAME).write_text(json.dumps({"config": self.cfg.to_dict()}, indent=2) + "\n")
+        from speechvq.files import check_output_dir
+        from speechvq.interop.hf import quiet_transformers
+        from speechvq.io import write_directory
+
+        def fill(out: Path) -> None:
+            model.hf.save_pretrained(out)  # type: ignore[operator]
+            self.dictionary.save(out / DICT_NAME)
+            if self.bpe is not None:
+                self.base_dictionary.save(out / BASE_DICT_NAME)
+                (out / BPE_NAME).write_bytes(self.bpe.model_file.read_bytes())
+            (out / CONFIG_NAME).write_text(json.dumps({"config": self.cfg.to_dict()}, indent=2) + "\n")
+
+        with quiet_transformers():
+            write_directory(check_output_dir(directory, "the unit BERT export"), fill)
 
 
 def _dedup(tokens: list[str]) -> list[str]:
@@ -482,7 +489,16 @@ def load_unit_bert(directory: str | os.PathLike[str]) -> tuple[nn.Module, UnitDi
     root = Path(directory)
     if not (root / DICT_NAME).is_file():
         raise UserInputError(f"{root}: not a unit BERT export (no {DICT_NAME})")
-    model = AutoModelForMaskedLM.from_pretrained(root)
+    from speechvq.interop.hf import quiet_transformers
+
+    try:
+        with quiet_transformers():
+            model = AutoModelForMaskedLM.from_pretrained(root)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise UserInputError(
+            f"{root}: not a readable unit BERT export ({type(err).__name__}: {reason})"
+        ) from None
     dictionary = UnitDictionary.load(root / DICT_NAME)
     bpe = (
         UnitBpe(root / BPE_NAME, UnitDictionary.load(root / BASE_DICT_NAME))
