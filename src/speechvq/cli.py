@@ -14,9 +14,11 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from speechvq import progress
 from speechvq.errors import UserInputError
+from speechvq.files import is_disk_full, write_failure
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
@@ -50,8 +52,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``speechvq <command>: error: ...``), exit code 2,
+    like every other bad input; the usage is left to ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="speechvq", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="speechvq", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument(
         "--progress",
@@ -76,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     if command in COMMANDS:
         module = importlib.import_module(COMMANDS[command][0])
         module.add_arguments(parsers[command])
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a bad argument (2, after its one line)
+        return exit_.code if isinstance(exit_.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
@@ -89,11 +102,23 @@ def main(argv: list[str] | None = None) -> int:
         with progress.mode_set_to(args.progress):
             return int(module.run(args) or 0)
     except UserInputError as err:
-        print(f"speechvq {args.command}: error: {err}", file=sys.stderr)
+        print(f"speechvq {args.command}: error: {_one_line(str(err))}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as err:
+        # the last net for a full disk that a writer did not name itself (its path, where known)
+        if not is_disk_full(err):
+            raise
+        path = getattr(err, "filename", None) or "(the file being written)"
+        print(f"speechvq {args.command}: error: {write_failure(err, path)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"speechvq {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(message: str) -> str:
+    """A message on one line (a reason quoted from a library may hold newlines)."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

@@ -7,8 +7,50 @@ the option is given where it differs. Presets are written as deltas of :func:`wa
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+MAX_SIZE = 1 << 20
+"""Largest width, kernel, stride or codebook size a config may give (configs read from checkpoints
+are untrusted: a crafted one must not make the builder allocate without bound)."""
+MAX_LAYERS = 1024
+"""Most conv layers or Transformer blocks a config may give."""
+MAX_PARAMETERS = 10**10
+"""Most parameters a wav2vec 2.0 / CTC config may describe (the largest released model has 2e9)."""
+
+
+def _check_sizes(obj: Any, names: tuple[str, ...], low: int = 1, high: int = MAX_SIZE) -> None:
+    """Each named field an int in [low, high]; ValueError in the house template otherwise."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"`{name}` must be an integer in [{low}, {high}], but is {value!r} instead.")
+
+
+def _check_probabilities(obj: Any, names: tuple[str, ...]) -> None:
+    """Each named field a number in [0, 1]."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"`{name}` must be a number in [0, 1], but is {value!r} instead.")
+
+
+def approx_parameters(encoder: FeatureEncoderConfig, context: ContextConfig) -> int:
+    """Parameters of the feature encoder, projection and context network (an upper estimate
+    checked before anything is built)."""
+    total, channels = 0, 1
+    if encoder.kind == "conv":
+        for out, kernel, _ in encoder.conv_layers:
+            total += channels * out * kernel + 2 * out
+            channels = out
+    else:
+        channels = encoder.out_channels
+    d, f = context.dim, context.ffn_dim
+    total += channels * d + d  # feature projection
+    total += d * (d // context.pos_conv_groups) * context.pos_conv_kernel  # positional convolution
+    return total + context.num_layers * (4 * d * d + 2 * d * f + 9 * d + f)
+
 
 ConvSpec = tuple[int, int, int]
 """One conv layer of the feature encoder: (out_channels, kernel_size, stride)."""
@@ -55,12 +97,15 @@ class FeatureEncoderConfig:
 
     def __post_init__(self) -> None:
         self.conv_layers = tuple(tuple(int(v) for v in spec) for spec in self.conv_layers)  # type: ignore[misc]
-        if not self.conv_layers:
-            raise ValueError("`conv_layers` must hold at least one layer, but is empty instead.")
+        if not 1 <= len(self.conv_layers) <= MAX_LAYERS:
+            raise ValueError(
+                f"`conv_layers` must hold 1 to {MAX_LAYERS} layers, but holds {len(self.conv_layers)} instead."
+            )
         for spec in self.conv_layers:
-            if len(spec) != 3 or min(spec) < 1:
+            if len(spec) != 3 or min(spec) < 1 or max(spec) > MAX_SIZE:
                 raise ValueError(
-                    f"each of `conv_layers` must be (channels, kernel, stride) >= 1, but is {spec} instead."
+                    f"each of `conv_layers` must be (channels, kernel, stride) in [1, {MAX_SIZE}], "
+                    f"but is {spec} instead."
                 )
         if self.norm_mode not in ("group_norm", "layer_norm"):
             raise ValueError(
@@ -74,6 +119,7 @@ class FeatureEncoderConfig:
             raise ValueError(
                 f"`num_mels` and `fbank_stack` must be >= 1, but are {self.num_mels} and {self.fbank_stack} instead."
             )
+        _check_sizes(self, ("num_mels", "fbank_stack"), high=4096)
 
     @property
     def out_channels(self) -> int:
@@ -126,6 +172,9 @@ class QuantizerConfig:
 
     def __post_init__(self) -> None:
         self.temperature = tuple(float(t) for t in self.temperature)  # type: ignore[assignment]
+        _check_sizes(self, ("num_codebooks", "codebook_size", "codevector_dim", "weight_proj_factor"))
+        _check_sizes(self, ("weight_proj_depth",), high=MAX_LAYERS)
+        _check_probabilities(self, ("dropout_p",))
         if self.weight_proj_depth < 1:
             raise ValueError(f"`weight_proj_depth` must be >= 1, but is {self.weight_proj_depth} instead.")
         if self.codevector_dim % self.num_codebooks != 0:
@@ -135,6 +184,12 @@ class QuantizerConfig:
             )
         if len(self.temperature) != 3:
             raise ValueError(f"`temperature` must be (start, end, decay), but is {self.temperature} instead.")
+        start, end, decay = self.temperature
+        if not (math.isfinite(start) and 0 < end <= start and 0 < decay <= 1):
+            raise ValueError(
+                f"`temperature` must be (start, end, decay) with start >= end > 0 and decay in (0, 1], "
+                f"but is {self.temperature} instead."
+            )
 
 
 @dataclass(kw_only=True)
@@ -171,6 +226,7 @@ class KMeansQuantizerConfig:
     a random input of the batch; 0 disables the reset. Beyond fairseq."""
 
     def __post_init__(self) -> None:
+        _check_sizes(self, ("num_codebooks", "codebook_size", "codevector_dim"))
         if self.codevector_dim % self.num_codebooks != 0:
             raise ValueError(
                 f"`codevector_dim` must be a multiple of `num_codebooks` ({self.num_codebooks}), "
@@ -262,6 +318,11 @@ class ContextConfig:
     more forward of the blocks. Dropout draws are replayed, so the results are unchanged."""
 
     def __post_init__(self) -> None:
+        _check_sizes(self, ("dim", "num_heads", "ffn_dim", "pos_conv_kernel", "pos_conv_groups"))
+        _check_sizes(self, ("num_layers",), low=0, high=MAX_LAYERS)
+        _check_probabilities(
+            self, ("dropout_p", "attention_dropout_p", "activation_dropout_p", "layer_drop_p")
+        )
         if self.dim % self.num_heads != 0:
             raise ValueError(
                 f"`dim` must be a multiple of `num_heads` ({self.num_heads}), but is {self.dim} instead."
@@ -288,6 +349,15 @@ class LossConfig:
 
     feature_penalty_weight: float = 10.0
     """Weight of the L2 penalty on the encoder output (fairseq ``loss_weights[1]``)."""
+
+    def __post_init__(self) -> None:
+        if not (
+            isinstance(self.logit_temp, (int, float))
+            and math.isfinite(self.logit_temp)
+            and self.logit_temp > 0
+        ):
+            raise ValueError(f"`logit_temp` must be a finite number > 0, but is {self.logit_temp!r} instead.")
+        _check_sizes(self, ("num_negatives",), low=0)
 
 
 class _QuantizedModelConfig:
@@ -362,6 +432,14 @@ class Wav2Vec2Config(_QuantizedModelConfig):
         if self.quantizer_type not in ("gumbel", "kmeans"):
             raise ValueError(
                 f"`quantizer_type` must be 'gumbel' or 'kmeans', but is {self.quantizer_type!r} instead."
+            )
+        _check_sizes(self, ("final_dim",))
+        _check_probabilities(self, ("feature_dropout_p",))
+        total = approx_parameters(self.encoder, self.context)
+        if total > MAX_PARAMETERS:
+            raise ValueError(
+                f"the model must have at most {MAX_PARAMETERS:.0e} parameters, but this config describes "
+                f"about {total:.2e} instead."
             )
 
 

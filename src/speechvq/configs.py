@@ -38,8 +38,8 @@ def resolve_config(name_or_path: str | Path) -> Path:
         UserInputError: when it is neither, naming the shipped configs.
     """
     path = Path(name_or_path)
-    if path.is_file():
-        return path
+    if path.exists() and not path.is_dir():
+        return path  # a file (or something the reader will refuse by name, e.g. a FIFO)
     if path.parent == Path(".") and path.suffix in ("", ".yaml"):
         shipped = bundled_configs().get(path.stem if path.suffix else path.name)
         if shipped is not None:

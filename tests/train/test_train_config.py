@@ -43,7 +43,7 @@ def test_load_config_applies_typed_overrides() -> None:
         ("train.precision=fp8", r"`train.precision` must be one of"),
         ("optim.lrr=1", r"`optim.lrr` is not a config field"),
         ("model.context.nope=1", r"`context.nope` is not a config field"),
-        ("train.grad_accum=0", r"`train.grad_accum` must be >= 1"),
+        ("train.grad_accum=0", r"`train.grad_accum` must be an integer >= 1"),
         ("noequals", r"--set must be KEY=VALUE"),
     ],
 )

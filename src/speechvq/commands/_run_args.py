@@ -45,11 +45,39 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, configs: str, example:
 
 
 def run_training(command: str, train: Callable[[], Any]) -> Any | None:
-    """``train()``, or None (after a one-line message) when it stopped on non-finite updates."""
+    """``train()``, or None (after a one-line message) when it stopped on non-finite updates.
+
+    A run during which checkpoints could not be written (``train.on_save_error: continue``) ends
+    with a one-line error (exit code 2) saying so, even though it trained to the end: its
+    ``best_model`` may be stale, and an exit code 0 would hide that.
+
+    Raises:
+        UserInputError: checkpoints could not be written during the run.
+    """
+    from speechvq.errors import UserInputError
     from speechvq.train import NonFiniteError
 
     try:
-        return train()
+        summary = train()
     except NonFiniteError as err:
         print(f"speechvq {command}: stopped: {err}", file=sys.stderr)
         return None
+    failures = getattr(summary, "save_failures", None)
+    if failures and summary.main_process:
+        best = summary.best
+        kept = (
+            f"best_model is from step {best['step']}"
+            if best
+            else "best_model is from the last checkpoint written"
+        )
+        if summary.unsaved_best is not None:
+            lost = summary.unsaved_best
+            kept += (
+                f", but step {lost['step']} scored better ({lost['valid_loss']:.4g}) and its checkpoint "
+                "could not be written: best_model is stale"
+            )
+        raise UserInputError(
+            f"{len(failures)} checkpoint(s) could not be written during the run "
+            f"(train.on_save_error=continue); {kept}. First failure: {failures[0]}"
+        )
+    return summary

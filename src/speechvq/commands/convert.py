@@ -26,16 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _is_ctc_dir(src: str, fmt: str) -> bool:
-    import json
     from pathlib import Path
 
+    from speechvq.files import read_json
+
     config = Path(src) / "config.json"
-    if not config.is_file():
+    if fmt == "fairseq" or not config.exists():
         return False
-    meta = json.loads(config.read_text())
+    meta = read_json(config, "model config")
     if fmt == "speechvq":
         return meta.get("model_type") == "wav2vec2_ctc"
-    return fmt == "hf" and "Wav2Vec2ForCTC" in meta.get("architectures", [])
+    architectures = meta.get("architectures") or []
+    return isinstance(architectures, list) and "Wav2Vec2ForCTC" in architectures
 
 
 def _load(src: str, fmt: str) -> tuple[Any, Any]:
@@ -58,12 +60,18 @@ def _load(src: str, fmt: str) -> tuple[Any, Any]:
         return load_hf(src), None
     from speechvq.interop import fairseq
 
-    return fairseq.fairseq_to_speechvq(fairseq.load_fairseq_checkpoint(src)), None
+    return fairseq.import_fairseq(src), None
 
 
 def run(args: argparse.Namespace) -> int:
+    from speechvq.files import check_output_dir, check_output_file
+
     if args.src_format == args.dst_format:
         raise UserInputError(f"--from and --to are both {args.src_format!r}: nothing to convert")
+    if args.dst_format == "fairseq":
+        check_output_file(args.dst, "the destination (a fairseq .pt file)")
+    else:
+        check_output_dir(args.dst, "the destination directory")
     model, vocab = _load(args.src, args.src_format)
     if args.dst_format == "speechvq":
         if vocab is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from speechvq.data.download import LIBRISPEECH_MD5, LIBRISPEECH_MIRROR, download, read_md5_table, safe_extract
 from speechvq.errors import UserInputError
+from speechvq.files import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
     table = dict(LIBRISPEECH_MD5)
     if args.checksums is not None:
         if not args.checksums.exists():

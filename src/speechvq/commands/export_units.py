@@ -20,7 +20,9 @@ import argparse
 import logging
 import time
 
+from speechvq.commands._checks import check_at_least, check_device
 from speechvq.errors import UserInputError
+from speechvq.files import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +55,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("--kind kmeans needs --km and --layer")
     if args.kind == "codes" and (args.km is not None or args.layer is not None):
         raise UserInputError("--km and --layer only apply to --kind kmeans")
+    check_at_least("--shard-size", args.shard_size)
+    check_at_least("--max-tokens", args.max_tokens)
+    device = check_device(args.device)
+    check_output_dir(args.out, "--out")
     km = KMeansModel.load(args.km) if args.km else None
     layer = parse_layer(args.layer) if args.layer is not None else None
     if km is not None and km.meta.get("layer") is not None and km.meta["layer"] != layer:
         logger.warning("%s was fitted on layer %s, but --layer is %s", args.km, km.meta["layer"], layer)
-    model = load_pretrained(args.model).to(args.device)
+    model = load_pretrained(args.model).to(device)
     start = time.perf_counter()
     meta = export_units(
         model,
@@ -72,5 +78,10 @@ def run(args: argparse.Namespace) -> int:
         max_items=args.shard_size,
         meta={"model": str(args.model), "km": args.km},
     )
-    print(f"{meta['num_utterances']} utterances -> {args.out} in {time.perf_counter() - start:.1f} s")
+    skipped = meta.get("skipped") or {}
+    note = ""
+    if skipped:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+        note = f" ({sum(skipped.values())} skipped, written as empty lines: {detail})"
+    print(f"{meta['num_utterances']} utterances -> {args.out}{note} in {time.perf_counter() - start:.1f} s")
     return 0

@@ -12,10 +12,16 @@ sample. The model is saved as ``centroids.npy`` + ``kmeans.json`` (no pickle).
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from speechvq.commands._checks import check_at_least, check_device
+from speechvq.files import check_output_dir
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +58,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--k must be >= 1, but is {args.k}")
     if not 0 < args.percent <= 100:
         raise UserInputError(f"--percent must be in (0, 100], but is {args.percent}")
-    model = load_pretrained(args.model).to(args.device)
+    for option, value in (
+        ("--shard-size", args.shard_size),
+        ("--batch-size", args.batch_size),
+        ("--max-iter", args.max_iter),
+        ("--n-init", args.n_init),
+        ("--max-tokens", args.max_tokens),
+    ):
+        check_at_least(option, value)
+    check_at_least("--seed", args.seed, 0)
+    device = check_device(args.device)
+    check_output_dir(args.out, "--out")
+    if args.features_dir:
+        check_output_dir(args.features_dir, "--features-dir")
+    model = load_pretrained(args.model).to(device)
     start = time.perf_counter()
     features_dir = (
         Path(args.features_dir) if args.features_dir else Path(tempfile.mkdtemp(prefix="speechvq-feats-"))
@@ -88,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     km.save(args.out)
+    if writer.skipped.total:
+        logger.warning(
+            "%s: %d utterance(s) skipped (%s)", args.manifest, writer.skipped.total, writer.skipped.describe()
+        )
     print(
         f"k={args.k} on {len(rows)} of {writer.num_rows} frames ({writer.num_shards} shards), "
         f"inertia/row {km.meta['inertia_per_row']:.4g} -> {args.out} in {time.perf_counter() - start:.1f} s"

@@ -20,6 +20,7 @@ from speechvq import progress
 from speechvq.data.audio import audio_info
 from speechvq.data.manifest import ManifestItem, write_manifest
 from speechvq.errors import UserInputError
+from speechvq.files import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"{args.root}: is not a directory")
     if not 0 <= args.valid_percent <= 100:
         raise UserInputError(f"--valid-percent must be in [0, 100], but is {args.valid_percent} instead")
+    if not args.ext.strip(". "):
+        raise UserInputError(f"--ext must name an audio file extension such as flac, but is {args.ext!r}")
+    check_output_dir(args.out, "--out")
     items, problems = scan(args.root, args.ext, args.path_must_contain)
     for p in problems:
         logger.warning("skipped %s", p)

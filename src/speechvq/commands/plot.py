@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from speechvq.errors import UserInputError
+from speechvq.files import check_output_file, path_problem, read_text, writing
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +38,30 @@ def _series(records: list[dict[str, Any]], split: str, key: str) -> tuple[list[i
 
 
 def _num_negatives(exp_dir: Path) -> int | None:
+    """K of the run's config (for the chance lines), or None where it cannot be read."""
     path = exp_dir / "config.yaml"
-    if not path.is_file():
+    if path_problem(path) is not None:
         return None
-    model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
     try:
+        model = (yaml.safe_load(read_text(path, "run config")) or {}).get("model") or {}
         return int(model["config"]["loss"]["num_negatives"])
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError, UserInputError):
+        return None
+
+
+def _usage(exp_dir: Path) -> dict[str, Any] | None:
+    """``codebook_usage.json`` ({step, counts: [[...] per group]}), or None (with a warning if damaged)."""
+    path = exp_dir / "codebook_usage.json"
+    if path_problem(path) is not None:
+        return None
+    try:
+        usage = yaml.safe_load(read_text(path, "codebook usage"))
+        counts = usage["counts"]
+        if not all(isinstance(c, (int, float)) for group in counts for c in group):
+            raise TypeError("counts must be lists of numbers")
+        return {"step": usage.get("step"), "counts": counts}
+    except (KeyError, TypeError, ValueError, AttributeError, yaml.YAMLError, UserInputError) as err:
+        logger.warning("%s: not a codebook-usage record (%s); the histogram is left out", path, err)
         return None
 
 
@@ -80,10 +98,10 @@ def plot_experiment(exp_dir: str | Path, out: str | Path | None = None) -> Path:
     from speechvq.train.metrics import read_metrics
 
     exp_dir = Path(exp_dir)
-    if not (exp_dir / "metrics.jsonl").is_file():
+    if not (exp_dir / "metrics.jsonl").exists():
         raise UserInputError(f"{exp_dir}/metrics.jsonl: not found (is this a `speechvq pretrain` directory?)")
     records = read_metrics(exp_dir)
-    out = Path(out) if out is not None else exp_dir / "curves.png"
+    out = check_output_file(out if out is not None else exp_dir / "curves.png", "--out")
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     panels = panels_for(records)
     for ax, (title, series) in zip(axes.flat, panels):
@@ -109,9 +127,8 @@ def plot_experiment(exp_dir: str | Path, out: str | Path | None = None) -> Path:
         twin.plot(x, y, color="tab:gray", linestyle="--", label="lr")
         twin.set_ylabel("lr")
     ax = axes[1, 2]
-    usage_path = exp_dir / "codebook_usage.json"
-    if usage_path.is_file():
-        usage = yaml.safe_load(usage_path.read_text())
+    usage = _usage(exp_dir)
+    if usage is not None:
         for g, counts in enumerate(usage["counts"]):
             total = max(sum(counts), 1)
             ax.bar(range(len(counts)), [c / total for c in counts], alpha=0.6, label=f"group {g}")
@@ -123,7 +140,8 @@ def plot_experiment(exp_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set_axis_off()
     fig.suptitle(str(exp_dir))
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
+    with writing(out):
+        fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from speechvq.data.librispeech import find_splits, scan_split, write_letter_dict, write_split
 from speechvq.errors import UserInputError
+from speechvq.files import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.root.is_dir():
         raise UserInputError(f"{args.root}: is not a directory")
+    check_output_dir(args.out, "--out")
     splits = find_splits(args.root)
     if args.splits:
         missing = sorted(set(args.splits) - set(splits))

@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
 from speechvq.data.synth import cpu_count, write_corpus
 from speechvq.errors import UserInputError
+from speechvq.files import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")
     if args.out.exists() and any(args.out.iterdir()):
         raise UserInputError(f"{args.out}: output directory is not empty")
+    if not math.isfinite(args.hours):
+        raise UserInputError(f"--hours must be a finite number, but is {args.hours} instead")
     if args.lm_sentences < 0:
         raise UserInputError(f"--lm-sentences must be >= 0, but is {args.lm_sentences}")
     jobs = args.jobs or cpu_count()

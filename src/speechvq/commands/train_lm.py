@@ -41,11 +41,15 @@ def sentence_units(line: str, unit: str, letters_file: bool = False) -> list[str
 
 
 def run(args: argparse.Namespace) -> int:
+    from speechvq.files import check_output_file
     from speechvq.text.files import read_text_lines
     from speechvq.text.ngram import train_ngram
 
     if args.order < 1:
         raise UserInputError(f"--order must be >= 1, but is {args.order}")
+    if args.order > 20:
+        raise UserInputError(f"--order must be at most 20, but is {args.order}")
+    check_output_file(args.out, "--out")
     lines = read_text_lines(args.text, "text file")
     letters_file = args.text.suffix == ".ltr"
     sentences = [u for u in (sentence_units(line, args.unit, letters_file) for line in lines) if u]
@@ -53,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"{args.text}: holds no sentence")
     start = time.perf_counter()
     lm = train_ngram(sentences, order=args.order, unit=args.unit)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     lm.save(args.out)
     counts = ", ".join(f"{len(lm.ngrams[n])} {n}-grams" for n in sorted(lm.ngrams))
     print(

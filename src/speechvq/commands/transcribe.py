@@ -16,20 +16,27 @@ input: ``.ltr`` files are fairseq letters, anything else words.
 ``--lm-weight`` and ``--word-bonus`` take comma-separated lists: every combination is decoded from
 the same logits, a WER/CER table is printed, and the best combination (lowest WER, then CER) gives
 the hypotheses. This is how the two weights are tuned on a validation set (they need ``--labels``).
+
+An input that cannot be used (missing, not a regular file, truncated, NaN or out-of-range samples,
+a length that disagrees with the manifest, shorter than one frame) is skipped and counted: its
+hypothesis is an empty line, the WER/CER cover the other inputs (the summary says how many), and a
+warning gives the counts by reason. If no input can be used, the command fails with one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from speechvq import progress
+from speechvq.commands._checks import check_device, check_finite
 from speechvq.errors import UserInputError
+from speechvq.files import check_output_file, read_json, write_atomic
 
 log = logging.getLogger("speechvq.transcribe")
 
@@ -62,13 +69,10 @@ def load_model(directory: str):  # type: ignore[no-untyped-def]
     """(CtcModel, Vocabulary) from a speechvq CTC directory or a transformers export of one."""
     path = Path(directory)
     config = path / "config.json"
-    if not config.is_file():
+    if not config.exists():
         raise UserInputError(f"{directory}: not a model directory (no config.json)")
-    try:
-        meta = json.loads(config.read_text())
-    except json.JSONDecodeError as err:
-        raise UserInputError(f"{config}:{err.lineno}: invalid JSON: {err.msg}") from None
-    if isinstance(meta, dict) and meta.get("format") == "speechvq":
+    meta = read_json(config, "model config")
+    if meta.get("format") == "speechvq":
         from speechvq.models.ctc import load_ctc_pretrained
 
         return load_ctc_pretrained(path)
@@ -77,14 +81,44 @@ def load_model(directory: str):  # type: ignore[no-untyped-def]
     return load_hf_ctc(path)
 
 
-def _inputs(paths: list[str]) -> list[tuple[str, Path]]:
-    """(id, audio path) of every input, in order."""
+def _inputs(paths: list[str]) -> list[tuple[str, Path, int | None]]:
+    """(id, audio path, length the manifest lists or None) of every input, in order."""
     if len(paths) == 1 and paths[0].endswith(".tsv"):
         from speechvq.data.manifest import read_manifest
 
         manifest = read_manifest(paths[0])
-        return [(item.relpath, manifest.audio_path(item)) for item in manifest.items]
-    return [(p, Path(p)) for p in paths]
+        if not manifest.items:
+            raise UserInputError(f"{paths[0]}: the manifest lists no audio to transcribe")
+        return [(item.relpath, manifest.audio_path(item), item.num_samples) for item in manifest.items]
+    return [(p, Path(p), None) for p in paths]
+
+
+def _load_inputs(
+    inputs: list[tuple[str, Path, int | None]], minimum: int
+) -> tuple[list[torch.Tensor | None], Counter[str], list[str]]:
+    """Every input's waveform, or None for one that cannot be used; the counts and messages of those."""
+    from speechvq.data.audio import decode_audio
+    from speechvq.data.checks import categorize
+
+    waves: list[torch.Tensor | None] = []
+    reasons: Counter[str] = Counter()
+    messages: list[str] = []
+    for name, path, listed in progress.track(inputs, desc="transcribe: load"):
+        try:
+            wav, _ = decode_audio(path, sample_rate=16000, name=str(path), expected_frames=listed)
+            if wav.size < minimum:
+                raise UserInputError(
+                    f"{name}: too short: {wav.size} samples is shorter than one frame ({minimum})"
+                )
+        except UserInputError as err:
+            waves.append(None)
+            category = "too_short" if "too short" in str(err) else categorize(str(err))
+            reasons[category] += 1
+            messages.append(str(err))
+            log.warning("skipping %s", err)
+            continue
+        waves.append(torch.from_numpy(wav))
+    return waves, reasons, messages
 
 
 def _references(path: str, count: int) -> list[str]:
@@ -103,6 +137,7 @@ def _floats(option: str, text: str) -> list[float]:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise UserInputError(f"{option}: expected numbers separated by commas, got {text!r}") from None
+    check_finite(option, values)
     return values
 
 
@@ -122,7 +157,6 @@ def _lexicon(args: argparse.Namespace, lm: object):  # type: ignore[no-untyped-d
 
 
 def run(args: argparse.Namespace) -> int:
-    from speechvq.data.audio import load_audio
     from speechvq.decoding import beam_search
     from speechvq.metrics_asr import char_errors, word_errors
 
@@ -130,8 +164,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--beam must be >= 1, but is {args.beam}")
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be >= 1, but is {args.batch_size}")
+    device = check_device(args.device)
+    if args.out:
+        check_output_file(args.out, "--out")
+    lm_weights = _floats("--lm-weight", args.lm_weight)
+    word_bonuses = _floats("--word-bonus", args.word_bonus)
     model, vocab = load_model(args.model)
-    model = model.to(args.device).eval()
+    model = model.to(device).eval()
     inputs = _inputs(args.audio)
     references = _references(args.labels, len(inputs)) if args.labels else None
     lm = None
@@ -140,21 +179,19 @@ def run(args: argparse.Namespace) -> int:
 
         lm = load_language_model(args.lm, args.lm_unit)
     lexicon = _lexicon(args, lm)
-    grid = [
-        (a, b)
-        for a in _floats("--lm-weight", args.lm_weight)
-        for b in _floats("--word-bonus", args.word_bonus)
-    ]
+    grid = [(a, b) for a in lm_weights for b in word_bonuses]
     if len(grid) > 1 and references is None:
         raise UserInputError("tuning --lm-weight / --word-bonus over several values needs --labels")
     use_beam = (args.beam or 1) > 1 or lm is not None or lexicon is not None
     beam_size = args.beam or (16 if use_beam else 1)
 
-    waves = [load_audio(path) for _, path in progress.track(inputs, desc="transcribe: load")]
-    minimum = model.feature_encoder.receptive_field
-    for (name, _), wave in zip(inputs, waves):
-        if wave.numel() < minimum:
-            raise UserInputError(f"{name}: {wave.numel()} samples is shorter than one frame ({minimum})")
+    waves, reasons, messages = _load_inputs(inputs, model.feature_encoder.receptive_field)
+    kept = [i for i, w in enumerate(waves) if w is not None]
+    if not kept:
+        if len(inputs) == 1:
+            raise UserInputError(messages[0])
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+        raise UserInputError(f"none of the {len(inputs)} inputs can be used ({detail}); first: {messages[0]}")
 
     def decode(scores: list[torch.Tensor], lm_weight: float, word_bonus: float) -> list[str]:
         if not use_beam:
@@ -168,17 +205,18 @@ def run(args: argparse.Namespace) -> int:
     tuning = len(grid) > 1
     log_probs: dict[int, torch.Tensor] = {}  # input index -> log-probabilities, when tuning
     hypotheses: list[str] = [""] * len(inputs)
-    order = sorted(range(len(inputs)), key=lambda i: waves[i].numel())  # similar lengths per batch
+    loaded = {i: w for i, w in enumerate(waves) if w is not None}
+    order = sorted(kept, key=lambda i: loaded[i].numel())  # similar lengths per batch
     shown = progress.bar(total=len(order), desc="transcribe")
     audio_s = 0.0
     for start in range(0, len(order), args.batch_size):
         index = order[start : start + args.batch_size]
-        lengths = torch.tensor([waves[i].numel() for i in index])
+        lengths = torch.tensor([loaded[i].numel() for i in index])
         batch = torch.zeros(len(index), int(lengths.max()))
         for row, i in enumerate(index):
-            batch[row, : waves[i].numel()] = waves[i]
+            batch[row, : loaded[i].numel()] = loaded[i]
         with torch.no_grad():
-            out = model(batch.to(args.device), lengths.to(args.device))
+            out = model(batch.to(device), lengths.to(device))
         scores = torch.log_softmax(out.logits.float(), dim=-1).cpu()
         rows = [scores[row, :n] for row, n in enumerate(out.lengths.tolist())]
         if tuning:
@@ -187,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             for i, text in zip(index, decode(rows, *grid[0])):
                 hypotheses[i] = text
-        audio_s += float(lengths.sum()) / 16000  # load_audio gives 16 kHz
+        audio_s += float(lengths.sum()) / 16000  # _load_inputs decodes at 16 kHz
         shown.update(len(index))
         progress.set_audio_rate(shown, audio_s)
     shown.close()
@@ -197,29 +235,40 @@ def run(args: argparse.Namespace) -> int:
         print("lm_weight\tword_bonus\tWER\tCER")
         best: tuple[float, float] | None = None
         chosen = grid[0]
+        scored_refs = [references[i] for i in kept]
         for lm_weight, word_bonus in grid:
-            texts = decode([log_probs[i] for i in range(len(inputs))], lm_weight, word_bonus)
-            wer = word_errors(references, texts).rate
-            cer = char_errors(references, texts).rate
+            decoded = decode([log_probs[i] for i in kept], lm_weight, word_bonus)
+            texts = [""] * len(inputs)
+            for i, text in zip(kept, decoded):
+                texts[i] = text
+            wer = word_errors(scored_refs, decoded).rate
+            cer = char_errors(scored_refs, decoded).rate
             print(f"{lm_weight:g}\t{word_bonus:g}\t{100 * wer:.2f}%\t{100 * cer:.2f}%", flush=True)
             if best is None or (wer, cer) < best:
                 best, hypotheses, chosen = (wer, cer), texts, (lm_weight, word_bonus)
         print(f"best: --lm-weight {chosen[0]:g} --word-bonus={chosen[1]:g}")
 
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+        write_atomic(args.out, "".join(h + "\n" for h in hypotheses))
         log.info("wrote %d hypotheses to %s", len(hypotheses), args.out)
     else:
-        for (name, _), text in zip(inputs, hypotheses):
+        for (name, _, _), text in zip(inputs, hypotheses):
             sys.stdout.write(f"{name}\t{text}\n")
+    skipped = len(inputs) - len(kept)
+    if skipped:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+        log.warning(
+            "%d of %d inputs skipped (%s); their hypotheses are empty lines", skipped, len(inputs), detail
+        )
     if references is not None:
-        words = word_errors(references, hypotheses)
-        chars = char_errors(references, hypotheses)
+        refs, hyps = [references[i] for i in kept], [hypotheses[i] for i in kept]
+        words = word_errors(refs, hyps)
+        chars = char_errors(refs, hyps)
         print(
             f"WER {100 * words.rate:.2f}% ({words.errors}/{words.reference_length}: "
             f"{words.substitutions} sub, {words.deletions} del, {words.insertions} ins)  "
-            f"CER {100 * chars.rate:.2f}% ({chars.errors}/{chars.reference_length})",
+            f"CER {100 * chars.rate:.2f}% ({chars.errors}/{chars.reference_length})"
+            + (f"  over {len(kept)} of {len(inputs)} inputs ({skipped} skipped)" if skipped else ""),
             file=sys.stderr if not args.out else sys.stdout,
         )
     return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from speechvq.files import check_output_file, write_atomic
+    from speechvq.ranges import check_range
     from speechvq.units.io import read_units
     from speechvq.units.quality import evaluate_units
 
+    check_range("--frame-stride", args.frame_stride, 0, low_open=True, optional=True)
+    check_range("--frame-centre", args.frame_centre, 0, optional=True)
+    if args.json:
+        check_output_file(args.json, "--json")
     units = read_units(args.units)
     quality = evaluate_units(
         units,
@@ -51,5 +56,5 @@ def run(args: argparse.Namespace) -> int:
         f"{quality.num_units} units)"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(quality.as_dict(), indent=2) + "\n")
+        write_atomic(args.json, json.dumps(quality.as_dict(), indent=2) + "\n")
     return 0

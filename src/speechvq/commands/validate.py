@@ -47,10 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-samples", type=int, default=400, help="fewer samples is a problem (default 400 = 25 ms)"
     )
     parser.add_argument(
-        "--raw-format", type=RawFormat.parse, default=None, help="RATE:CHANNELS:SUBTYPE for .raw files"
+        "--raw-format", type=_raw_format, default=None, help="RATE:CHANNELS:SUBTYPE for .raw files"
     )
     parser.add_argument("--jobs", type=int, default=4, help="decoding threads")
     parser.add_argument("--max-print", type=int, default=0, help="print at most this many problems (0: all)")
+
+
+def _raw_format(spec: str) -> RawFormat:
+    try:
+        return RawFormat.parse(spec)
+    except UserInputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def check_audio(

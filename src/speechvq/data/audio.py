@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,20 @@ import soxr
 import torch
 
 from speechvq.errors import UserInputError
+from speechvq.files import path_problem
 
 logger = logging.getLogger(__name__)
 
 _RAW_SUFFIXES = {".raw", ".pcm", ".s16", ".f32"}
 _ESTIMATED_LENGTH = {"MP3", "OGG"}
 _warned_mixdown: set[int] = set()
+_DECLARED_DATA = re.compile(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_UNKNOWN_LENGTH = 0x7FFFFFFF  # streaming writers declare 0x7fffffff / 0xffffffff: "length unknown"
+
+MAX_ABS_SAMPLE = 1e6
+"""Largest sample magnitude accepted. Decoded integer PCM lies in [-1, 1] and float audio should
+too; a file with larger values is not audio as the models expect it, and values beyond ~1e19
+overflow float32 arithmetic (squares, sums) downstream into inf and NaN."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +107,17 @@ def _open(source: str | os.PathLike | bytes, raw_format: RawFormat | None, name:
         raise UserInputError(
             f"{name}: headerless PCM needs an explicit raw format (rate, channels, subtype), e.g. 16000:1:PCM_16"
         )
-    if not isinstance(source, bytes) and Path(source).is_dir():
-        raise UserInputError(f"{name}: is not a readable file (it is a directory)")
+    if not isinstance(source, bytes):
+        # stat only: opening a FIFO named *.wav for reading would wait for a writer forever
+        problem = path_problem(source)
+        if problem == "does not exist" or (problem or "").startswith("does not exist"):
+            raise UserInputError(f"{name}: file does not exist")
+        if problem == "is a directory, not a file":
+            raise UserInputError(f"{name}: is not a readable file (it is a directory)")
+        if problem is not None and "permission" in problem:
+            raise UserInputError(f"{name}: file is not readable (permission denied)")
+        if problem is not None:
+            raise UserInputError(f"{name}: {problem}")
     try:
         if is_raw:
             assert raw_format is not None
@@ -127,6 +145,23 @@ def _open(source: str | os.PathLike | bytes, raw_format: RawFormat | None, name:
         raise UserInputError(f"{name}: cannot decode audio: {err}") from None
 
 
+def _check_complete(f: sf.SoundFile, name: str) -> None:
+    """Refuse a WAV/AIFF file shorter than its header says (libsndfile reads what is there silently).
+
+    libsndfile reports such a file's frames from the bytes present and notes the header's claim in
+    its log as ``data : <declared> (should be <present>)``.
+    """
+    found = _DECLARED_DATA.search(f.extra_info or "")
+    if found is None:
+        return
+    declared, present = int(found.group(2)), int(found.group(3))
+    if present < declared < _UNKNOWN_LENGTH:
+        raise UserInputError(
+            f"{name}: truncated or corrupt: the header declares {declared} bytes of audio data, "
+            f"but the file holds {present}"
+        )
+
+
 def audio_info(
     path: str | os.PathLike | bytes, *, raw_format: RawFormat | None = None, name: str | None = None
 ) -> AudioInfo:
@@ -137,6 +172,7 @@ def audio_info(
     """
     name = name or (str(path) if not isinstance(path, bytes) else "<bytes>")
     with _open(path, raw_format, name) as f:
+        _check_complete(f, name)
         return AudioInfo(sample_rate=f.samplerate, num_frames=f.frames, channels=f.channels, format=f.format)
 
 
@@ -174,6 +210,7 @@ def decode_audio(
     """
     name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     with _open(source, raw_format, name) as f:
+        _check_complete(f, name)
         info = AudioInfo(sample_rate=f.samplerate, num_frames=f.frames, channels=f.channels, format=f.format)
         if expected_frames is not None and info.num_frames != expected_frames:
             raise UserInputError(f"{name}: {length_mismatch_reason(expected_frames, info, sample_rate)}")
@@ -200,6 +237,12 @@ def decode_audio(
     if not np.isfinite(wav).all():
         bad = int((~np.isfinite(wav)).sum())
         raise UserInputError(f"{name}: {bad} sample(s) are NaN or inf")
+    peak = float(np.abs(wav).max()) if wav.size else 0.0
+    if peak > MAX_ABS_SAMPLE:
+        raise UserInputError(
+            f"{name}: samples out of range: the largest magnitude is {peak:.3g}, more than "
+            f"{MAX_ABS_SAMPLE:g} (audio lies in [-1, 1])"
+        )
     wav = resample(np.ascontiguousarray(wav), info.sample_rate, sample_rate)
     return wav, info
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
+from dataclasses import dataclass, field
 
 # Category names, in a fixed order (the dataset stores the index of a category per item).
 CATEGORIES = (
@@ -12,6 +14,7 @@ CATEGORIES = (
     "empty",
     "too_short",
     "non_finite",
+    "out_of_range",
     "length_mismatch",
     "bad_transcript",
     "out_of_vocabulary",
@@ -30,7 +33,9 @@ def categorize(message: str) -> str:
         ("permission denied", "unreadable"),
         ("not readable", "unreadable"),
         ("not a readable file", "unreadable"),
+        ("not a regular file", "unreadable"),
         ("nan or inf", "non_finite"),
+        ("out of range", "out_of_range"),
         ("manifest lists", "length_mismatch"),
         ("headerless pcm", "unreadable"),
         ("decode", "corrupt"),
@@ -73,10 +78,35 @@ def read_vocab(path: str) -> frozenset[str]:
 
     Multi-character symbols (e.g. ``<unk>``) are ignored; ``|`` is the word boundary.
     """
+    from speechvq.text.files import read_text_lines
+
     chars = set()
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            sym = re.split(r"\s+", line.strip(), maxsplit=1)[0] if line.strip() else ""
-            if len(sym) == 1:
-                chars.add(sym)
+    for line in read_text_lines(path, "vocabulary file", "vocabulary file is not UTF-8 text"):
+        sym = re.split(r"\s+", line.strip(), maxsplit=1)[0] if line.strip() else ""
+        if len(sym) == 1:
+            chars.add(sym)
     return frozenset(chars)
+
+
+@dataclass
+class SkipCounts:
+    """Items a long run skipped instead of failing: the count per category and the first reason."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    """Skipped items per category (see :data:`CATEGORIES`)."""
+    first: str | None = None
+    """The message of the first skipped item (names its file and the problem)."""
+
+    def add(self, category: str, message: str) -> None:
+        """Count one skipped item."""
+        self.counts[category] += 1
+        if self.first is None:
+            self.first = message
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        """``"missing: 2, corrupt: 1"``."""
+        return ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))

@@ -6,13 +6,18 @@ import hashlib
 import logging
 import os
 import posixpath
+import shutil
 import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from speechvq.errors import UserInputError
+from speechvq.files import NO_SPACE, read_text, require_file, writing
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +46,7 @@ def md5sum(path: Path, chunk_size: int = 1 << 22) -> str:
 def read_md5_table(path: Path) -> dict[str, str]:
     """Parse an ``md5sum.txt`` (``<md5>  <filename>`` per line) into subset name -> md5."""
     table = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path, "checksum file").splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split()
@@ -147,34 +152,118 @@ def unsafe_members(tar: tarfile.TarFile) -> list[str]:
     return problems
 
 
-def safe_extract(archive: Path, target: Path) -> list[str]:
+@dataclass(frozen=True)
+class ExtractLimits:
+    """Bounds on what :func:`safe_extract` writes, checked from the member headers before anything
+    is written (a crafted archive of a few kB can otherwise expand to any size)."""
+
+    max_total_bytes: int = 1 << 40
+    """Most bytes all members together may hold (1 TiB; LibriSpeech's largest subset is ~30 GB)."""
+    max_members: int = 2_000_000
+    """Most members (files, directories, links; LibriSpeech's largest subset has ~150k)."""
+    max_ratio: float = 100.0
+    """Most bytes extracted per byte of archive (FLAC in a tar.gz is ~1); only checked above
+    ``ratio_floor_bytes``."""
+    ratio_floor_bytes: int = 16 << 20
+    """Extractions smaller than this (16 MiB) are never refused for their ratio."""
+
+
+def _scan_members(tar: tarfile.TarFile, archive: Path, target: Path, limits: ExtractLimits) -> list[str]:
+    """Read the member headers one by one, refusing as soon as a limit is passed (so a bomb is not
+    decompressed to the end); returns the problems of members that would overwrite the archive."""
+    archive_size = max(archive.stat().st_size, 1)
+    archive_abs = os.path.normpath(os.path.abspath(archive))
+    target_abs = os.path.normpath(os.path.abspath(target))
+    total, count, problems = 0, 0, []
+    while (member := tar.next()) is not None:
+        count += 1
+        total += max(member.size, 0) if member.isfile() else 0
+        if count > limits.max_members:
+            raise UserInputError(
+                f"{archive}: refusing to extract: more than {limits.max_members} members (ExtractLimits.max_members)"
+            )
+        if total > limits.max_total_bytes:
+            raise UserInputError(
+                f"{archive}: refusing to extract: the members hold more than {limits.max_total_bytes} bytes "
+                f"(ExtractLimits.max_total_bytes; {member.name} alone claims {member.size})"
+            )
+        if total > limits.ratio_floor_bytes and total / archive_size > limits.max_ratio:
+            raise UserInputError(
+                f"{archive}: refusing to extract: {total} bytes from a {archive_size}-byte archive is more than "
+                f"{limits.max_ratio:g} times its size (a decompression bomb? ExtractLimits.max_ratio)"
+            )
+        dest = os.path.normpath(os.path.join(target_abs, member.name))
+        if dest == archive_abs:
+            problems.append(f"{member.name}: would overwrite the archive being read")
+        elif archive_abs.startswith(dest + os.sep) and not member.isdir():
+            problems.append(f"{member.name}: would replace the directory holding the archive")
+    free = shutil.disk_usage(target).free
+    if total > free:
+        raise UserInputError(
+            f"{NO_SPACE}: {target} (extracting {archive} needs {total} bytes, {free} are free)"
+        )
+    return problems
+
+
+def _merge_into(tmp: Path, target: Path) -> None:
+    """Move the extracted tree ``tmp`` into ``target`` (renames only; existing files are replaced)."""
+    for root, dirs, files in os.walk(tmp):
+        rel = Path(root).relative_to(tmp)
+        (target / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            os.replace(Path(root) / name, target / rel / name)
+        for name in list(dirs):  # links to directories are not walked into: move them as they are
+            if (Path(root) / name).is_symlink():
+                os.replace(Path(root) / name, target / rel / name)
+                dirs.remove(name)
+
+
+def safe_extract(archive: Path, target: Path, limits: ExtractLimits | None = None) -> list[str]:
     """Extract a tar archive into ``target``, refusing it entirely if any member is unsafe.
 
     Unsafe: absolute paths, ``..`` components, symbolic or hard links whose target is absolute or
-    contains ``..``, device files. The check runs over every member before anything is written;
-    extraction then also uses tarfile's ``data`` filter where available (Python >= 3.11.4).
+    contains ``..``, device files, and members that would overwrite the archive itself. The
+    archive is also refused when its members pass ``limits`` (total bytes, member count, bytes per
+    archive byte) or need more space than ``target``'s file system has free. All checks run over
+    every member header before anything is written; extraction then also uses tarfile's ``data``
+    filter where available (Python >= 3.11.4). Members are extracted into a temporary directory
+    inside ``target`` and moved into place at the end, so a failed extraction leaves nothing.
 
     Returns:
         The extracted member names.
 
     Raises:
-        UserInputError: naming the archive and every unsafe member; nothing is extracted.
+        UserInputError: naming the archive and every unsafe member, or the limit passed; nothing
+            is extracted.
     """
-    target.mkdir(parents=True, exist_ok=True)
+    limits = limits or ExtractLimits()
+    with writing(target):
+        target.mkdir(parents=True, exist_ok=True)
+    for leftover in target.glob(".extract_*"):  # a killed extraction
+        shutil.rmtree(leftover, ignore_errors=True)
+    require_file(archive, "archive")
     try:
         tar = tarfile.open(archive)  # noqa: SIM115 (closed by the with below)
     except (tarfile.TarError, OSError) as err:
         raise UserInputError(f"{archive}: not a readable tar archive ({err})") from None
     with tar:
-        problems = unsafe_members(tar)
+        try:
+            problems = _scan_members(tar, archive, target, limits) + unsafe_members(tar)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+            raise UserInputError(f"{archive}: damaged archive ({err})") from None
         if problems:
             shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise UserInputError(f"{archive}: refusing to extract {len(problems)} unsafe member(s): {shown}")
+        tmp = Path(tempfile.mkdtemp(prefix=".extract_", dir=target))
         try:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(target, filter="data")
-            else:  # pragma: no cover - Python < 3.11.4: the member check above is the only guard
-                tar.extractall(target)
-        except tarfile.TarError as err:
+            with writing(target):
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(tmp, filter="data")
+                else:  # pragma: no cover - Python < 3.11.4: the member check above is the only guard
+                    tar.extractall(tmp)
+                _merge_into(tmp, target)
+        except (tarfile.TarError, EOFError, zlib.error) as err:
             raise UserInputError(f"{archive}: extraction refused: {err}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return tar.getnames()

@@ -12,6 +12,7 @@ from speechvq import progress
 from speechvq.data.audio import audio_info
 from speechvq.data.manifest import ManifestItem, words_to_letters, write_manifest
 from speechvq.errors import UserInputError
+from speechvq.files import read_text, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class LibriUtterance:
 def read_trans(path: Path) -> dict[str, str]:
     """Read a ``*.trans.txt``: utterance id -> words."""
     out = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path, "transcript file", max_bytes=None).splitlines(), start=1):
         if not line.strip():
             continue
         utt, _, words = line.strip().partition(" ")
@@ -101,10 +102,8 @@ def write_split(split_dir: Path, out_dir: Path, name: str, utts: list[LibriUtter
     """Write ``name.tsv``, ``name.wrd`` and ``name.ltr`` for one split."""
     items = [ManifestItem(relpath=u.relpath, num_samples=u.num_samples, line=0) for u in utts]
     write_manifest(out_dir / f"{name}.tsv", split_dir, items)
-    (out_dir / f"{name}.wrd").write_text("".join(u.words + "\n" for u in utts), encoding="utf-8")
-    (out_dir / f"{name}.ltr").write_text(
-        "".join(words_to_letters(u.words) + "\n" for u in utts), encoding="utf-8"
-    )
+    write_atomic(out_dir / f"{name}.wrd", "".join(u.words + "\n" for u in utts))
+    write_atomic(out_dir / f"{name}.ltr", "".join(words_to_letters(u.words) + "\n" for u in utts))
 
 
 def write_letter_dict(path: Path, transcripts: list[str]) -> None:
@@ -112,6 +111,6 @@ def write_letter_dict(path: Path, transcripts: list[str]) -> None:
     counts: Counter[str] = Counter()
     for words in transcripts:
         counts.update(words_to_letters(words).split())
-    path.write_text(
-        "".join(f"{sym} {n}\n" for sym, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    write_atomic(
+        path, "".join(f"{sym} {n}\n" for sym, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     )

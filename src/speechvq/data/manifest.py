@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechvq.errors import UserInputError
+from speechvq.files import path_problem, write_atomic
 from speechvq.text.files import read_text_lines
 
 
@@ -56,6 +57,9 @@ def parse_manifest(path: str | os.PathLike) -> tuple[Manifest, list[str]]:
         UserInputError: the file is missing, unreadable, not UTF-8, or has no root line.
     """
     path = Path(path)
+    problem = path_problem(path)
+    if problem is not None and problem != "does not exist":
+        raise UserInputError(f"{path}: manifest {problem}")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -132,13 +136,12 @@ def write_manifest(path: str | os.PathLike, root: str | os.PathLike, items: Iter
         items: the items; their ``line`` field is ignored.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [str(Path(root).resolve())]
     for item in items:
         if "\t" in item.relpath or "\n" in item.relpath:
             raise UserInputError(f"{item.relpath!r}: audio paths must not contain tabs or newlines")
         lines.append(f"{item.relpath}\t{int(item.num_samples)}")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_atomic(path, "\n".join(lines) + "\n")
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:

@@ -27,6 +27,7 @@ import numpy as np
 from speechvq.data.audio import AudioInfo, RawFormat, audio_info, decode_audio
 from speechvq.data.manifest import Manifest, read_manifest
 from speechvq.errors import UserInputError
+from speechvq.files import path_problem, read_json, read_text
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -93,6 +94,9 @@ class AudioSource:
 
 def read_label_lines(path: Path) -> list[bytes]:
     """Raw label lines (decoded per item later, so one bad line spoils only its item)."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise UserInputError(f"{path}: label file {problem}")
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -183,9 +187,14 @@ def arrow_source(table: pa.Table, path: Path, labels: str | None) -> AudioSource
 def _read_save_to_disk(path: Path) -> pa.Table:
     import pyarrow as pa
 
-    state = json.loads((path / "state.json").read_text())
+    state = read_json(path / "state.json", "dataset state")
     tables = []
-    for f in state.get("_data_files", []):
+    files = state.get("_data_files", [])
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and isinstance(f.get("filename"), str) for f in files
+    ):
+        raise UserInputError(f"{path / 'state.json'}: `_data_files` must be a list of {{filename}} objects")
+    for f in files:
         with pa.memory_map(str(path / f["filename"])) as src:
             tables.append(pa.ipc.open_stream(src).read_all())
     if not tables:
@@ -202,7 +211,19 @@ def audiofolder_source(path: Path, labels: str | None) -> AudioSource:
             with meta_file.open(newline="", encoding="utf-8") as fh:
                 rows = list(csv.DictReader(fh))
         else:
-            rows = [json.loads(ln) for ln in meta_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            rows = []
+            for lineno, ln in enumerate(
+                read_text(meta_file, "metadata file", max_bytes=None).splitlines(), 1
+            ):
+                if not ln.strip():
+                    continue
+                try:
+                    row = json.loads(ln)
+                except json.JSONDecodeError as err:
+                    raise UserInputError(f"{meta_file}:{lineno}: invalid JSON: {err.msg}") from None
+                if not isinstance(row, dict):
+                    raise UserInputError(f"{meta_file}:{lineno}: each line must be a JSON object")
+                rows.append(row)
         for row in rows:
             if "file_name" not in row:
                 raise UserInputError(f"{meta_file}: metadata needs a 'file_name' column")
@@ -240,6 +261,8 @@ def open_source(
     path = Path(source)
     if not path.exists():
         raise UserInputError(f"{path}: data source does not exist")
+    if not path.is_dir() and (problem := path_problem(path)) is not None:
+        raise UserInputError(f"{path}: data source {problem}")
     if path.is_file() and path.suffix.lower() in (".tsv", ".txt"):
         return manifest_source(read_manifest(path), labels)
     text_labels = None if labels is None else str(labels)
@@ -248,17 +271,28 @@ def open_source(
             f"{path}: a list of labels only goes with a manifest; give a dataset's text column"
         )
     try:
-        import pyarrow.parquet as pq
+        import pyarrow as pa
     except ImportError:  # pragma: no cover - pyarrow comes with datasets
         raise UserInputError(
             f"{path}: reading a Hugging Face dataset needs pyarrow (pip install pyarrow)"
         ) from None
+    try:
+        return _open_dataset(path, text_labels)
+    except (pa.ArrowException, OSError, UnicodeDecodeError, csv.Error) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise UserInputError(f"{path}: not a readable dataset ({type(err).__name__}: {reason})") from None
+
+
+def _open_dataset(path: Path, text_labels: str | None) -> AudioSource:
+    """A local Hugging Face dataset (parquet, ``save_to_disk``, audiofolder) as an :class:`AudioSource`."""
+    import pyarrow.parquet as pq
+
     if path.is_file() and path.suffix == ".parquet":
         return arrow_source(pq.read_table(path), path, text_labels)
     if path.is_file():
         raise UserInputError(f"{path}: not a manifest (.tsv), parquet file or dataset directory")
     if (path / "dataset_dict.json").exists():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        splits = read_json(path / "dataset_dict.json", "dataset dict").get("splits", [])
         raise UserInputError(f"{path}: is a DatasetDict; give one split's directory, one of {splits}")
     if (path / "state.json").exists():
         return arrow_source(_read_save_to_disk(path), path, text_labels)

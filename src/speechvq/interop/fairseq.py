@@ -42,6 +42,7 @@ from speechvq.config import (
     Wav2Vec2Config,
 )
 from speechvq.errors import UserInputError
+from speechvq.files import check_output_file, require_file, writing
 from speechvq.interop.keymap import KeyTable, rename_keys
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer
 
@@ -155,14 +156,18 @@ def load_fairseq_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             the allow-list (a crafted pickle is refused before anything in it runs).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserInputError(f"{path}: no such fairseq checkpoint")
+    require_file(path, "fairseq checkpoint")
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = found.group(1) if found else str(err).splitlines()[0]
+        if found is None:  # not a refused global: the bytes are no pickle torch can read
+            reason = next((ln.strip() for ln in reversed(str(err).splitlines()) if ln.strip()), "")
+            raise UserInputError(f"{path}: not a readable torch checkpoint ({reason[:200]})") from None
+        what = found.group(1)
         hint = ""
         if any(name.startswith("omegaconf.") for name in _unsafe_globals(path)):
             try:
@@ -214,32 +219,78 @@ def _plain(value: Any) -> Any:
 # -- configs -----------------------------------------------------------------------------------
 
 
+MAX_LAYER_SPEC_CHARS = 10_000
+"""Longest layer-list string read from a checkpoint config."""
+MAX_LAYER_SPECS = 256
+"""Most layers a layer-list string may describe (fairseq's largest models have 7 conv layers)."""
+MAX_LAYER_VALUE = 1 << 20
+"""Largest channel count, kernel or stride in a layer-list string (and largest factor of ``*``)."""
+
+
 def _eval_layers(text: Any, name: str) -> tuple[tuple[int, int, int], ...]:
     """Parse fairseq's layer-list strings such as ``"[(512, 10, 5)] + [(512, 3, 2)] * 4"``
-    without ``eval``: only list/tuple literals of ints, ``+`` and ``*`` are accepted."""
+    without ``eval``: only list/tuple literals of ints, ``+`` and ``*`` are accepted.
+
+    Parsing is bounded before anything is built: the string's length, every integer, and the
+    length of every list (checked before a ``*`` repeats it), so a crafted ``"[...] * 10**9"`` or
+    ``"[...] * 1000000000"`` is refused instead of allocating without bound.
+    """
     if isinstance(text, (list, tuple)):
-        return tuple(tuple(int(v) for v in spec) for spec in text)  # type: ignore[misc]
+        text = repr(list(text))  # the same bounds for lists given as values
 
     def ev(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
             return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, int)
+            and not isinstance(node.value, bool)
+        ):
+            if not 0 <= node.value <= MAX_LAYER_VALUE:
+                raise ValueError(f"integer {node.value} is outside [0, {MAX_LAYER_VALUE}]")
             return node.value
         if isinstance(node, (ast.List, ast.Tuple)):
+            if len(node.elts) > MAX_LAYER_SPECS:
+                raise ValueError(f"a literal of more than {MAX_LAYER_SPECS} items")
             items = [ev(e) for e in node.elts]
             return items if isinstance(node, ast.List) else tuple(items)
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             left, right = ev(node.left), ev(node.right)
-            return left + right if isinstance(node.op, ast.Add) else left * right
+            if isinstance(node.op, ast.Add):
+                if isinstance(left, int) != isinstance(right, int):
+                    raise ValueError("'+' of a number and a list")
+                result = left + right
+            else:
+                seq, count = (left, right) if isinstance(right, int) else (right, left)
+                if not isinstance(count, int):
+                    raise ValueError("'*' of two lists")
+                if isinstance(seq, int):
+                    result = seq * count
+                elif len(seq) * count > MAX_LAYER_SPECS:
+                    raise ValueError(
+                        f"'* {count}' makes {len(seq) * count} layers, more than {MAX_LAYER_SPECS}"
+                    )
+                else:
+                    result = seq * count
+            if isinstance(result, int) and result > MAX_LAYER_VALUE:
+                raise ValueError(f"integer {result} is outside [0, {MAX_LAYER_VALUE}]")
+            if not isinstance(result, int) and len(result) > MAX_LAYER_SPECS:
+                raise ValueError(f"more than {MAX_LAYER_SPECS} layers")
+            return result
         raise ValueError(f"unsupported expression {ast.dump(node)[:60]}")
 
+    shown = repr(text) if len(str(text)) <= 120 else repr(str(text)[:120]) + "..."
     try:
+        if len(str(text)) > MAX_LAYER_SPEC_CHARS:
+            raise ValueError(f"longer than {MAX_LAYER_SPEC_CHARS} characters")
         layers = ev(ast.parse(str(text), mode="eval"))
-        return tuple((int(c), int(k), int(s)) for c, k, s in layers)
-    except (SyntaxError, ValueError, TypeError) as err:
+        specs = tuple((int(c), int(k), int(s)) for c, k, s in layers)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as err:
         raise UserInputError(
-            f"fairseq `{name}` must be a list of (dim, kernel, stride), but is {text!r} ({err})"
+            f"fairseq `{name}` must be a list of at most {MAX_LAYER_SPECS} (dim, kernel, stride), "
+            f"but is {shown} instead ({type(err).__name__}: {err})"
         ) from None
+    return specs
 
 
 def _loss_weights(value: Any) -> list[float] | None:
@@ -488,8 +539,11 @@ def fairseq_to_speechvq(ckpt: dict[str, Any], source: str = "checkpoint") -> nn.
     Raises:
         UserInputError: for unsupported architectures or weights that do not match the config.
     """
-    kind = fairseq_model_kind(ckpt)
-    model_cfg, task_cfg, criterion_cfg = checkpoint_sections(ckpt)
+    try:
+        kind = fairseq_model_kind(ckpt)
+        model_cfg, task_cfg, criterion_cfg = checkpoint_sections(ckpt)
+    except UserInputError as err:
+        raise UserInputError(f"{source}: {err}") from None
     state = {k: v for k, v in ckpt["model"].items() if isinstance(v, Tensor)}
     model: nn.Module
     try:
@@ -524,7 +578,9 @@ def fairseq_to_speechvq(ckpt: dict[str, Any], source: str = "checkpoint") -> nn.
                     quantizer.embed_avg.copy_(quantizer.codebook)
     except (TypeError, ValueError) as err:
         if isinstance(err, UserInputError):
-            raise
+            if str(err).startswith(f"{source}:"):
+                raise
+            raise UserInputError(f"{source}: {err}") from None
         raise UserInputError(f"{source}: unsupported fairseq config: {err}") from None
     set_num_updates = getattr(model, "set_num_updates_", None)
     if callable(set_num_updates):
@@ -768,9 +824,14 @@ def _checkpoint(
 
 def save_fairseq_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` as a fairseq checkpoint file (see :func:`speechvq_to_fairseq`)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_output_file(path, "the fairseq checkpoint")
+    checkpoint = speechvq_to_fairseq(model)
     tmp = target.with_name(f".{target.name}.tmp")
-    torch.save(speechvq_to_fairseq(model), tmp)
-    os.replace(tmp, target)
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
     return target

@@ -8,7 +8,8 @@ lossless; a config without it (any checkpoint made by transformers) is mapped fi
 
 from __future__ import annotations
 
-import json
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ from speechvq.config import (
     Wav2Vec2Config,
 )
 from speechvq.errors import UserInputError
+from speechvq.files import check_output_dir, read_json, require_file
 from speechvq.interop.keymap import rename_keys
-from speechvq.io import state_dict_for_save
+from speechvq.io import read_safetensors, state_dict_for_save, write_directory
 from speechvq.models.wav2vec2 import Wav2Vec2Model, build_wav2vec2
 
 HF_KEY_MAP: list[tuple[str, str]] = [
@@ -210,44 +212,85 @@ def save_hf(model: Wav2Vec2Model, directory: str | Path) -> Path:
     """Write a transformers ``save_pretrained`` directory (model + feature-extractor config)."""
     from transformers import Wav2Vec2FeatureExtractor
 
-    directory = Path(directory)
+    directory = check_output_dir(directory, "the transformers model directory")
+    with quiet_transformers():
+        return write_directory(directory, lambda tmp: _save_hf(model, tmp, Wav2Vec2FeatureExtractor))
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars while writing (stderr keeps to the one error line, if any)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _save_hf(model: Wav2Vec2Model, directory: Path, extractor: Any) -> None:
     to_hf(model).save_pretrained(directory)
-    Wav2Vec2FeatureExtractor(
+    extractor(
         feature_size=1,
         sampling_rate=16000,
         padding_value=0.0,
         do_normalize=model.cfg.encoder.norm_mode == "layer_norm",
         return_attention_mask=model.cfg.encoder.norm_mode == "layer_norm",
     ).save_pretrained(directory)
-    return directory
 
 
 def load_hf(directory: str | Path) -> Wav2Vec2Model:
     """Read a transformers directory (safetensors, or a ``.bin`` through ``weights_only``) offline."""
-    from safetensors.torch import load_file
     from transformers import Wav2Vec2Config as HFConfig
 
     directory = Path(directory)
     config_path = directory / "config.json"
-    if not config_path.is_file():
+    if not config_path.exists():
         raise UserInputError(f"{directory}: not a transformers model directory (no config.json)")
     try:
-        hf_cfg = HFConfig.from_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        hf_cfg = HFConfig.from_dict(read_json(config_path, "transformers config"))
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        if isinstance(err, UserInputError):
+            raise
         raise UserInputError(f"{config_path}: invalid transformers config: {err}") from None
-    if (directory / "model.safetensors").is_file():
-        state = load_file(str(directory / "model.safetensors"))
-    elif (directory / "pytorch_model.bin").is_file():
-        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    if (directory / "model.safetensors").exists():
+        state = read_safetensors(directory / "model.safetensors")
+    elif (directory / "pytorch_model.bin").exists():
+        bin_path = require_file(directory / "pytorch_model.bin", "weights file")
+        try:
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # weights_only refuses code; anything else is a damaged file
+            reason = " ".join(str(err).split())[:200]
+            raise UserInputError(f"{bin_path}: not a readable weights-only torch file ({reason})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserInputError(f"{bin_path}: must hold a dict of tensors")
     else:
         raise UserInputError(f"{directory}: no model.safetensors or pytorch_model.bin")
-    cfg = speechvq_config_from_hf(hf_cfg)
+    try:
+        cfg = speechvq_config_from_hf(hf_cfg)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, UserInputError):
+            raise
+        raise UserInputError(f"{config_path}: unsupported transformers config: {err}") from None
     model = build_wav2vec2(cfg)
-    converted = hf_to_speechvq_state_dict(state)
-    converted["quantizer.num_updates"] = torch.tensor(int(getattr(hf_cfg, "speechvq_num_updates", 0)))
-    missing, unexpected = model.load_state_dict(converted, strict=False)
-    if unexpected or any(not k.startswith(("quantizer.", "project_")) for k in missing):
+    try:
+        converted = hf_to_speechvq_state_dict(state)
+    except KeyError as err:
         raise UserInputError(
-            f"{directory}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            f"{directory}: not a transformers wav2vec 2.0 checkpoint (unexpected parameter {err.args[0]!r})"
+        ) from None
+    converted["quantizer.num_updates"] = torch.tensor(int(getattr(hf_cfg, "speechvq_num_updates", 0)))
+    own = model.state_dict()
+    shapes = [k for k in converted if k in own and tuple(converted[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in converted]
+    unexpected = [k for k in converted if k not in own]
+    if shapes or unexpected or any(not k.startswith(("quantizer.", "project_")) for k in missing):
+        raise UserInputError(
+            f"{directory}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shape {shapes[:5]})"
         )
+    model.load_state_dict(converted, strict=False)
     return model.eval()

@@ -23,8 +23,9 @@ import torch
 
 from speechvq.config import Wav2Vec2Config
 from speechvq.errors import UserInputError
-from speechvq.interop.hf import HF_KEY_MAP, hf_config_from_speechvq, rename_keys
-from speechvq.io import state_dict_for_save
+from speechvq.files import check_output_dir, read_json
+from speechvq.interop.hf import HF_KEY_MAP, hf_config_from_speechvq, quiet_transformers, rename_keys
+from speechvq.io import load_weights, read_safetensors, state_dict_for_save, write_directory
 from speechvq.models.ctc import CtcConfig, CtcModel, build_ctc_model
 from speechvq.text.vocab import BOS, EOS, PAD, UNK, WORD_DELIMITER, Vocabulary
 
@@ -131,12 +132,15 @@ def save_hf_ctc(model: CtcModel, vocab: Vocabulary, directory: str | Path) -> Pa
     Returns:
         ``directory``.
     """
-    directory = Path(directory)
+    directory = check_output_dir(directory, "the transformers model directory")
     hf = to_hf_ctc(model, vocab)
-    processor = hf_processor(model.cfg, vocab, directory)
-    hf.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+
+    def save(tmp: Path) -> None:
+        hf.save_pretrained(tmp)
+        hf_processor(model.cfg, vocab, tmp).save_pretrained(tmp)
+
+    with quiet_transformers():
+        return write_directory(directory, save)
 
 
 def load_hf_ctc(directory: str | Path) -> tuple[CtcModel, Vocabulary]:
@@ -145,31 +149,34 @@ def load_hf_ctc(directory: str | Path) -> tuple[CtcModel, Vocabulary]:
     Raises:
         UserInputError: if the directory is not such an export.
     """
-    from safetensors.torch import load_file
 
     directory = Path(directory)
     config_path = directory / "config.json"
-    try:
-        meta = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise UserInputError(f"{directory}: not a transformers model directory (no config.json)") from None
-    except json.JSONDecodeError as err:
-        raise UserInputError(f"{config_path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    if not config_path.exists():
+        raise UserInputError(f"{directory}: not a transformers model directory (no config.json)")
+    meta = read_json(config_path, "model config")
     if meta.get("speechvq_model_type") != CtcModel.model_type or "speechvq_vocabulary" not in meta:
         raise UserInputError(
             f"{config_path}: not a speechvq CTC export (no speechvq_config / speechvq_vocabulary)"
         )
-    cfg = CtcConfig.from_dict(meta["speechvq_config"])
-    vocab = Vocabulary.from_dict(meta["speechvq_vocabulary"])
+    try:
+        cfg = CtcConfig.from_dict(meta["speechvq_config"])
+        vocab = Vocabulary.from_dict(meta["speechvq_vocabulary"])
+        num_updates = int(meta.get("speechvq_num_updates", cfg.freeze_updates))
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise UserInputError(f"{config_path}: invalid speechvq CTC export config: {err}") from None
     weights = directory / "model.safetensors"
-    if not weights.is_file():
+    if not weights.exists():
         raise UserInputError(f"{directory}: missing model.safetensors")
-    state = load_file(str(weights))
-    names = rename_keys(list(state), HF_CTC_KEY_MAP, reverse=True)
+    state = read_safetensors(weights)
+    try:
+        names = rename_keys(list(state), HF_CTC_KEY_MAP, reverse=True)
+    except KeyError as err:
+        raise UserInputError(f"{weights}: unexpected parameter {err.args[0]}") from None
     converted = {names[k]: v for k, v in state.items()}
     model = build_ctc_model(cfg)
     if "mask_embedding" not in converted:
         converted["mask_embedding"] = model.mask_embedding.detach().clone()
-    converted["num_updates"] = torch.tensor(int(meta.get("speechvq_num_updates", cfg.freeze_updates)))
-    model.load_state_dict(converted, strict=True)
+    converted["num_updates"] = torch.tensor(num_updates)
+    load_weights(model, converted, weights)
     return model.eval(), vocab

@@ -25,12 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from speechvq.config import (
+    MAX_PARAMETERS,
+    MAX_SIZE,
     ContextConfig,
     FeatureEncoderConfig,
     MaskConfig,
     Wav2Vec2Config,
     _from_plain,
     _to_plain,
+    approx_parameters,
 )
 from speechvq.losses_ctc import ctc_loss
 from speechvq.models.common import Linear, lengths_to_padding_mask, padding_mask_or_none
@@ -106,6 +109,14 @@ class CtcConfig:
             )
         if self.freeze_updates < 0:
             raise ValueError(f"`freeze_updates` must be >= 0, but is {self.freeze_updates} instead.")
+        if self.vocab_size > MAX_SIZE:
+            raise ValueError(f"`vocab_size` must be at most {MAX_SIZE}, but is {self.vocab_size} instead.")
+        total = approx_parameters(self.encoder, self.context)
+        if total > MAX_PARAMETERS:
+            raise ValueError(
+                f"the model must have at most {MAX_PARAMETERS:.0e} parameters, but this config describes "
+                f"about {total:.2e} instead."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON/YAML-safe dict (tuples become lists)."""

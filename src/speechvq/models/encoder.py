@@ -587,6 +587,15 @@ class ConvFeatureEncoder(nn.Module):
         return x, frame_lengths
 
 
+def min_input_samples(cfg: FeatureEncoderConfig) -> int:
+    """Samples the front end of ``cfg`` needs for one frame (shorter input is an error in ``forward``)."""
+    if cfg.kind == "fbank":
+        from speechvq.models.fbank import FbankFeatureEncoder
+
+        return FbankFeatureEncoder(num_mels=cfg.num_mels, stack=cfg.fbank_stack).receptive_field
+    return receptive_field(cfg.conv_layers)
+
+
 def build_feature_encoder(cfg: FeatureEncoderConfig) -> ConvFeatureEncoder:
     """Build the feature encoder of ``cfg``: the CNN, or the log-mel front end for ``kind: fbank``."""
     if cfg.kind == "fbank":

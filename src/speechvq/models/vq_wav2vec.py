@@ -341,6 +341,13 @@ class VqWav2VecModel(nn.Module):
         return q, frame_lengths
 
 
+def vq_min_input_samples(cfg: VqWav2VecConfig) -> int:
+    """Samples the front end of ``cfg`` needs for one frame."""
+    if cfg.encoder_kind == "fbank":
+        return FbankFeatureEncoder(num_mels=cfg.num_mels, stack=cfg.fbank_stack).receptive_field
+    return receptive_field(cfg.encoder_layers)
+
+
 def _auto_offset(encoder: nn.Module) -> int:
     """fairseq's ``offset=auto`` of any front end: ceil(receptive field / frame stride)."""
     if isinstance(encoder, Wav2VecFeatureEncoder):

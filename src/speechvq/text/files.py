@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from speechvq.errors import UserInputError
+from speechvq.files import path_problem
 
 
 def read_text_lines(path: str | os.PathLike[str], what: str, not_text: str = "not UTF-8 text") -> list[str]:
@@ -26,6 +27,9 @@ def read_text_lines(path: str | os.PathLike[str], what: str, not_text: str = "no
             (``path:line: not_text``) for a line that is not UTF-8.
     """
     path = Path(path)
+    problem = path_problem(path)
+    if problem is not None and problem != "is a directory, not a file":
+        raise UserInputError(f"{path}: {what} {problem}")
     try:
         data = path.read_bytes()
     except FileNotFoundError:

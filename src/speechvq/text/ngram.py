@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from speechvq.errors import UserInputError
+from speechvq.files import write_atomic
 from speechvq.text.files import read_text_lines
 
 LN10 = math.log(10.0)
@@ -182,7 +183,7 @@ class ArpaLM:
                     line += f"\t{bow:.6f}"
                 out.append(line)
         out += ["", "\\end\\", ""]
-        Path(path).write_text("\n".join(out), encoding="utf-8")
+        write_atomic(path, "\n".join(out))
 
 
 def train_ngram(

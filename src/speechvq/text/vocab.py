@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from speechvq.errors import UserInputError
+from speechvq.files import read_json
 
 PAD = "<pad>"
 BOS = "<s>"
@@ -279,12 +280,9 @@ class Vocabulary:
             UserInputError: naming the file, for a missing or malformed file.
         """
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserInputError(f"{path}: vocabulary file does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserInputError(f"{path}: not a JSON vocabulary ({err})") from None
+        if not path.exists():
+            raise UserInputError(f"{path}: vocabulary file does not exist")
+        data = read_json(path, "JSON vocabulary", expect=None)
         try:
             if isinstance(data, dict) and "tokens" in data:
                 return cls.from_dict(data)

@@ -5,8 +5,10 @@ Layout of ``exp_dir/checkpoints/``::
     step_00001000/model.safetensors   weights (the unwrapped model's state dict)
     step_00001000/state.pt            optimizer, schedule, every RNG (per rank), sampler, counters
     step_00001000/config.yaml         the resolved run config
-    step_00001000/meta.json           step, validation loss, and the sha256 of every other file
-    best.json                         the step and validation loss of the best checkpoint
+    step_00001000/meta.json           step, validation loss, the best checkpoint so far, and the
+                                      sha256 of every other file
+    best.json                         the step and validation loss of the best checkpoint (a copy
+                                      of the newest checkpoint's ``best``)
 
 A checkpoint is written into a temporary directory, every file is fsync'ed, and the directory is
 then renamed to its final name, so a ``step_*`` directory is always complete. ``meta.json`` is
@@ -16,11 +18,15 @@ Leftovers of a killed writer (``.tmp_*``, ``.old_*``, ``.del_*``) are cleaned up
 
 A write that fails (a full disk) removes its temporary directory and raises
 :class:`CheckpointWriteError`; earlier checkpoints are untouched.
+
+Best-model bookkeeping survives a kill at any point: every checkpoint's ``meta.json`` records the
+best checkpoint *as of that step* (its own score included), written atomically with it, so the
+checkpoint a run resumes from says which checkpoint is best; ``best.json`` is only a copy, rewritten
+from it on resume (:func:`best_of`) and after every save.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -39,6 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from speechvq.errors import UserInputError
+from speechvq.files import NO_SPACE, is_disk_full, read_json, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,10 @@ _FILES = ("model.safetensors", "state.pt", "config.yaml")
 WRITE_DELAY_ENV = "SPEECHVQ_CKPT_WRITE_DELAY_S"
 """Test hook for fault injection: seconds to sleep after each file of a checkpoint is written, so
 that a kill can be made to land in the middle of a write. Unset (or 0) in normal use."""
+
+
+_NOT_RECORDED: Any = object()
+"""``save_checkpoint(best=...)`` left out: the checkpoint records no best (readers use ``best.json``)."""
 
 
 class CheckpointWriteError(UserInputError):
@@ -120,6 +131,7 @@ def save_checkpoint(
     state: dict[str, Any],
     config_yaml: str,
     valid_loss: float | None = None,
+    best: Any = _NOT_RECORDED,
 ) -> Path:
     """Write ``root/step_{step:08d}`` atomically and return its path.
 
@@ -130,6 +142,9 @@ def save_checkpoint(
         state: optimizer, schedule, RNG, sampler and counters (tensors and plain values).
         config_yaml: the resolved config.
         valid_loss: validation loss at this step, if measured.
+        best: ``{"step", "valid_loss"}`` of the best checkpoint as of this step (this one, if its
+            score is the best so far), or None before any validation; stored in ``meta.json``.
+            Left out, nothing is recorded and readers fall back to ``best.json``.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -154,7 +169,10 @@ def save_checkpoint(
         _pause(delay)
         sums = {name: sha256_file(tmp / name) for name in _FILES}
         current = tmp / "meta.json"
-        current.write_text(json.dumps({"step": step, "valid_loss": valid_loss, "sha256": sums}) + "\n")
+        meta: dict[str, Any] = {"step": step, "valid_loss": valid_loss, "sha256": sums}
+        if best is not _NOT_RECORDED:
+            meta["best"] = best
+        current.write_text(json.dumps(meta) + "\n")
         for name in (*_FILES, "meta.json"):
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
@@ -165,9 +183,11 @@ def save_checkpoint(
         kept = (
             f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
         )
-        raise CheckpointWriteError(
-            f"{final}: checkpoint not written: {what} while writing {current.name}; {kept}"
-        ) from err
+        if what == NO_SPACE:
+            message = f"{NO_SPACE}: {final / current.name} (checkpoint not written; {kept})"
+        else:
+            message = f"{final}: checkpoint not written: {what} while writing {current.name}; {kept}"
+        raise CheckpointWriteError(message) from err
     if final.exists():  # the same step written again (e.g. after a resume): replace it
         old = root / f".old_step_{step:08d}_{os.getpid()}"
         os.replace(final, old)
@@ -180,11 +200,12 @@ def save_checkpoint(
 
 
 def _write_failure(err: BaseException) -> str:
-    """What went wrong in a failed write, in a few words."""
+    """What went wrong in a failed write, in a few words (:data:`NO_SPACE` for a full disk)."""
+    if is_disk_full(err):
+        return NO_SPACE
     if isinstance(err, OSError):
-        return "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return "no space left on device" if "No space left" in str(err) else text
+        return err.strerror or str(err)
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _pause(seconds: float) -> None:
@@ -326,19 +347,103 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def read_best(root: str | Path) -> dict[str, Any] | None:
-    """``{"step", "valid_loss"}`` of the best checkpoint so far, or None."""
+    """``{"step", "valid_loss"}`` of ``best.json``, or None (missing, or damaged: a warning says so).
+
+    ``best.json`` is a copy of the newest checkpoint's record (see :func:`best_of`); a damaged one
+    is never fatal.
+    """
     path = Path(root) / "best.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.exists():
+        return None
+    try:
+        record = read_json(path, "best-checkpoint record")
+    except UserInputError as err:
+        logger.warning("ignoring %s", err)
+        return None
+    if not _valid_best(record):
+        logger.warning("ignoring %s: must hold {step, valid_loss}, but holds %r", path, record)
+        return None
+    return record
 
 
-def write_best(root: str | Path, step: int, valid_loss: float) -> None:
-    """Record ``step`` as the best checkpoint (atomically)."""
+def _valid_best(record: Any) -> bool:
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("step"), int)
+        and not isinstance(record.get("step"), bool)
+        and isinstance(record.get("valid_loss"), (int, float))
+    )
+
+
+_LEGACY = object()
+
+
+def _recorded_best(path: Path) -> Any:
+    """The ``best`` record of one checkpoint's ``meta.json``; ``_LEGACY`` if it has none."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return _LEGACY
+    if not isinstance(meta, dict) or "best" not in meta:
+        return _LEGACY
+    best = meta["best"]
+    return best if _valid_best(best) else None
+
+
+def best_of(checkpoint: str | Path | None, root: str | Path) -> dict[str, Any] | None:
+    """The best checkpoint as of ``checkpoint`` (the one a run resumes from), or None.
+
+    It is the record in the checkpoint's own ``meta.json``, which is written atomically with it, so
+    a kill between a checkpoint's rename and the ``best.json`` update loses nothing. Checkpoints
+    written before that record existed fall back to ``best.json`` (and the checkpoint's own score).
+    """
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint)
+    best = _recorded_best(path)
+    if best is not _LEGACY:
+        return best
+    best = read_best(root)
+    try:
+        own = json.loads((path / "meta.json").read_text()).get("valid_loss")
+    except (OSError, ValueError, AttributeError):
+        own = None
+    step = int(_STEP_DIR.match(path.name).group(1)) if _STEP_DIR.match(path.name) else None
+    newer = best is None or (step is not None and best["step"] < step)
+    if (
+        isinstance(own, (int, float))
+        and step is not None
+        and newer
+        and (best is None or own < best["valid_loss"])
+    ):
+        return {"step": step, "valid_loss": own}
+    return best
+
+
+def best_checkpoint(root: str | Path) -> Path | None:
+    """The directory of the best checkpoint under ``root`` (by the newest intact checkpoint's record),
+    else the newest intact checkpoint, else None."""
     root = Path(root)
-    tmp = root / f".best.json.{os.getpid()}"
-    tmp.write_text(json.dumps({"step": step, "valid_loss": valid_loss}) + "\n")
-    _fsync_file(tmp)
-    os.replace(tmp, root / "best.json")
-    _fsync_dir(root)
+    latest = latest_checkpoint(root)
+    best = best_of(latest, root)
+    if best is not None:
+        path = root / f"step_{best['step']:08d}"
+        if path.is_dir() and verify_checkpoint(path) is None:
+            return path
+        logger.warning("the best checkpoint %s is missing or damaged; using %s", path.name, latest)
+    return latest
+
+
+def write_best(root: str | Path, step: int | None, valid_loss: float | None = None) -> None:
+    """Record ``step`` as the best checkpoint (atomically); ``step=None`` removes the record."""
+    root = Path(root)
+    if step is None:
+        (root / "best.json").unlink(missing_ok=True)
+        return
+    try:
+        write_atomic(root / "best.json", json.dumps({"step": step, "valid_loss": valid_loss}) + "\n")
+    except UserInputError as err:  # best.json is a copy: the checkpoint's meta.json has the record
+        logger.error("%s (best.json is only a copy of the checkpoint's record)", err)
 
 
 def rotate_checkpoints(root: str | Path, keep_last: int) -> list[Path]:

@@ -23,6 +23,8 @@ import yaml
 from speechvq.config import PRESETS, VQ_WAV2VEC_PRESETS, VqWav2VecConfig, Wav2Vec2Config
 from speechvq.configs import resolve_config
 from speechvq.errors import UserInputError
+from speechvq.files import read_text
+from speechvq.ranges import check_range
 
 
 @dataclass(kw_only=True)
@@ -73,6 +75,29 @@ class DataSection:
     num_workers: int = 0
     """DataLoader worker processes."""
 
+    def validate(self, prefix: str = "data") -> None:
+        """Every value in its range; raises :class:`UserInputError` naming the first that is not."""
+        check_sampling(self, prefix)
+        check_range(f"{prefix}.max_sample_size", self.max_sample_size, 1, integer=True, optional=True)
+        check_range(f"{prefix}.min_sample_size", self.min_sample_size, 0, integer=True, optional=True)
+        if self.max_sample_size is not None and (self.min_sample_size or 0) > self.max_sample_size:
+            raise UserInputError(
+                f"`{prefix}.min_sample_size` must be <= {prefix}.max_sample_size ({self.max_sample_size}), "
+                f"but is {self.min_sample_size} instead."
+            )
+
+
+MAX_SAMPLE_RATE = 1_000_000
+"""Largest ``data.sample_rate`` accepted (1 MHz; speech is 8-48 kHz)."""
+
+
+def check_sampling(data: Any, prefix: str) -> None:
+    """``sample_rate``, ``max_tokens`` and ``num_workers`` of a data section (those it has)."""
+    if hasattr(data, "sample_rate"):
+        check_range(f"{prefix}.sample_rate", data.sample_rate, 1, MAX_SAMPLE_RATE, integer=True)
+    check_range(f"{prefix}.max_tokens", data.max_tokens, 1, integer=True)
+    check_range(f"{prefix}.num_workers", data.num_workers, 0, integer=True)
+
 
 @dataclass(kw_only=True)
 class OptimSection:
@@ -92,6 +117,15 @@ class OptimSection:
 
     clip_grad_norm: float = 10.0
     """Clip the total gradient norm to this value; 0 disables clipping (fairseq ``clip_norm``)."""
+
+    def validate(self, prefix: str = "optim") -> None:
+        """lr > 0, betas in [0, 1), eps, weight decay and clipping >= 0, all finite."""
+        check_range(f"{prefix}.lr", self.lr, 0, low_open=True)
+        for i, beta in enumerate(self.betas):
+            check_range(f"{prefix}.betas[{i}]", beta, 0, 1, high_open=True)
+        check_range(f"{prefix}.eps", self.eps, 0)
+        check_range(f"{prefix}.weight_decay", self.weight_decay, 0)
+        check_range(f"{prefix}.clip_grad_norm", self.clip_grad_norm, 0)
 
 
 @dataclass(kw_only=True)
@@ -120,6 +154,26 @@ class ScheduleSection:
 
     final_lr_scale: float = 0.05
     """Tri-stage lr at the end as a fraction of the peak."""
+
+    def validate(self, prefix: str = "schedule") -> None:
+        """A known name, warmup >= 0, fractions and scales in range, phases summing to 1."""
+        if self.name not in ("polynomial", "tri_stage", "cosine", "constant"):
+            raise UserInputError(
+                f"`{prefix}.name` must be polynomial, tri_stage, cosine or constant, "
+                f"but is {self.name!r} instead."
+            )
+        check_range(f"{prefix}.warmup_steps", self.warmup_steps, 0, integer=True)
+        check_range(f"{prefix}.power", self.power, 0, low_open=True)
+        check_range(f"{prefix}.end_lr_scale", self.end_lr_scale, 0, 1)
+        for i, ratio in enumerate(self.phase_ratio):
+            check_range(f"{prefix}.phase_ratio[{i}]", ratio, 0, 1)
+        if abs(sum(self.phase_ratio) - 1.0) > 1e-6:
+            raise UserInputError(
+                f"`{prefix}.phase_ratio` must sum to 1, but is {list(self.phase_ratio)} instead."
+            )
+        check_range(f"{prefix}.init_lr_scale", self.init_lr_scale, 0, 1)
+        # tri-stage decays exponentially to it: log(final_lr_scale) must exist
+        check_range(f"{prefix}.final_lr_scale", self.final_lr_scale, 0, 1, low_open=True)
 
     def warmup_updates(self, max_steps: int) -> int:
         """Updates spent warming up under this schedule."""
@@ -177,7 +231,8 @@ class TrainSection:
     """Write TensorBoard event files to ``exp_dir/tensorboard`` (needs ``tensorboard``)."""
 
     def validate(self) -> None:
-        """Counts and intervals at least 1, a known precision; raises :class:`UserInputError`."""
+        """Counts and intervals at least 1, a seed torch accepts, a known precision and save-error
+        policy; raises :class:`UserInputError`."""
         for name in (
             "max_steps",
             "grad_accum",
@@ -185,13 +240,23 @@ class TrainSection:
             "valid_interval",
             "save_interval",
             "keep_last",
+            "max_nonfinite",
         ):
-            if getattr(self, name) < 1:
-                raise UserInputError(f"`train.{name}` must be >= 1, but is {getattr(self, name)} instead.")
+            check_range(f"train.{name}", getattr(self, name), 1, integer=True)
+        check_range("train.seed", self.seed, 0, MAX_SEED, integer=True)
+        check_range("train.max_wall_s", self.max_wall_s, 0, optional=True)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise UserInputError(
                 f"`train.precision` must be fp32, bf16 or fp16, but is {self.precision!r} instead."
             )
+        if self.on_save_error not in ("stop", "continue"):
+            raise UserInputError(
+                f"`train.on_save_error` must be stop or continue, but is {self.on_save_error!r} instead."
+            )
+
+
+MAX_SEED = 2**63 - 1
+"""Largest ``train.seed``: torch's generators take a signed 64-bit seed."""
 
 
 @dataclass(kw_only=True)
@@ -227,6 +292,15 @@ class DiagnosticsSection:
 
     falling_fraction: float = 0.25
     """Warn when the code perplexity stays below this fraction of its peak earlier in the run."""
+
+    def validate(self) -> None:
+        """Window and step counts >= 1 (or null), thresholds finite and >= 0, fractions in [0, 1]."""
+        check_range("diagnostics.window", self.window, 1, integer=True)
+        check_range("diagnostics.chance_after_steps", self.chance_after_steps, 0, integer=True, optional=True)
+        for name in ("chance_rel_tol", "min_code_perplexity_per_group", "trivial_loss", "min_grad_norm"):
+            check_range(f"diagnostics.{name}", getattr(self, name), 0)
+        for name in ("trivial_accuracy", "hard_soft_ratio", "falling_fraction"):
+            check_range(f"diagnostics.{name}", getattr(self, name), 0, 1)
 
 
 @dataclass(kw_only=True)
@@ -268,25 +342,27 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Cross-field checks; raises :class:`UserInputError`."""
-        t = self.train
-        t.validate()
-        if self.schedule.name not in ("polynomial", "tri_stage", "cosine", "constant"):
-            raise UserInputError(
-                "`schedule.name` must be polynomial, tri_stage, cosine or constant, "
-                f"but is {self.schedule.name!r} instead."
-            )
-        if abs(sum(self.schedule.phase_ratio) - 1.0) > 1e-6:
-            raise UserInputError(
-                f"`schedule.phase_ratio` must sum to 1, but is {list(self.schedule.phase_ratio)} instead."
-            )
+        self.train.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.schedule.validate()
+        self.diagnostics.validate()
         if not self.data.train:
             raise UserInputError("`data.train` must name a manifest, but is empty instead.")
         try:
-            self.model_config()
+            model = self.model_config()
         except (TypeError, ValueError, KeyError) as err:
             if isinstance(err, UserInputError):
                 raise
             raise UserInputError(f"`model` is not a valid model config: {err}") from err
+        from speechvq.models.encoder import min_input_samples
+
+        shortest = min_input_samples(model.encoder)
+        if self.data.max_sample_size is not None and self.data.max_sample_size < shortest:
+            raise UserInputError(
+                f"`data.max_sample_size` must be >= {shortest} (the samples one frame of this model needs), "
+                f"but is {self.data.max_sample_size} instead."
+            )
 
 
 def plain(value: Any) -> Any:
@@ -380,12 +456,78 @@ def config_from_dict(data: dict[str, Any], cls: type = PretrainConfig) -> Any:
     return cls(**{k: _section_from_dict(hints[k], v, k) for k, v in data.items()})
 
 
+MAX_YAML_NODES = 100_000
+"""Largest YAML document accepted, in nodes with every alias expanded (a "billion laughs" document
+of a few lines would otherwise expand to billions of values when the config is copied)."""
+
+
+def parse_yaml(text: str, where: str, *, allow_tags: bool = True) -> Any:
+    """``yaml.safe_load(text)``, with one-line errors naming ``where`` (and the line).
+
+    Args:
+        text: the YAML text.
+        where: what it is, for errors (``c.yaml``, ``--set optim.lr=...``).
+        allow_tags: False refuses every explicit tag (``!!float``, ``!!python/...``), for values
+            given on the command line: a plain value never needs one.
+
+    Raises:
+        UserInputError: invalid YAML, a tag where none is allowed, or a document that expands to
+            more than :data:`MAX_YAML_NODES` nodes.
+    """
+    try:
+        if not allow_tags:
+            for token in yaml.scan(text):
+                if isinstance(token, yaml.TagToken):
+                    raise UserInputError(
+                        f"{where}: YAML tags such as {_tag_text(token)!r} are not allowed here; write a plain value"
+                    )
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise UserInputError(
+                f"{where}: the YAML document expands to more than {MAX_YAML_NODES} values "
+                "(aliases repeating aliases); refused"
+            )
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None and not where.startswith("--set") else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserInputError(f"{where}{line}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise UserInputError(f"{where}: the YAML document is nested too deeply") from None
+
+
+def _tag_text(token: Any) -> str:
+    handle, suffix = token.value
+    return f"{handle or ''}{suffix}"
+
+
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """Nodes of a composed YAML graph with every alias expanded (memoised, so it never expands)."""
+    key = id(node)
+    if key not in memo:
+        memo[key] = 0  # a recursive alias counts once (safe_load refuses those anyway)
+        if isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(_expanded_size(child, memo) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+        else:
+            size = 1
+        memo[key] = min(size, MAX_YAML_NODES + 1)
+    return memo[key]
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"optim.lr=5e-4"`` -> ``("optim.lr", 0.0005)``; the value is parsed as YAML."""
+    """``"optim.lr=5e-4"`` -> ``("optim.lr", 0.0005)``.
+
+    The value is parsed as YAML (``yaml.safe_load``); tags (``!!python/...``, ``!!float``) are
+    refused, and so is invalid YAML, each with one line naming the override.
+    """
     if "=" not in text:
         raise UserInputError(f"--set must be KEY=VALUE (e.g. optim.lr=5e-4), but is {text!r} instead.")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    value = parse_yaml(raw, f"--set {text}", allow_tags=False) if raw.strip() else None
+    return key.strip(), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = PretrainConfig) -> dict[str, Any]:
@@ -435,12 +577,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, cls: type 
     """Read a YAML config into ``cls`` (default :class:`PretrainConfig`), apply ``--set`` overrides,
     type-check and validate it (``cls.validate()``)."""
     path = resolve_config(path)  # a path, or the name of a shipped config
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise UserInputError(f"{path}{line}: invalid YAML: {getattr(err, 'problem', err)}") from err
+    data = parse_yaml(read_text(path, "config file"), str(path)) or {}
     try:
         cfg = config_from_dict(apply_overrides(data, overrides or [], cls), cls)
         cfg.validate()

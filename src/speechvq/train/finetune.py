@@ -36,6 +36,7 @@ from speechvq.data.collate import AudioBatch
 from speechvq.data.source import open_source
 from speechvq.decoding import greedy_decode
 from speechvq.errors import UserInputError
+from speechvq.files import read_text
 from speechvq.metrics_asr import char_errors, word_errors
 from speechvq.models.ctc import (
     CtcModel,
@@ -44,10 +45,20 @@ from speechvq.models.ctc import (
     from_pretrained_wav2vec2,
     save_ctc_pretrained,
 )
+from speechvq.models.encoder import min_input_samples
 from speechvq.models.wav2vec2 import Wav2Vec2Model, build_wav2vec2
+from speechvq.ranges import check_probability, check_range
 from speechvq.text.vocab import Vocabulary
 from speechvq.train import checkpoint as ckpt
-from speechvq.train.config import OptimSection, ScheduleSection, TrainSection, config_from_dict, plain
+from speechvq.train.config import (
+    OptimSection,
+    ScheduleSection,
+    TrainSection,
+    check_sampling,
+    config_from_dict,
+    parse_yaml,
+    plain,
+)
 from speechvq.train.task import DataParts
 
 logger = logging.getLogger(__name__)
@@ -95,6 +106,23 @@ class FinetuneModelSection:
     normalize_waveform: bool = False
     """Per-utterance waveform normalisation inside the model; must match pretraining."""
 
+    def validate(self) -> None:
+        """Counts >= 0 and dropout probabilities in [0, 1]."""
+        check_range("model.freeze_updates", self.freeze_updates, 0, integer=True)
+        check_range("model.reinit_layers", self.reinit_layers, 0, integer=True)
+        for name in DROPOUT_FIELDS:
+            check_probability(f"model.{name}", getattr(self, name))
+
+
+DROPOUT_FIELDS = (
+    "dropout_p",
+    "attention_dropout_p",
+    "activation_dropout_p",
+    "layer_drop_p",
+    "feature_dropout_p",
+    "final_dropout_p",
+)
+
 
 @dataclass(kw_only=True)
 class MaskSection:
@@ -110,6 +138,14 @@ class MaskSection:
     """Channel masking probability (0 disables it)."""
     channel_length: int = 64
     """Channels per channel span."""
+
+    def validate(self) -> None:
+        """Probabilities finite and >= 0 (channels: in [0, 1]), span lengths >= 1."""
+        check_range("mask.mask_prob", self.mask_prob, 0)
+        check_range("mask.mask_length", self.mask_length, 1, integer=True)
+        check_range("mask.min_masks", self.min_masks, 0, integer=True)
+        check_probability("mask.channel_prob", self.channel_prob)
+        check_range("mask.channel_length", self.channel_length, 1, integer=True)
 
 
 @dataclass(kw_only=True)
@@ -145,6 +181,11 @@ class FinetuneDataSection(LabelSection):
     num_workers: int = 0
     """DataLoader worker processes."""
 
+    def validate(self, prefix: str = "data") -> None:
+        """Sampling values and the sentencepiece size in range."""
+        check_sampling(self, prefix)
+        check_range(f"{prefix}.sentencepiece_vocab_size", self.sentencepiece_vocab_size, 1, integer=True)
+
 
 @dataclass(kw_only=True)
 class FinetuneScheduleSection(ScheduleSection):
@@ -152,13 +193,6 @@ class FinetuneScheduleSection(ScheduleSection):
 
     name: Literal["polynomial", "tri_stage", "cosine", "constant"] = "tri_stage"
     """See :class:`ScheduleSection`."""
-
-    def validate(self) -> None:
-        """``phase_ratio`` sums to 1; raises :class:`UserInputError`."""
-        if abs(sum(self.phase_ratio) - 1.0) > 1e-6:
-            raise UserInputError(
-                f"`schedule.phase_ratio` must sum to 1, but is {list(self.phase_ratio)} instead."
-            )
 
 
 @dataclass(kw_only=True)
@@ -180,16 +214,12 @@ class FinetuneConfig:
         """Cross-field checks; raises :class:`UserInputError`."""
         self.train.validate()
         self.schedule.validate()
+        self.optim.validate()
+        self.data.validate()
+        self.model.validate()
+        self.mask.validate()
         if not self.data.train:
             raise UserInputError("`data.train` must name a manifest, but is empty instead.")
-        if self.model.freeze_updates < 0:
-            raise UserInputError(
-                f"`model.freeze_updates` must be >= 0, but is {self.model.freeze_updates} instead."
-            )
-        if self.model.reinit_layers < 0:
-            raise UserInputError(
-                f"`model.reinit_layers` must be >= 0, but is {self.model.reinit_layers} instead."
-            )
 
     def settings(self) -> dict[str, Any]:
         """Keyword settings for :func:`ctc_config_from_wav2vec2`."""
@@ -261,19 +291,22 @@ def _is_speechvq_dir(path: Path) -> bool:
 
 
 def _pick_checkpoint(root: Path) -> Path:
-    best = ckpt.read_best(root)
-    if best is not None and (root / f"step_{best['step']:08d}").is_dir():
-        return root / f"step_{best['step']:08d}"
-    latest = ckpt.latest_checkpoint(root)
-    if latest is None:
+    path = ckpt.best_checkpoint(root)
+    if path is None:
         raise UserInputError(f"{root}: no checkpoint")
-    return latest
+    return path
 
 
 def _from_checkpoint(path: Path) -> Wav2Vec2Model:
-    """Rebuild the pretraining model of a ``train/checkpoint.py`` directory."""
+    """Rebuild the pretraining model of a ``train/checkpoint.py`` directory.
+
+    The checkpoint is verified (every sha256) before any of its files is parsed.
+    """
+    problem = ckpt.verify_checkpoint(path)
+    if problem is not None:
+        raise ckpt.CorruptCheckpointError(f"{path}: {problem}")
     try:
-        saved = yaml.safe_load((path / "config.yaml").read_text())
+        saved = parse_yaml(read_text(path / "config.yaml", "checkpoint config"), f"{path}/config.yaml")
         w2v_cfg: Wav2Vec2Config = config_from_dict(saved).model_config()
     except (UserInputError, TypeError, ValueError, KeyError) as err:
         raise UserInputError(f"{path}/config.yaml: not a pretraining checkpoint config: {err}") from err
@@ -283,7 +316,12 @@ def _from_checkpoint(path: Path) -> Wav2Vec2Model:
             "export its units and fine-tune a unit BERT: docs/units.md)"
         )
     model = build_wav2vec2(w2v_cfg)
-    model.load_state_dict(ckpt.load_checkpoint(path)[0])
+    try:
+        model.load_state_dict(ckpt.load_checkpoint(path)[0])
+    except RuntimeError as err:
+        raise UserInputError(
+            f"{path}/model.safetensors: the weights do not fit its config ({str(err).splitlines()[0][:200]})"
+        ) from None
     return model
 
 
@@ -311,13 +349,15 @@ class CtcTask:
 
     name = "finetune-ctc"
     stat_names = ("loss", "targets", "tokens", "samples", "nonfinite")
-    eval_stat_names = ("loss", "utterances", "word_errors", "words", "char_errors", "chars")
+    eval_stat_names = ("loss", "utterances", "word_errors", "words", "char_errors", "chars", "oov_refs")
     lower_is_better = True
     export_name = "best_model"
     find_unused_parameters = True  # the frozen body and LayerDrop leave parameters without gradient
 
     def __init__(self, cfg: FinetuneConfig, init: str | None, exp_dir: Path, *, main: bool = True) -> None:
-        self.cfg, self.init = cfg, init
+        self.cfg, self.init, self.main = cfg, init, main
+        self.oov_seen: set[str] = set()
+        self._oov_warned = False
         self.vocab = self._vocabulary(exp_dir / VOCAB_NAME, main)
         settings = cfg.settings()
         if init is None or cfg.model.random_weights:
@@ -344,7 +384,22 @@ class CtcTask:
             return Vocabulary.load(path)
         d = self.cfg.data
         source = open_source(d.train, d.labels)
-        lines = [_text(source.text(i)) for i in range(len(source))]
+        lines, bad = [], []
+        for i in range(len(source)):
+            try:
+                lines.append(_text(source.text(i)))
+            except UnicodeDecodeError:
+                bad.append(i + 1)
+        if bad:  # the dataset skips (and counts) these utterances in training too
+            logger.warning(
+                "%s: %d transcript line(s) are not UTF-8 (line %s%s); left out of the vocabulary, "
+                "their utterances are skipped",
+                d.train, len(bad), bad[0], f" and {len(bad) - 1} more" if len(bad) > 1 else "",
+            )  # fmt: skip
+        if not any(line.strip() for line in lines):
+            raise UserInputError(
+                f"{d.train}: no usable transcript ({d.labels} labels) to build a vocabulary from"
+            )
         words = [ltr_to_words(x) for x in lines] if d.labels == "ltr" else lines
         if d.vocab == "sentencepiece":
             vocab = Vocabulary.train_sentencepiece(
@@ -396,8 +451,9 @@ class CtcTask:
         d = self.cfg.data
         try:
             ds = AudioDataset(
-                path, sample_rate=d.sample_rate, random_crop=False, labels=d.labels, seed=self.cfg.train.seed
-            )
+                path, sample_rate=d.sample_rate, random_crop=False, labels=d.labels, seed=self.cfg.train.seed,
+                min_sample_size=min_input_samples(self.ctc_cfg.encoder),  # shorter: no frame to encode
+            )  # fmt: skip
         except FileNotFoundError as err:
             raise UserInputError(f"{path}: {err}") from err
         if len(ds) == 0:
@@ -473,7 +529,23 @@ class CtcTask:
             "words": float(we.reference_length),
             "char_errors": float(ce.errors),
             "chars": float(ce.reference_length),
+            "oov_refs": float(self.count_oov(batch.texts or [])),
         }
+
+    def count_oov(self, texts: list[str]) -> int:
+        """References among ``texts`` that hold units outside the vocabulary (they become ``<unk>``,
+        which the model can never output); their characters are remembered for the warning."""
+        count = 0
+        for text in texts:
+            ids = self.encode(_text(text))
+            if self.vocab.unk_id in ids:
+                count += 1
+                if self.vocab.kind == "letters":
+                    known = set(self.vocab.tokens)
+                    self.oov_seen.update(
+                        c for c in self.words(_text(text)) if not c.isspace() and c not in known
+                    )
+        return count
 
     def eval_record(self, sums: dict[str, float]) -> tuple[dict[str, float], float]:
         rec = {
@@ -481,6 +553,15 @@ class CtcTask:
             "wer": sums["word_errors"] / max(sums["words"], 1.0),
             "cer": sums["char_errors"] / max(sums["chars"], 1.0),
         }
+        oov = int(sums.get("oov_refs", 0))
+        if oov and self.main and not self._oov_warned:
+            self._oov_warned = True
+            shown = "".join(sorted(self.oov_seen)[:20])
+            logger.warning(
+                "validation: %d of %d references hold letters outside the training vocabulary%s; they "
+                "can never be recognised and count as errors in every WER/CER",
+                oov, int(sums["utterances"]), f" ({shown!r})" if shown else "",
+            )  # fmt: skip
         return rec, rec[self.cfg.data.best_metric]
 
     def export(self, model: nn.Module, directory: Path) -> None:
@@ -506,8 +587,10 @@ def finetune(
         require_resume: raise if there is no checkpoint to resume from.
         stop_at_step: stop (with a checkpoint) after this many updates, as if interrupted.
     """
+    from speechvq.train.lock import experiment_lock
     from speechvq.train.loop import train
 
     main = int(os.environ.get("RANK", "0")) == 0  # accelerate's state is not set up yet
-    task = CtcTask(cfg, init, Path(exp_dir), main=main)
-    return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)
+    with experiment_lock(exp_dir):  # the task writes vocab.json before the loop starts
+        task = CtcTask(cfg, init, Path(exp_dir), main=main)
+        return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
@@ -44,9 +43,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from speechvq.data import BucketBatchSampler
 from speechvq.errors import UserInputError
+from speechvq.files import read_text, write_atomic
 from speechvq.train import checkpoint as ckpt
 from speechvq.train import launch
-from speechvq.train.config import PretrainConfig
+from speechvq.train.config import PretrainConfig, parse_yaml
+from speechvq.train.lock import experiment_lock
 from speechvq.train.metrics import MetricsLogger, read_metrics
 from speechvq.train.optim import build_optimizer, lr_at, set_lr_
 from speechvq.train.task import Task, Wav2Vec2PretrainTask
@@ -76,6 +77,39 @@ class RunSummary:
     """True when the run stopped before ``max_steps`` (time budget or ``stop_at_step``)."""
     main_process: bool = True
     """Whether this process is the main one (the one that logs and writes)."""
+    skipped_items: dict[str, int] = field(default_factory=dict)
+    """Training items skipped because they could not be used, by reason (``missing``, ``corrupt``...)."""
+    skipped_valid_items: dict[str, int] = field(default_factory=dict)
+    """Validation items skipped, by reason; the validation scores cover the others."""
+    save_failures: list[str] = field(default_factory=list)
+    """Checkpoints that could not be written (``train.on_save_error: continue``), one message each."""
+    unsaved_best: dict[str, float] | None = None
+    """``{"step", "valid_loss"}`` of a validation score better than the exported best model's, whose
+    checkpoint could not be written (so ``best_model`` is stale), or None."""
+    best: dict[str, Any] | None = None
+    """``{"step", "valid_loss"}`` of the best checkpoint at the end (None without validation)."""
+
+    def skipped_report(self) -> str:
+        """``"3 training items skipped (missing: 2, corrupt: 1)"``, or "" when none was skipped."""
+        parts = []
+        for what, counts in (("training", self.skipped_items), ("validation", self.skipped_valid_items)):
+            if counts:
+                detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+                parts.append(f"{sum(counts.values())} {what} item(s) skipped ({detail})")
+        return "; ".join(parts)
+
+
+class NoUsableDataError(UserInputError):
+    """A whole pass over a data split found no item that could be used."""
+
+
+def _skip_counts(dataset: Any) -> dict[str, int]:
+    counts = getattr(dataset, "bad_items", None)
+    return dict(counts()) if callable(counts) else {}
+
+
+def _describe_skips(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none recorded"
 
 
 def _seed_for(*parts: int) -> int:
@@ -87,20 +121,35 @@ def _generator(seed: int) -> torch.Generator:
 
 
 class _Batches:
-    """Endless batches over epochs; counts the batches consumed in the current epoch."""
+    """Endless batches over epochs; counts the batches consumed in the current epoch.
+
+    Batches whose every item failed to load (the dataset logs and counts each) are passed over. At
+    the end of every epoch the dataset's skipped-item counts are logged; a whole epoch without one
+    usable item raises :class:`NoUsableDataError` instead of looping forever.
+    """
 
     def __init__(
-        self, dataset: Any, sampler: BucketBatchSampler, collate: Callable[[list[Any]], Any], num_workers: int
+        self,
+        dataset: Any,
+        sampler: BucketBatchSampler,
+        collate: Callable[[list[Any]], Any],
+        num_workers: int,
+        name: str = "data",
+        main: bool = True,
     ) -> None:
-        self.dataset, self.sampler = dataset, sampler
+        self.dataset, self.sampler, self.name, self.main = dataset, sampler, name, main
         self.loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
         self.epoch, self.consumed, self._it = sampler.epoch, 0, None
+        self._usable = 0  # usable batches in the current epoch
+        self._whole_epoch = True  # the current epoch started at its first batch (not a resume)
 
     def resume_(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state)
         self.epoch, self.consumed = int(state["epoch"]), int(state["num_consumed"])
+        self._whole_epoch = self.consumed == 0
 
     def next(self) -> Any:
+        """The next batch with at least one item."""
         while True:
             if self._it is None:
                 self.sampler.set_epoch(self.epoch)
@@ -109,8 +158,26 @@ class _Batches:
             batch = next(self._it, None)
             if batch is not None:
                 self.consumed += 1
+                if len(batch) == 0:  # every item of the batch failed to load (logged by the dataset)
+                    continue
+                self._usable += 1
                 return batch
-            self._it, self.epoch, self.consumed = None, self.epoch + 1, 0
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        counts = _skip_counts(self.dataset)
+        if self.main and counts:
+            logger.warning(
+                "%s: epoch %d done: %d of %d items skipped so far (%s)",
+                self.name, self.epoch, sum(counts.values()), len(self.dataset), _describe_skips(counts),
+            )  # fmt: skip
+        if self._usable == 0 and self._whole_epoch:
+            raise NoUsableDataError(
+                f"{self.name}: no item could be used in a whole pass over the data "
+                f"({len(self.dataset)} items; skipped: {_describe_skips(counts)}); see the warnings above"
+            )
+        self._it, self.epoch, self.consumed = None, self.epoch + 1, 0
+        self._usable, self._whole_epoch = 0, True
 
     def state_dict(self) -> dict[str, Any]:
         state = self.sampler.state_dict(num_consumed=self.consumed)
@@ -126,19 +193,31 @@ def _sums(names: tuple[str, ...], stats: dict[str, float]) -> torch.Tensor:
 def evaluate(
     task: Task, model: torch.nn.Module, data: _Batches, acc: Accelerator, seed: int
 ) -> tuple[dict[str, float], float]:
-    """(validation record, score) over one pass of ``data`` (eval mode, fixed randomness)."""
+    """(validation record, score) over one pass of ``data`` (eval mode, fixed randomness).
+
+    Raises:
+        NoUsableDataError: not one validation item (on any process) could be used: a score of
+            nothing (WER 0 of 0 words) must not pick the best checkpoint.
+    """
     model.eval()
-    sums = torch.zeros(len(task.eval_stat_names), dtype=torch.float64)
+    sums = torch.zeros(len(task.eval_stat_names) + 1, dtype=torch.float64)  # + items evaluated
     data.sampler.set_epoch(0)
     for i, batch in enumerate(data.loader):
         if len(batch) == 0:
             continue
         torch.manual_seed(_seed_for(seed, 1_000_003, i, acc.process_index))
         with acc.autocast():
-            sums += _sums(task.eval_stat_names, task.eval_batch(model, batch.to(acc.device)))
+            stats = task.eval_batch(model, batch.to(acc.device))
+        sums[:-1] += _sums(task.eval_stat_names, stats)
+        sums[-1] += len(batch)
     model.train()
     sums = acc.reduce(sums.to(acc.device), "sum").cpu()
-    return task.eval_record(dict(zip(task.eval_stat_names, sums.tolist())))
+    if sums[-1] == 0:
+        raise NoUsableDataError(
+            f"{data.name}: no validation item could be used ({len(data.dataset)} items on this process; "
+            f"skipped: {_describe_skips(_skip_counts(data.dataset))}); fix the validation data or drop it"
+        )
+    return task.eval_record(dict(zip(task.eval_stat_names, sums[:-1].tolist())))
 
 
 def pretrain(
@@ -193,7 +272,8 @@ def train(
         A :class:`RunSummary`.
     """
     try:
-        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+        # one run per experiment directory; log lines above the progress bar, not through it
+        with experiment_lock(exp_dir), logging_redirect_tqdm():
             return _train(task, cfg, Path(exp_dir), require_resume, stop_at_step)
     finally:
         # accelerate's state is a process-wide singleton; a single-process run (tests, notebooks)
@@ -223,10 +303,12 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
         raise UserInputError(f"{ckpt_dir}: --resume given, but there is no checkpoint to resume from")
     config_yaml = task.config_yaml()
     if resume_from is not None:
-        task.check_resume(yaml.safe_load((resume_from / "config.yaml").read_text()), resume_from)
+        saved = parse_yaml(read_text(resume_from / "config.yaml", "checkpoint config"), str(resume_from))
+        if not isinstance(saved, dict):
+            raise ckpt.CorruptCheckpointError(f"{resume_from}/config.yaml: must hold a mapping of sections")
+        task.check_resume(saved, resume_from)
     if main:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / "config.yaml").write_text(config_yaml)
+        write_atomic(exp_dir / "config.yaml", config_yaml)
 
     # model, optimizer, data
     torch.manual_seed(t.seed)
@@ -234,7 +316,13 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
     state: dict[str, Any] = {}
     if resume_from is not None:
         weights, state = ckpt.load_checkpoint(resume_from)
-        model.load_state_dict(weights)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:  # names or shapes of another model
+            first = str(err).strip().splitlines()
+            raise ckpt.CorruptCheckpointError(
+                f"{resume_from / 'model.safetensors'}: the weights do not fit the model ({' '.join(first[:3])[:300]})"
+            ) from None
         logger.info("resuming from %s (step %d)", resume_from, state["step"])
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
@@ -243,12 +331,15 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
 
     def open_data(path: str, train: bool) -> _Batches:
         parts = task.open_data(path, train=train, num_replicas=world, rank=rank)
-        return _Batches(*parts, num_workers=cfg.data.num_workers)
+        return _Batches(*parts, num_workers=cfg.data.num_workers, name=path, main=main)
 
     data = open_data(cfg.data.train, True)
     valid = open_data(cfg.data.valid, False) if cfg.data.valid else None
     step, attempt, skipped, in_a_row = 0, 0, 0, 0
-    best = ckpt.read_best(ckpt_dir)
+    # the best checkpoint as of the one resumed from (its meta.json holds it); best.json follows it
+    best = ckpt.best_of(resume_from, ckpt_dir)
+    if main and resume_from is not None and ckpt.read_best(ckpt_dir) != best:
+        ckpt.write_best(ckpt_dir, *((best["step"], best["valid_loss"]) if best else (None,)))
     if state:
         optimizer.load_state_dict(state["optimizer"])
         if acc.scaler is not None and state.get("scaler"):
@@ -279,7 +370,10 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
         return score < best["valid_loss"] if task.lower_is_better else score > best["valid_loss"]
 
     def save(valid_score: float | None = None) -> None:
+        nonlocal best
         rngs = gather_object([ckpt.rng_state()]) if world > 1 else [ckpt.rng_state()]
+        improved = valid_score is not None and better(valid_score)
+        new_best = {"step": step, "valid_loss": valid_score} if improved else best
         if main:
             train_state = {
                 "step": step,
@@ -294,17 +388,21 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
             try:
                 ckpt.save_checkpoint(
                     ckpt_dir, step, weights=_untied(model.state_dict()), state=train_state, config_yaml=config_yaml,
-                    valid_loss=valid_score,
+                    valid_loss=valid_score, best=new_best,
                 )  # fmt: skip
             except ckpt.CheckpointWriteError as err:
                 if t.on_save_error == "stop":
                     raise
                 logger.error("%s; continuing (train.on_save_error=continue)", err)
+                summary.save_failures.append(str(err))
+                if improved:  # best_model will not have this score's weights
+                    summary.unsaved_best = {"step": step, "valid_loss": float(valid_score)}  # type: ignore[arg-type]
                 acc.wait_for_everyone()
                 return
-            if valid_score is not None and better(valid_score):  # the score is stored as valid_loss
+            if improved:  # the score is stored as valid_loss; meta.json already holds the record
                 ckpt.write_best(ckpt_dir, step, valid_score)
             ckpt.rotate_checkpoints(ckpt_dir, t.keep_last)
+        best = new_best
         acc.wait_for_everyone()
 
     names = task.stat_names
@@ -335,10 +433,7 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
         task.on_update(model, step)
         sums = torch.zeros(len(names), dtype=torch.float64)
         for micro in range(t.grad_accum):
-            batch = data.next()
-            while len(batch) == 0:  # every item of the batch failed to load (logged by the dataset)
-                batch = data.next()
-            batch = batch.to(acc.device)
+            batch = data.next().to(acc.device)
             slot_seed = _seed_for(t.seed, attempt, micro * world + rank)
             torch.manual_seed(slot_seed)
             last = micro == t.grad_accum - 1
@@ -405,13 +500,19 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
         score = None
         if valid is not None and (step % t.valid_interval == 0 or step == t.max_steps):
             vrec, score = evaluate(task, model, valid, acc, t.seed)
+            skipped_valid = _skip_counts(valid.dataset)
+            if main and skipped_valid and not summary.skipped_valid_items:
+                logger.warning(
+                    "%s: %d of %d validation items skipped (%s); the scores cover the others",
+                    valid.name, sum(skipped_valid.values()), len(valid.dataset), _describe_skips(skipped_valid),
+                )  # fmt: skip
+            summary.skipped_valid_items = skipped_valid
             summary.last_valid = vrec
             if metrics is not None:
                 metrics.log("valid", step, vrec)
             logger.info("step %d: validation %s", step, ", ".join(f"{k} {v:.4g}" for k, v in vrec.items()))
         if score is not None or step % t.save_interval == 0 or step == last_stop or stop:
             save(score)
-            best = ckpt.read_best(ckpt_dir)
         if stop:
             logger.info("step %d: time budget of %.0f s spent, stopping", step, t.max_wall_s)
             break
@@ -426,6 +527,10 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
     acc.wait_for_everyone()
     summary.step, summary.skipped_steps = step, skipped
     summary.stopped_early = step < t.max_steps
+    summary.skipped_items = _skip_counts(data.dataset)
+    summary.best = best
+    if main and summary.skipped_report():
+        logger.warning("run summary: %s", summary.skipped_report())
     return summary
 
 
@@ -464,8 +569,7 @@ def _untied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _export_best(task: Task, model: torch.nn.Module, ckpt_dir: Path, out: Path) -> None:
     """Load the best checkpoint's weights (the last one without validation) and export them."""
-    best = ckpt.read_best(ckpt_dir)
-    path = ckpt_dir / f"step_{best['step']:08d}" if best else ckpt.latest_checkpoint(ckpt_dir)
-    if path is not None and path.is_dir():
+    path = ckpt.best_checkpoint(ckpt_dir)
+    if path is not None:
         model.load_state_dict(ckpt.load_checkpoint(path)[0])
     task.export(model.eval(), out)

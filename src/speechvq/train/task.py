@@ -26,6 +26,7 @@ from speechvq.data import AudioDataset, BucketBatchSampler, collate_audio
 from speechvq.data.collate import AudioBatch
 from speechvq.errors import UserInputError
 from speechvq.losses import contrastive_accuracy
+from speechvq.models.encoder import min_input_samples
 from speechvq.models.wav2vec2 import Wav2Vec2Model, Wav2Vec2Output, build_wav2vec2
 from speechvq.train.config import PretrainConfig, dump_config
 from speechvq.train.diagnostics import collapse_warnings
@@ -147,7 +148,11 @@ class Wav2Vec2PretrainTask:
     def open_data(self, path: str, *, train: bool, num_replicas: int, rank: int) -> DataParts:
         if train:
             self._world = num_replicas
-        return open_audio_data(self.cfg, path, train=train, num_replicas=num_replicas, rank=rank)
+        # an utterance shorter than one frame cannot be encoded: dropped (listed) or skipped (decoded)
+        shortest = min_input_samples(self.model_cfg.encoder)
+        return open_audio_data(
+            self.cfg, path, train=train, num_replicas=num_replicas, rank=rank, min_samples=shortest
+        )
 
     def on_update(self, model: nn.Module, step: int) -> None:
         model.set_num_updates_(step)  # Gumbel temperature from the update count
@@ -255,10 +260,10 @@ class Wav2Vec2PretrainTask:
 
 
 def open_audio_data(
-    cfg: PretrainConfig, path: str, *, train: bool, num_replicas: int, rank: int
+    cfg: PretrainConfig, path: str, *, train: bool, num_replicas: int, rank: int, min_samples: int = 0
 ) -> DataParts:
     """Dataset (random crops in training), batch sampler and collate function of a pretraining
-    split, as ``cfg.data`` says."""
+    split, as ``cfg.data`` says; utterances shorter than ``min_samples`` (one frame) are left out."""
     d = cfg.data
     try:
         ds = AudioDataset(
@@ -266,7 +271,7 @@ def open_audio_data(
             sample_rate=d.sample_rate,
             normalize=d.normalize,
             max_sample_size=d.max_sample_size,
-            min_sample_size=d.min_sample_size,
+            min_sample_size=max(d.min_sample_size or 0, min_samples),
             random_crop=train,
             seed=cfg.train.seed,
         )

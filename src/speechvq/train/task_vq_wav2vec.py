@@ -29,7 +29,7 @@ from speechvq.losses import contrastive_accuracy
 from speechvq.losses_wav2vec import future_prediction_accuracy
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer
 from speechvq.models.quantizer import GumbelVectorQuantizer
-from speechvq.models.vq_wav2vec import VqWav2VecModel, VqWav2VecOutput, build_vq_wav2vec
+from speechvq.models.vq_wav2vec import VqWav2VecModel, VqWav2VecOutput, build_vq_wav2vec, vq_min_input_samples
 from speechvq.train.config import PretrainConfig, dump_config
 from speechvq.train.diagnostics import collapse_warnings
 from speechvq.train.task import DataParts, _code_counts, _sum_over_processes, open_audio_data
@@ -83,7 +83,10 @@ class VqWav2VecPretrainTask:
     def open_data(self, path: str, *, train: bool, num_replicas: int, rank: int) -> DataParts:
         if train:
             self._world = num_replicas
-        return open_audio_data(self.cfg, path, train=train, num_replicas=num_replicas, rank=rank)
+        shortest = vq_min_input_samples(self.model_cfg)  # one frame
+        return open_audio_data(
+            self.cfg, path, train=train, num_replicas=num_replicas, rank=rank, min_samples=shortest
+        )
 
     def on_update(self, model: nn.Module, step: int) -> None:
         model.set_num_updates_(step)  # Gumbel temperature from the update count

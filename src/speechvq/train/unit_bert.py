@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from speechvq.data import BucketBatchSampler
 from speechvq.errors import UserInputError
-from speechvq.train.config import OptimSection, ScheduleSection, TrainSection, plain
+from speechvq.train.config import OptimSection, ScheduleSection, TrainSection, check_sampling, plain
 from speechvq.train.task import DataParts
 from speechvq.units.bert import UnitBatch, UnitBertConfig, UnitBertTask, UnitMaskedLM
 
@@ -56,8 +56,10 @@ class UnitBertRunConfig:
 
     def validate(self) -> None:
         """Cross-field checks; raises :class:`UserInputError`."""
-        t = self.train
-        t.validate()
+        self.train.validate()
+        self.schedule.validate()
+        self.optim.validate()
+        check_sampling(self.data, "data")
         if not self.data.train:
             raise UserInputError("`data.train` must name a units directory, but is empty instead.")
         if self.data.max_tokens < self.model.max_positions:
@@ -199,7 +201,9 @@ def pretrain_unit_bert(
 
     ``exp_dir/best_model`` (:func:`speechvq.units.bert.load_unit_bert` reads it) is written at the end.
     """
+    from speechvq.train.lock import experiment_lock
     from speechvq.train.loop import train
 
-    task = UnitBertLoopTask(cfg, Path(exp_dir))
-    return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)
+    with experiment_lock(exp_dir):  # the task writes the dictionary before the loop starts
+        task = UnitBertLoopTask(cfg, Path(exp_dir))
+        return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)

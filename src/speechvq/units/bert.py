@@ -116,13 +116,17 @@ def load_unit_bert_config(path: str | os.PathLike[str]) -> UnitBertConfig:
     """Read a ``conf/unit_bert_*.yaml`` file (a flat mapping of :class:`UnitBertConfig` fields)."""
     import yaml
 
+    from speechvq.files import read_text
+
     path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"{path}: config file does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path, "config file")) or {}
         return UnitBertConfig.from_dict(data.get("model", data))
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: config file does not exist") from None
-    except (TypeError, ValueError, yaml.YAMLError) as err:
+    except UserInputError:
+        raise
+    except (TypeError, ValueError, AttributeError, yaml.YAMLError) as err:
         raise UserInputError(f"{path}: invalid unit BERT config: {err}") from None
 
 
@@ -465,13 +469,20 @@ class UnitBertTask:
 
     def save_export(self, model: UnitMaskedLM, directory: str | os.PathLike[str]) -> None:
         """transformers ``save_pretrained`` of ``model.hf`` + ``dict.txt`` (+ BPE files) + ``unit_bert.json``."""
-        out = Path(directory)
-        model.hf.save_pretrained(out)  # type: ignore[operator]
-        self.dictionary.save(out / DICT_NAME)
-        if self.bpe is not None:
-            self.base_dictionary.save(out / BASE_DICT_NAME)
-            (out / BPE_NAME).write_bytes(self.bpe.model_file.read_bytes())
-        (out / CONFIG_NAME).write_text(json.dumps({"config": self.cfg.to_dict()}, indent=2) + "\n")
+        from speechvq.files import check_output_dir
+        from speechvq.interop.hf import quiet_transformers
+        from speechvq.io import write_directory
+
+        def fill(out: Path) -> None:
+            model.hf.save_pretrained(out)  # type: ignore[operator]
+            self.dictionary.save(out / DICT_NAME)
+            if self.bpe is not None:
+                self.base_dictionary.save(out / BASE_DICT_NAME)
+                (out / BPE_NAME).write_bytes(self.bpe.model_file.read_bytes())
+            (out / CONFIG_NAME).write_text(json.dumps({"config": self.cfg.to_dict()}, indent=2) + "\n")
+
+        with quiet_transformers():
+            write_directory(check_output_dir(directory, "the unit BERT export"), fill)
 
 
 def unigram_baseline(sequences: list[np.ndarray], dictionary: UnitDictionary) -> tuple[Tensor, int]:
@@ -507,7 +518,16 @@ def load_unit_bert(directory: str | os.PathLike[str]) -> tuple[nn.Module, UnitDi
     root = Path(directory)
     if not (root / DICT_NAME).is_file():
         raise UserInputError(f"{root}: not a unit BERT export (no {DICT_NAME})")
-    model = AutoModelForMaskedLM.from_pretrained(root)
+    from speechvq.interop.hf import quiet_transformers
+
+    try:
+        with quiet_transformers():
+            model = AutoModelForMaskedLM.from_pretrained(root)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise UserInputError(
+            f"{root}: not a readable unit BERT export ({type(err).__name__}: {reason})"
+        ) from None
     dictionary = UnitDictionary.load(root / DICT_NAME)
     bpe = (
         UnitBpe(root / BPE_NAME, UnitDictionary.load(root / BASE_DICT_NAME))

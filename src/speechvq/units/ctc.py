@@ -55,12 +55,14 @@ from speechvq.data import BucketBatchSampler
 from speechvq.data.source import open_source
 from speechvq.decoding import greedy_decode
 from speechvq.errors import UserInputError
+from speechvq.files import read_json
 from speechvq.io import replace_directory
 from speechvq.losses_ctc import ctc_loss
 from speechvq.metrics_asr import char_errors, word_errors
 from speechvq.models.common import Conv1d, Linear
+from speechvq.ranges import check_probability, check_range
 from speechvq.text.vocab import Vocabulary
-from speechvq.train.config import OptimSection, TrainSection, plain
+from speechvq.train.config import OptimSection, TrainSection, check_sampling, plain
 from speechvq.train.finetune import (
     VOCAB_NAME,
     CtcTask,
@@ -197,6 +199,14 @@ class UnitCtcRunConfig:
         """Cross-field checks; raises :class:`UserInputError`."""
         self.train.validate()
         self.schedule.validate()
+        self.optim.validate()
+        check_sampling(self.data, "data")
+        check_range("model.freeze_updates", self.model.freeze_updates, 0, integer=True)
+        check_range("model.head_dim", self.model.head_dim, 1, integer=True)
+        check_range("model.head_heads", self.model.head_heads, 1, integer=True)
+        check_range("model.head_ffn_dim", self.model.head_ffn_dim, 1, integer=True)
+        check_probability("model.dropout_p", self.model.dropout_p)
+        check_probability("model.final_dropout_p", self.model.final_dropout_p)
         d = self.data
         if not d.train:
             raise UserInputError("`data.train` must name a manifest, but is empty instead.")
@@ -265,10 +275,12 @@ def tokenizer_of(
 
 def _unit_bert_config(root: Path) -> UnitBertConfig:
     path = root / UNIT_BERT_CONFIG_NAME
+    if not path.exists():
+        raise UserInputError(f"{path}: file does not exist (not a unit BERT export)")
     try:
-        return UnitBertConfig.from_dict(json.loads(path.read_text())["config"])
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: file does not exist (not a unit BERT export)") from None
+        return UnitBertConfig.from_dict(read_json(path, "unit BERT config")["config"])
+    except UserInputError:
+        raise
     except (ValueError, KeyError, TypeError) as err:
         raise UserInputError(f"{path}: invalid unit BERT config: {err}") from None
 
@@ -506,13 +518,15 @@ def load_unit_bert_ctc(
 
     root = Path(directory)
     path = root / CONFIG_NAME
+    if not path.exists():
+        raise UserInputError(f"{path}: file does not exist (not a unit-BERT CTC model)")
     try:
-        meta = json.loads(path.read_text())
+        meta = read_json(path, "model config")
         cfg = UnitBertCtcConfig.from_dict(meta["config"])
         vocab = Vocabulary.from_dict(meta["vocabulary"])
         bert_cfg = dict(meta["bert_config"])
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: file does not exist (not a unit-BERT CTC model)") from None
+    except UserInputError:
+        raise
     except (ValueError, KeyError, TypeError) as err:
         raise UserInputError(f"{path}: invalid unit-BERT CTC config: {err}") from None
     if meta.get("model_type") != MODEL_TYPE:
@@ -609,19 +623,33 @@ class UnitTranscriptDataset(torch.utils.data.Dataset):
         _check_order(manifest, units_path, units.utterances if units.meta else None)
         self.items: list[tuple[np.ndarray, np.ndarray, str]] = []
         self.source_indices: list[int] = []
+        self._skipped: dict[str, int] = {}
         for i in range(len(units)):
             ids, repeats = tokenizer.encode(units.frames(i))
             if len(ids) == 0:
+                self._skipped["empty"] = self._skipped.get("empty", 0) + 1
                 continue
-            self.items.append((ids, repeats, _text(source.text(i))))
+            try:
+                text = _text(source.text(i))
+            except UnicodeDecodeError:
+                self._skipped["bad_transcript"] = self._skipped.get("bad_transcript", 0) + 1
+                continue
+            self.items.append((ids, repeats, text))
             self.source_indices.append(i)
-        dropped = len(units) - len(self.items)
-        if dropped:
-            logger.warning("%s: %d utterance(s) without units skipped", units_file, dropped)
+        if self._skipped:
+            detail = ", ".join(f"{k}: {v}" for k, v in sorted(self._skipped.items()))
+            logger.warning(
+                "%s: %d of %d utterance(s) skipped (empty: without units; bad_transcript: not UTF-8) (%s)",
+                units_file, sum(self._skipped.values()), len(units), detail,
+            )  # fmt: skip
         self.sizes = np.asarray([int(r.sum()) for _, r, _ in self.items], dtype=np.int64)
 
     def set_epoch(self, epoch: int) -> None:
         pass
+
+    def bad_items(self) -> dict[str, int]:
+        """Utterances left out, by reason (``empty``: no units; ``bad_transcript``: not UTF-8)."""
+        return dict(self._skipped)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -689,7 +717,9 @@ class UnitBertCtcTask(CtcTask):
         root = find_unit_bert(init)
         if root is None:
             raise UserInputError(f"{init}: not a unit BERT export (no {UNIT_BERT_CONFIG_NAME})")
-        self.cfg, self.init = cfg, str(root)  # type: ignore[assignment]
+        self.cfg, self.init, self.main = cfg, str(root), main  # type: ignore[assignment]
+        self.oov_seen: set[str] = set()
+        self._oov_warned = False
         self.vocab = self._vocabulary(exp_dir / VOCAB_NAME, main)
         self._bert, dictionary, bpe = load_unit_bert(root)
         bert_cfg = _unit_bert_config(root)
@@ -784,6 +814,7 @@ class UnitBertCtcTask(CtcTask):
             "words": float(we.reference_length),
             "char_errors": float(ce.errors),
             "chars": float(ce.reference_length),
+            "oov_refs": float(self.count_oov(batch.texts)),
         }
 
     def export(self, model: nn.Module, directory: Path) -> None:
@@ -809,8 +840,10 @@ def finetune_unit_bert_ctc(
         require_resume: raise if there is no checkpoint to resume from.
         stop_at_step: stop (with a checkpoint) after this many updates, as if interrupted.
     """
+    from speechvq.train.lock import experiment_lock
     from speechvq.train.loop import train
 
     main = int(os.environ.get("RANK", "0")) == 0
-    task = UnitBertCtcTask(cfg, init, Path(exp_dir), main=main)
-    return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)
+    with experiment_lock(exp_dir):  # the task writes vocab.json before the loop starts
+        task = UnitBertCtcTask(cfg, init, Path(exp_dir), main=main)
+        return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from speechvq.errors import UserInputError
+from speechvq.files import read_text
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 MASK = "<mask>"
@@ -99,10 +100,9 @@ class UnitDictionary:
     def load(cls, path: str | os.PathLike[str]) -> UnitDictionary:
         """Read a fairseq ``dict.txt``."""
         path = Path(path)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise UserInputError(f"{path}: dictionary file does not exist") from None
+        if not path.exists():
+            raise UserInputError(f"{path}: dictionary file does not exist")
+        lines = read_text(path, "dictionary file", max_bytes=None).splitlines()
         symbols, counts = [], []
         for lineno, line in enumerate(lines, start=1):
             fields = line.rsplit(" ", 1)

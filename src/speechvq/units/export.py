@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from speechvq import progress
 from speechvq.data import AudioDataset, read_manifest
+from speechvq.data.checks import SkipCounts, categorize
 from speechvq.errors import UserInputError
 from speechvq.units.io import Token, UnitWriter
 from speechvq.units.kmeans import FeatureShardWriter, KMeansModel
@@ -186,22 +187,31 @@ def iter_manifest(
     *,
     max_tokens: int = 1_600_000,
     max_items: int = 64,
+    skipped: SkipCounts | None = None,
     desc: str = "features",
 ) -> Iterator[ExportBatch]:
     """Stream a manifest through in order, a batch of consecutive items at a time.
 
     Only one batch of audio is held at once. Items that fail to load, or hold fewer samples than
-    one frame needs, are reported (logged) and left out of ``usable``; their units are empty.
-    ``desc`` names the progress bar (:mod:`speechvq.progress`).
+    one frame needs, are reported (logged), counted by reason in ``skipped`` and left out of
+    ``usable``; their units are empty. ``desc`` names the progress bar (:mod:`speechvq.progress`).
+
+    Raises:
+        UserInputError: the manifest lists no item, or an argument is out of range.
     """
     if max_items < 1:
         raise UserInputError(f"--shard-size must be >= 1, but is {max_items}")
+    if max_tokens < 1:
+        raise UserInputError(f"--max-tokens must be >= 1, but is {max_tokens}")
     dataset = AudioDataset(
         manifest, sample_rate=SAMPLE_RATE, normalize=normalizes_waveform(model), random_crop=False
     )
     if dataset.num_filtered:
         raise UserInputError(f"{manifest}: {dataset.num_filtered} items could not be listed")
     relpaths = [item.relpath for item in read_manifest(manifest).items]
+    if not relpaths:
+        raise UserInputError(f"{manifest}: the manifest lists no audio")
+    skipped = SkipCounts() if skipped is None else skipped
     assert len(relpaths) == len(dataset)
     min_samples = receptive_field(model)
     plan = consecutive_batches(np.asarray(dataset.sizes), max_tokens, max_items)
@@ -209,11 +219,11 @@ def iter_manifest(
         dataset, batch_sampler=plan, collate_fn=dataset.collate, num_workers=0
     )
     with progress.bar(total=len(dataset), desc=desc) as shown:
-        yield from _batches(plan, loader, relpaths, min_samples, shown)
+        yield from _batches(plan, loader, relpaths, min_samples, skipped, shown)
 
 
 def _batches(
-    plan: list[list[int]], loader: Any, relpaths: list[str], min_samples: int, shown: Any
+    plan: list[list[int]], loader: Any, relpaths: list[str], min_samples: int, skipped: SkipCounts, shown: Any
 ) -> Iterator[ExportBatch]:
     """:func:`iter_manifest`'s batches, advancing the progress bar ``shown``."""
     audio_s = 0.0
@@ -223,8 +233,11 @@ def _batches(
         for pos, index in enumerate(indices):
             row = loaded.get(index)
             if row is None:
-                logger.warning("%s: could not be loaded; writing no units for it", relpaths[index])
+                reason = batch.skipped.get(index, f"{relpaths[index]}: could not be loaded")
+                skipped.add(categorize(reason), reason)
+                logger.warning("%s; writing no units for it", reason)
             elif int(batch.lengths[row]) < min_samples:
+                skipped.add("too_short", f"{relpaths[index]}: fewer samples than one frame needs")
                 logger.warning(
                     "%s: %d samples are fewer than one frame needs (%d); writing no units for it",
                     relpaths[index],
@@ -299,10 +312,14 @@ def export_units(
         raise UserInputError(f"--kind must be 'codes' or 'kmeans', but is {kind!r}")
     stride_s = frame_stride_samples(model) / SAMPLE_RATE
     centre_s = frame_centre_s(model)
+    skipped = SkipCounts()
     with UnitWriter(
         out_dir, frame_stride_s=stride_s, frame_centre_s=centre_s, dedup=dedup, meta=info
     ) as writer:
-        for batch in iter_manifest(manifest, model, max_tokens=max_tokens, max_items=max_items, desc=desc):
+        batches = iter_manifest(
+            manifest, model, max_tokens=max_tokens, max_items=max_items, skipped=skipped, desc=desc
+        )
+        for batch in batches:
             per_item: list[list[Token]] = [[] for _ in batch.relpaths]
             if batch.usable:
                 if kind == "codes":
@@ -323,7 +340,19 @@ def export_units(
                         per_item[pos] = [int(x) for x in lab[:n].tolist()]
             for relpath, tokens in zip(batch.relpaths, per_item):
                 writer.write(relpath, tokens)
-    return dict(info, num_utterances=writer.num_utterances, frame_stride_s=stride_s, frame_centre_s=centre_s)
+        if skipped.total == writer.num_utterances:  # raised inside: no meta.json, incomplete
+            raise UserInputError(
+                f"{manifest}: none of its {writer.num_utterances} items could be used ({skipped.describe()}); "
+                f"no units written; first: {skipped.first}"
+            )
+        writer.meta["skipped"] = dict(skipped.counts)
+    return dict(
+        info,
+        num_utterances=writer.num_utterances,
+        frame_stride_s=stride_s,
+        frame_centre_s=centre_s,
+        skipped=dict(skipped.counts),
+    )
 
 
 def dump_features(
@@ -339,7 +368,9 @@ def dump_features(
 ) -> FeatureShardWriter:
     """Dump ``layer`` features of every usable manifest item into shards (see :mod:`.kmeans`)."""
     writer = FeatureShardWriter(Path(directory), shard_size)
-    for batch in iter_manifest(manifest, model, max_tokens=max_tokens, max_items=max_items, desc=desc):
+    for batch in iter_manifest(
+        manifest, model, max_tokens=max_tokens, max_items=max_items, skipped=writer.skipped, desc=desc
+    ):
         if not batch.usable:
             continue
         feats, frames = layer_features(model, batch.waveforms, batch.lengths, layer)

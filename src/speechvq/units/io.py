@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from speechvq.errors import UserInputError
+from speechvq.files import check_output_dir, decode_utf8, read_bytes, read_json, write_atomic, writing
 
 UNITS_NAME = "units.txt"
 DURATIONS_NAME = "durations.txt"
@@ -96,9 +97,10 @@ class UnitWriter:
             raise ValueError(f"`frame_stride_s` must be positive, but is {frame_stride_s} instead.")
         if frame_centre_s is not None and frame_centre_s < 0:
             raise ValueError(f"`frame_centre_s` must be >= 0, but is {frame_centre_s} instead.")
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / META_NAME).unlink(missing_ok=True)
+        self.directory = check_output_dir(directory, "the units directory")
+        with writing(self.directory):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / META_NAME).unlink(missing_ok=True)
         self.frame_stride_s = float(frame_stride_s)
         self.dedup = dedup
         self.meta = dict(meta or {})
@@ -107,19 +109,28 @@ class UnitWriter:
         self.num_utterances = 0
         self.num_frames = 0
         self.num_tokens = 0
-        self._units = open(self.directory / UNITS_NAME, "w", encoding="utf-8")  # noqa: SIM115
-        self._times = open(self.directory / TIMESTAMPS_NAME, "w", encoding="utf-8")  # noqa: SIM115
-        self._utts = open(self.directory / UTTS_NAME, "w", encoding="utf-8")  # noqa: SIM115
-        self._durs = (
-            open(self.directory / DURATIONS_NAME, "w", encoding="utf-8") if dedup else None  # noqa: SIM115
-        )
-        if not dedup:
-            (self.directory / DURATIONS_NAME).unlink(missing_ok=True)
+        with writing(self.directory):
+            self._units = open(self.directory / UNITS_NAME, "w", encoding="utf-8")  # noqa: SIM115
+            self._times = open(self.directory / TIMESTAMPS_NAME, "w", encoding="utf-8")  # noqa: SIM115
+            self._utts = open(self.directory / UTTS_NAME, "w", encoding="utf-8")  # noqa: SIM115
+            self._durs = (
+                open(self.directory / DURATIONS_NAME, "w", encoding="utf-8") if dedup else None  # noqa: SIM115
+            )
+            if not dedup:
+                (self.directory / DURATIONS_NAME).unlink(missing_ok=True)
 
     def write(self, utterance: str, tokens: Sequence[Token]) -> None:
-        """Append one utterance's per-frame tokens (deduplicated here if ``dedup``)."""
+        """Append one utterance's per-frame tokens (deduplicated here if ``dedup``).
+
+        Raises:
+            UserInputError: the write failed (``no space left on device: <units.txt>``).
+        """
         if any(" " in str(t) or "\n" in str(t) or str(t) == "" for t in tokens):
             raise ValueError("`tokens` must be non-empty strings without whitespace.")
+        with writing(self.directory / UNITS_NAME):
+            self._write(utterance, tokens)
+
+    def _write(self, utterance: str, tokens: Sequence[Token]) -> None:
         self.num_frames += len(tokens)
         if self.dedup:
             values, durations = run_length_encode(tokens)
@@ -136,9 +147,10 @@ class UnitWriter:
 
     def close(self, *, complete: bool = True) -> None:
         """Close the files; write ``meta.json`` if ``complete``."""
-        for f in (self._units, self._times, self._utts, self._durs):
-            if f is not None:
-                f.close()
+        with writing(self.directory / UNITS_NAME):
+            for f in (self._units, self._times, self._utts, self._durs):
+                if f is not None:
+                    f.close()
         if complete:
             meta = {
                 "format": FORMAT,
@@ -149,7 +161,7 @@ class UnitWriter:
                 "dedup": self.dedup,
                 **self.meta,
             }
-            (self.directory / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+            write_atomic(self.directory / META_NAME, json.dumps(meta, indent=2) + "\n")
 
     def __enter__(self) -> UnitWriter:
         return self
@@ -189,13 +201,15 @@ class Units:
         return np.asarray([int(t) for t in self.frames(index)], dtype=np.int64)
 
 
+MAX_UTTERANCE_FRAMES = 10**7
+"""Most frames one utterance of a units directory may expand to (55 h at 20 ms frames): a
+``durations.txt`` claiming more is refused rather than expanded."""
+
+
 def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").split("\n")[:-1]
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: file does not exist") from None
-    except UnicodeDecodeError as err:
-        raise UserInputError(f"{path}: not UTF-8 text ({err.reason})") from None
+    if not path.exists():
+        raise UserInputError(f"{path}: file does not exist")
+    return decode_utf8(read_bytes(path, "units file"), path, "units file").split("\n")[:-1]
 
 
 def _check_ids(path: Path, tokens: list[list[str]], vocab_size: int) -> None:
@@ -227,13 +241,8 @@ def read_units(directory: str | os.PathLike[str]) -> Units:
     else:
         units_path = root / UNITS_NAME
         meta = {}
-        if (root / META_NAME).is_file():
-            try:
-                meta = json.loads((root / META_NAME).read_text())
-            except (ValueError, UnicodeDecodeError) as err:
-                raise UserInputError(f"{root / META_NAME}: invalid JSON: {err}") from None
-            if not isinstance(meta, dict):
-                raise UserInputError(f"{root / META_NAME}: must hold a JSON object")
+        if (root / META_NAME).exists():
+            meta = read_json(root / META_NAME, "units metadata")
     lines = _read_lines(units_path)
     tokens = [line.split() for line in lines]
     vocab_size = meta.get("vocab_size")
@@ -264,7 +273,12 @@ def read_units(directory: str | os.PathLike[str]) -> Units:
                 raise UserInputError(f"{dur_path}:{lineno}: durations must be integers") from None
             if len(durs) != len(toks) or any(d < 1 for d in durs):
                 raise UserInputError(
-                    f"{dur_path}:{lineno}: expected {len(toks)} positive durations, but found {line!r}"
+                    f"{dur_path}:{lineno}: expected {len(toks)} positive durations, but found {line[:200]!r}"
+                )
+            if sum(durs) > MAX_UTTERANCE_FRAMES:
+                raise UserInputError(
+                    f"{dur_path}:{lineno}: durations must add up to at most {MAX_UTTERANCE_FRAMES} frames, "
+                    f"but add up to {sum(durs)} instead."
                 )
             durations.append(durs)
     return Units(tokens=tokens, durations=durations, utterances=utterances, meta=meta)

@@ -11,6 +11,7 @@ A fitted model is a directory with ``centroids.npy`` (``[K, D]`` float32) and ``
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -23,7 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from speechvq.config import MAX_SIZE
+from speechvq.data.checks import SkipCounts
 from speechvq.errors import UserInputError
+from speechvq.files import check_output_dir, read_json, require_file, write_atomic, writing
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +50,11 @@ class FeatureShardWriter:
     def __init__(self, directory: str | os.PathLike[str], shard_size: int) -> None:
         if shard_size < 1:
             raise ValueError(f"`shard_size` must be >= 1, but is {shard_size} instead.")
-        self.directory = Path(directory)
+        self.directory = check_output_dir(directory, "the features directory")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size
+        self.skipped = SkipCounts()
+        """Utterances left out of the dump (filled by :func:`~speechvq.units.export.dump_features`)."""
         self.num_shards = 0
         self.num_rows = 0
         self.max_rows_held = 0
@@ -74,8 +80,9 @@ class FeatureShardWriter:
         if not self._buffer:
             return
         stem = self.directory / f"shard_{self.num_shards:05d}"
-        np.save(f"{stem}.npy", np.concatenate(self._buffer, axis=0))
-        Path(f"{stem}.len").write_text("".join(f"{len(b)}\n" for b in self._buffer))
+        with writing(f"{stem}.npy"):
+            np.save(f"{stem}.npy", np.concatenate(self._buffer, axis=0))
+            Path(f"{stem}.len").write_text("".join(f"{len(b)}\n" for b in self._buffer))
         self.num_shards += 1
         self.num_rows += self._held
         self._buffer, self._held = [], 0
@@ -144,38 +151,49 @@ class KMeansModel:
         return out.reshape(x.shape[:-1])
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        target = Path(directory)
-        target.mkdir(parents=True, exist_ok=True)
-        np.save(target / CENTROIDS_NAME, self.centroids.astype(np.float32))
+        target = check_output_dir(directory, "the k-means model directory")
         meta = {"format": FORMAT, "k": self.k, "dim": int(self.centroids.shape[1]), **self.meta}
-        (target / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        with writing(target / CENTROIDS_NAME):
+            target.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            np.save(buffer, self.centroids.astype(np.float32))
+        write_atomic(target / CENTROIDS_NAME, buffer.getvalue())
+        write_atomic(target / META_NAME, json.dumps(meta, indent=2) + "\n")
         return target
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> KMeansModel:
         root = Path(directory)
         meta_path, cent_path = root / META_NAME, root / CENTROIDS_NAME
-        if not meta_path.is_file() or not cent_path.is_file():
+        if not meta_path.exists() or not cent_path.exists():
             raise UserInputError(f"{root}: not a k-means model (needs {META_NAME} and {CENTROIDS_NAME})")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise UserInputError(f"{meta_path}: invalid JSON: {err}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = read_json(meta_path, "k-means metadata")
+        if meta.get("format") != FORMAT:
             raise UserInputError(f'{meta_path}: not a k-means model (missing "format": "{FORMAT}")')
         for key in ("k", "dim"):
-            if not isinstance(meta.get(key), int):
+            value = meta.get(key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserInputError(f"{meta_path}: `{key}` must be an integer, but is {value!r} instead")
+            if not 1 <= value <= MAX_SIZE:
                 raise UserInputError(
-                    f"{meta_path}: `{key}` must be an integer, but is {meta.get(key)!r} instead"
+                    f"{meta_path}: `{key}` must be in [1, {MAX_SIZE}], but is {value} instead"
                 )
+        require_file(cent_path, "centroids file")
         try:
-            centroids = np.load(cent_path, allow_pickle=False).astype(np.float32)
-        except (ValueError, OSError, EOFError) as err:  # not .npy, truncated, or pickled objects
+            # memory-mapped first: the header's shape is checked before anything is read into memory
+            mapped = np.load(cent_path, allow_pickle=False, mmap_mode="r")
+            if tuple(mapped.shape) != (meta["k"], meta["dim"]):
+                raise UserInputError(
+                    f"{cent_path}: shape {tuple(mapped.shape)} does not match k={meta['k']}, dim={meta['dim']}"
+                )
+            centroids = np.array(mapped, dtype=np.float32)
+            del mapped
+        except UserInputError:
+            raise
+        except (ValueError, OSError, EOFError, TypeError, SyntaxError) as err:  # not .npy, truncated, objects
             raise UserInputError(f"{cent_path}: not a .npy array of floats ({err})") from None
-        if centroids.shape != (meta["k"], meta["dim"]):
-            raise UserInputError(
-                f"{cent_path}: shape {centroids.shape} does not match k={meta['k']}, dim={meta['dim']}"
-            )
+        if not np.isfinite(centroids).all():
+            raise UserInputError(f"{cent_path}: centroids hold NaN or inf")
         return cls(centroids=centroids, meta=meta)
 
 

@@ -11,6 +11,7 @@ frames:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from speechvq.errors import UserInputError
+from speechvq.files import read_text
 from speechvq.units.io import Units
 
 UNALIGNED = -1
@@ -113,10 +115,7 @@ def read_alignment(path: str | os.PathLike[str]) -> list[tuple[float, float, str
         UserInputError: naming ``file:line`` for a line that does not parse.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: alignment file does not exist") from None
+    text = read_text(path, "alignment file", max_bytes=None)
     segments = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -129,6 +128,8 @@ def read_alignment(path: str | os.PathLike[str]) -> list[tuple[float, float, str
             raise UserInputError(
                 f"{path}:{lineno}: expected 'start_s end_s label', but found {line!r}"
             ) from None
+        if not (math.isfinite(start) and math.isfinite(end)) or start < 0:
+            raise UserInputError(f"{path}:{lineno}: times must be finite and >= 0, but are {start} and {end}")
         if end < start:
             raise UserInputError(f"{path}:{lineno}: end {end} is before start {start}")
         segments.append((start, end, label))
