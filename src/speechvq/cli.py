@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "convert checkpoints between speechvq, transformers and fairseq",
     ),
     "manifest": ("speechvq.commands.manifest", "scan an audio tree into a fairseq-style manifest"),
+    "import": (
+        "speechvq.commands.import_corpus",
+        "Kaldi / lhotse / LJSpeech / SpeechBrain / Common Voice corpus -> manifests + labels",
+    ),
     "prepare-librispeech": (
         "speechvq.commands.prepare_librispeech",
         "LibriSpeech layout -> manifests + labels",

@@ -22,6 +22,7 @@ import yaml
 
 from speechvq.config import Wav2Vec2Config, preset
 from speechvq.configs import resolve_config
+from speechvq.data.audio import RawFormat
 from speechvq.errors import UserInputError
 
 
@@ -67,6 +68,15 @@ class DataSection:
 
     num_workers: int = 0
     """DataLoader worker processes."""
+
+    raw_format: str | None = None
+    """How headerless files (``.raw``, ``.pcm``: any suffix that is not an audio container) are
+    read: ``RATE[:CHANNELS[:SUBTYPE[:ENDIAN]]]``, e.g. ``16000:1:PCM_16``, as ``speechvq manifest
+    --raw-format``; None: such files are an error."""
+
+    def raw(self) -> RawFormat | None:
+        """:attr:`raw_format` parsed (raises :class:`UserInputError` naming the problem)."""
+        return None if self.raw_format is None else RawFormat.parse(str(self.raw_format))
 
 
 @dataclass(kw_only=True)
@@ -268,6 +278,7 @@ class PretrainConfig:
             )
         if not self.data.train:
             raise UserInputError("`data.train` must name a manifest, but is empty instead.")
+        self.data.raw()  # a bad data.raw_format fails here, before any work
         try:
             self.model_config()
         except (TypeError, ValueError, KeyError) as err:

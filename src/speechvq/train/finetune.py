@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from speechvq.config import Wav2Vec2Config, preset
 from speechvq.data import AudioDataset, BucketBatchSampler, collate_audio
+from speechvq.data.audio import RawFormat
 from speechvq.data.collate import AudioBatch
 from speechvq.data.source import open_source
 from speechvq.decoding import greedy_decode
@@ -122,8 +123,10 @@ class LabelSection:
     """Validation score that picks the best checkpoint (lower is better; fairseq
     ``best_checkpoint_metric``). Use ``cer`` while the WER is near 100%, as after a few CPU minutes
     on 10 minutes of labels: there it does not rank checkpoints at all."""
-    labels: Literal["ltr", "wrd"] = "ltr"
-    """Label file beside each manifest: ``ltr`` (fairseq letters, ``|`` ends a word) or ``wrd`` (words)."""
+    labels: str = "ltr"
+    """Transcripts. For a manifest: the suffix of the label file beside it, ``ltr`` (fairseq
+    letters, ``|`` ends a word), ``wrd`` or any other (words). For a dataset directory (or parquet):
+    the name of its text column, e.g. ``text`` (words; letters only for a column named ``ltr``)."""
     vocab: Literal["letters", "sentencepiece"] = "letters"
     """Output units: letters, or a sentencepiece model trained on the training transcripts."""
     sentencepiece_vocab_size: int = 1000
@@ -144,6 +147,13 @@ class FinetuneDataSection(LabelSection):
     """Samples per batch per process, padding included."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    raw_format: str | None = None
+    """How headerless files are read (``RATE[:CHANNELS[:SUBTYPE[:ENDIAN]]]``); see
+    :attr:`speechvq.train.config.DataSection.raw_format`."""
+
+    def raw(self) -> RawFormat | None:
+        """:attr:`raw_format` parsed (raises :class:`UserInputError` naming the problem)."""
+        return None if self.raw_format is None else RawFormat.parse(str(self.raw_format))
 
 
 @dataclass(kw_only=True)
@@ -182,6 +192,7 @@ class FinetuneConfig:
         self.schedule.validate()
         if not self.data.train:
             raise UserInputError("`data.train` must name a manifest, but is empty instead.")
+        self.data.raw()
         if self.model.freeze_updates < 0:
             raise UserInputError(
                 f"`model.freeze_updates` must be >= 0, but is {self.model.freeze_updates} instead."
@@ -391,8 +402,9 @@ class CtcTask:
         d = self.cfg.data
         try:
             ds = AudioDataset(
-                path, sample_rate=d.sample_rate, random_crop=False, labels=d.labels, seed=self.cfg.train.seed
-            )
+                path, sample_rate=d.sample_rate, random_crop=False, labels=d.labels, seed=self.cfg.train.seed,
+                raw_format=d.raw(),
+            )  # fmt: skip
         except FileNotFoundError as err:
             raise UserInputError(f"{path}: {err}") from err
         if len(ds) == 0:

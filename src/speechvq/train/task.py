@@ -157,6 +157,7 @@ class Wav2Vec2PretrainTask:
                 min_sample_size=d.min_sample_size,
                 random_crop=train,
                 seed=self.cfg.train.seed,
+                raw_format=d.raw(),
             )
         except FileNotFoundError as err:
             raise UserInputError(f"{path}: {err}") from err
