@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 
 from speechvq import progress
 from speechvq.errors import UserInputError
+from speechvq.signals import StoppedBySignal
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
@@ -98,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"speechvq {args.command}: interrupted", file=sys.stderr)
         return 130
+    except StoppedBySignal as err:
+        print(f"speechvq {args.command}: {err}; resume with: speechvq {shlex.join(argv)}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -45,11 +45,25 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, configs: str, example:
 
 
 def run_training(command: str, train: Callable[[], Any]) -> Any | None:
-    """``train()``, or None (after a one-line message) when it stopped on non-finite updates."""
+    """``train()``, or None (after a one-line message) when it stopped on non-finite updates.
+
+    Raises:
+        StoppedBySignal: the run stopped on SIGTERM/SIGINT after writing a checkpoint (the CLI
+            prints how to resume and exits with 128 + the signal number).
+    """
+    import signal
+
+    from speechvq.signals import StoppedBySignal
     from speechvq.train import NonFiniteError
 
     try:
-        return train()
+        summary = train()
     except NonFiniteError as err:
         print(f"speechvq {command}: stopped: {err}", file=sys.stderr)
         return None
+    if getattr(summary, "stopped_by", None) is not None:
+        name = signal.Signals(summary.stopped_by).name
+        raise StoppedBySignal(
+            f"stopped by {name} after update {summary.step}, with a checkpoint", summary.stopped_by
+        )
+    return summary

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from speechvq import signals
 from speechvq.data import BucketBatchSampler
 from speechvq.errors import UserInputError
 from speechvq.models.wav2vec2 import Wav2Vec2Model
@@ -77,6 +78,8 @@ class RunSummary:
     """True when the run stopped before ``max_steps`` (time budget or ``stop_at_step``)."""
     main_process: bool = True
     """Whether this process is the main one (the one that logs and writes)."""
+    stopped_by: int | None = None
+    """The signal (SIGTERM, SIGINT) that stopped the run after a checkpoint, if one did."""
 
 
 def _seed_for(*parts: int) -> int:
@@ -94,7 +97,10 @@ class _Batches:
         self, dataset: Any, sampler: BucketBatchSampler, collate: Callable[[list[Any]], Any], num_workers: int
     ) -> None:
         self.dataset, self.sampler = dataset, sampler
-        self.loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+        self.loader = DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+            worker_init_fn=signals.ignore_in_worker if num_workers > 0 else None,
+        )  # fmt: skip
         self.epoch, self.consumed, self._it = sampler.epoch, 0, None
 
     def resume_(self, state: dict[str, Any]) -> None:
@@ -188,8 +194,9 @@ def train(
         A :class:`RunSummary`.
     """
     try:
-        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
-            return _train(task, cfg, Path(exp_dir), require_resume, stop_at_step)
+        # log lines above the progress bar, not through it; SIGTERM/SIGINT end the run cleanly
+        with logging_redirect_tqdm(), signals.stop_on_signals() as request:
+            return _train(task, cfg, Path(exp_dir), require_resume, stop_at_step, request)
     finally:
         # accelerate's state is a process-wide singleton; a single-process run (tests, notebooks)
         # releases it so that the next run may choose another precision
@@ -198,7 +205,14 @@ def train(
             GradientState._reset_state()
 
 
-def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_step: int | None) -> RunSummary:
+def _train(
+    task: Task,
+    cfg: Any,
+    exp_dir: Path,
+    require_resume: bool,
+    stop_at_step: int | None,
+    request: signals.StopRequest | None = None,
+) -> RunSummary:
     t = cfg.train
     if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
         raise UserInputError("`train.precision` must be fp32 or bf16 on the CPU, but is fp16 instead.")
@@ -396,7 +410,8 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
             tick = time.monotonic()
 
         out_of_time = t.max_wall_s is not None and time.monotonic() - start_time > t.max_wall_s
-        stop = bool(acc.reduce(torch.tensor(float(out_of_time), device=acc.device), "sum") > 0)
+        signalled = request is not None and request.requested  # finish this update, save, stop
+        stop = bool(acc.reduce(torch.tensor(float(out_of_time or signalled), device=acc.device), "sum") > 0)
         score = None
         if valid is not None and (step % t.valid_interval == 0 or step == t.max_steps):
             vrec, score = evaluate(task, model, valid, acc, t.seed)
@@ -407,6 +422,11 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
         if score is not None or step % t.save_interval == 0 or step == last_stop or stop:
             save(score)
             best = ckpt.read_best(ckpt_dir)
+        if stop and signalled:
+            summary.stopped_by = request.signal if request is not None else None
+            logger.info("step %d: %s received; checkpoint %s written, stopping", step, request.name if request
+                        else "a signal", ckpt_dir / f"step_{step:08d}")  # fmt: skip
+            break
         if stop:
             logger.info("step %d: time budget of %.0f s spent, stopping", step, t.max_wall_s)
             break
@@ -415,7 +435,7 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
     if metrics is not None:
         metrics.close()
     # the run is over (all updates done, or its time budget spent; not a simulated interruption)
-    finished = step >= t.max_steps or (stop_at_step is None and stop)
+    finished = step >= t.max_steps or (stop_at_step is None and stop and summary.stopped_by is None)
     if main and finished and task.export_name is not None:
         _export_best(task, model, ckpt_dir, exp_dir / task.export_name)
     acc.wait_for_everyone()
