@@ -46,6 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain-unit-bert": ("speechvq.commands.pretrain_unit_bert", "masked-LM BERT pretraining over units"),
     "plot": ("speechvq.commands.plot", "plot the curves of an experiment directory"),
     "export-units": ("speechvq.commands.export_units", "frame-level discrete units of a manifest"),
+    "extract-features": (
+        "speechvq.commands.extract_features",
+        "continuous features of chosen layers (npy or safetensors), long audio in windows",
+    ),
     "fit-kmeans": ("speechvq.commands.fit_kmeans", "k-means over one layer's features of a model"),
     "unit-quality": ("speechvq.commands.unit_quality", "phone purity, cluster purity and PNMI of units"),
     "train-lm": ("speechvq.commands.train_lm", "train an n-gram language model (ARPA) on text"),

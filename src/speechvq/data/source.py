@@ -50,10 +50,19 @@ class Utterance:
 class AudioSource:
     """Indexable utterances: ``len``, ``utterance(i)``, ``text(i)`` and ``sizes`` at a target rate."""
 
-    def __init__(self, utts: list[Utterance], texts: Sequence[str | bytes] | None, description: str) -> None:
+    def __init__(
+        self,
+        utts: list[Utterance],
+        texts: Sequence[str | bytes] | None,
+        description: str,
+        ids: list[str] | None = None,
+    ) -> None:
         self.utts = utts
         self.texts = texts
         self.description = description
+        self.ids = ids if ids is not None else [u.name for u in utts]
+        """Short names of the utterances for output files: a manifest's relative paths, a
+        dataset's audio ``path`` fields (else the row number)."""
 
     def __len__(self) -> int:
         return len(self.utts)
@@ -129,7 +138,7 @@ def manifest_source(manifest: Manifest, labels: str | os.PathLike | list[str] | 
         raise UserInputError(
             f"{label_name}: has {len(texts)} lines, but the manifest {manifest.path} has {len(utts)} items"
         )
-    return AudioSource(utts, texts, f"manifest {manifest.path}")
+    return AudioSource(utts, texts, f"manifest {manifest.path}", ids=[it.relpath for it in manifest.items])
 
 
 def _audio_column(table: pa.Table, path: Path) -> str:
@@ -164,8 +173,11 @@ def arrow_source(
     col = _audio_column(table, path)
     base = path if path.is_dir() else path.parent
     utts = []
+    ids = []
     for i, cell in enumerate(table.column(col).to_pylist()):
         name = f"{path}[{i}]"
+        given = cell.get("path") if isinstance(cell, dict) else cell
+        ids.append(str(given) if given else str(i))
         if isinstance(cell, dict):
             if cell.get("bytes"):
                 utts.append(
@@ -187,7 +199,7 @@ def arrow_source(
         if text_col is None
         else ["" if t is None else str(t) for t in table.column(text_col).to_pylist()]
     )
-    return AudioSource(utts, texts, description or f"dataset {path}")
+    return AudioSource(utts, texts, description or f"dataset {path}", ids=ids)
 
 
 def _read_save_to_disk(path: Path) -> pa.Table:
@@ -231,7 +243,9 @@ def audiofolder_source(path: Path, labels: str | None) -> AudioSource:
                     f"{p}: no {labels!r} entry in the folder's metadata.csv / metadata.jsonl"
                 )
             texts.append(str(found[labels]))
-    return AudioSource(utts, texts, f"audiofolder {path}")
+    return AudioSource(
+        utts, texts, f"audiofolder {path}", ids=[p.relative_to(path).as_posix() for p in files]
+    )
 
 
 def hf_dataset_source(dataset: Any, labels: str | None = None, name: str = "dataset") -> AudioSource:
