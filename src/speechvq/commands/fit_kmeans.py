@@ -20,7 +20,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="speechvq model directory")
-    parser.add_argument("manifest", help="fairseq manifest (.tsv)")
+    parser.add_argument("manifest", help="fairseq manifest (.tsv) or local Hugging Face dataset")
     parser.add_argument(
         "--layer",
         required=True,

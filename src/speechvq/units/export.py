@@ -405,11 +405,17 @@ def dump_features(
 ) -> FeatureShardWriter:
     """Dump ``layer`` features of every usable manifest item into shards (see :mod:`.kmeans`)."""
     writer = FeatureShardWriter(Path(directory), shard_size)
+    windowed = type(model).__name__ in ("Wav2Vec2Model", "CtcModel")
     for batch in iter_manifest(manifest, model, max_tokens=max_tokens, max_items=max_items, desc=desc):
         if not batch.usable:
             continue
-        feats, frames = layer_features(model, batch.waveforms, batch.lengths, layer)
-        for f, n in zip(feats, frames.tolist()):
-            writer.add(f[:n])
+        # long recordings in windows, as export-units reads them
+        items = (
+            item_features(model, batch, [layer], DEFAULT_CHUNK)
+            if windowed
+            else _batch_items(model, batch, layer)
+        )
+        for _, by_layer in items:
+            writer.add(by_layer[layer])
     writer.close()
     return writer
