@@ -24,7 +24,8 @@ from speechvq.text.vocab import Vocabulary
 from speechvq.units.export import layer_features
 
 TOL = 2e-5
-"""Largest |transformers - speechvq| / max |speechvq|: float32, different op order (measured 1e-6)."""
+"""Largest |transformers - speechvq| / max |speechvq| per utterance and layer: float32 with another op
+order (measured 2.0e-7 post-LN, 1.1e-7 pre-LN)."""
 
 
 @pytest.fixture(autouse=True)
