@@ -25,8 +25,9 @@ from speechvq.units.kmeans import KMeansModel
 from speechvq.units.longform import ChunkConfig, windowed_features
 
 LAYERS = [0, "transformer_input", 1, 2]
-FRONT_END_TOL = 1e-5
-"""Front end and Transformer input: max |windowed - whole| / max |whole| (float rounding only)."""
+FRONT_END_TOL = 5e-5
+"""Front end and Transformer input: max |windowed - whole| / max |whole| (float rounding only;
+measured at most 9.2e-6, the CNN with GroupNorm, whose statistics are summed in another order)."""
 BLOCK_TOL = 5e-3
 """Transformer blocks: per-frame ||windowed - whole|| / ||whole||. Measured on these random tiny
 models with 10 s + 2 x 2.5 s windows: at most 3.2e-3 (median 1.4e-3) for the log-mel front end,
