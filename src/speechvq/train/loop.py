@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -410,8 +411,10 @@ def _train(
             tick = time.monotonic()
 
         out_of_time = t.max_wall_s is not None and time.monotonic() - start_time > t.max_wall_s
-        signalled = request is not None and request.requested  # finish this update, save, stop
-        stop = bool(acc.reduce(torch.tensor(float(out_of_time or signalled), device=acc.device), "sum") > 0)
+        # a signal on any rank: finish this update, save, stop (all ranks at the same update)
+        received = request is not None and request.requested
+        flags = acc.reduce(torch.tensor([float(out_of_time), float(received)], device=acc.device), "sum")
+        stop, signalled = bool(flags.sum() > 0), bool(flags[1] > 0)
         score = None
         if valid is not None and (step % t.valid_interval == 0 or step == t.max_steps):
             vrec, score = evaluate(task, model, valid, acc, t.seed)
@@ -422,10 +425,10 @@ def _train(
         if score is not None or step % t.save_interval == 0 or step == last_stop or stop:
             save(score)
             best = ckpt.read_best(ckpt_dir)
-        if stop and signalled:
-            summary.stopped_by = request.signal if request is not None else None
-            logger.info("step %d: %s received; checkpoint %s written, stopping", step, request.name if request
-                        else "a signal", ckpt_dir / f"step_{step:08d}")  # fmt: skip
+        if signalled:
+            summary.stopped_by = request.signal if received and request is not None else int(signal.SIGTERM)
+            logger.info("step %d: %s received; checkpoint %s written, stopping", step,
+                        signal.Signals(summary.stopped_by).name, ckpt_dir / f"step_{step:08d}")  # fmt: skip
             break
         if stop:
             logger.info("step %d: time budget of %.0f s spent, stopping", step, t.max_wall_s)

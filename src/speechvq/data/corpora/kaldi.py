@@ -74,10 +74,8 @@ def read_kaldi_dir(
     if not (data_dir / "wav.scp").is_file():
         raise UserInputError(f"{data_dir}: not a Kaldi data directory (no wav.scp)")
     base = Path(audio_root) if audio_root is not None else Path.cwd()
-    recordings = {
-        rec: _recording_file(value, where, base)
-        for rec, (value, where) in _table(data_dir / "wav.scp").items()
-    }
+    wav_scp = _table(data_dir / "wav.scp")
+    recordings = {rec: _recording_file(value, where, base) for rec, (value, where) in wav_scp.items()}
     texts = _table(data_dir / "text", min_fields=1) if (data_dir / "text").is_file() else {}
     speakers = _table(data_dir / "utt2spk") if (data_dir / "utt2spk").is_file() else {}
     utts: list[CorpusUtterance] = []
@@ -108,8 +106,9 @@ def read_kaldi_dir(
                 )
             )
     else:
-        table = _table(data_dir / "wav.scp")
-        utts = [CorpusUtterance(id=rec, audio=path, origin=table[rec][1]) for rec, path in recordings.items()]
+        utts = [
+            CorpusUtterance(id=rec, audio=path, origin=wav_scp[rec][1]) for rec, path in recordings.items()
+        ]
     known = {u.id for u in utts}
     for name, table in (("text", texts), ("utt2spk", speakers)):
         unknown = sorted(set(table) - known)
