@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 from typing import NoReturn
 
 from speechvq import progress
 from speechvq.errors import UserInputError
 from speechvq.files import is_disk_full, write_failure
+from speechvq.signals import StoppedBySignal
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
@@ -27,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "convert checkpoints between speechvq, transformers and fairseq",
     ),
     "manifest": ("speechvq.commands.manifest", "scan an audio tree into a fairseq-style manifest"),
+    "import": (
+        "speechvq.commands.import_corpus",
+        "Kaldi / lhotse / LJSpeech / SpeechBrain / Common Voice corpus -> manifests + labels",
+    ),
     "prepare-librispeech": (
         "speechvq.commands.prepare_librispeech",
         "LibriSpeech layout -> manifests + labels",
@@ -42,6 +48,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain-unit-bert": ("speechvq.commands.pretrain_unit_bert", "masked-LM BERT pretraining over units"),
     "plot": ("speechvq.commands.plot", "plot the curves of an experiment directory"),
     "export-units": ("speechvq.commands.export_units", "frame-level discrete units of a manifest"),
+    "extract-features": (
+        "speechvq.commands.extract_features",
+        "continuous features of chosen layers (npy or safetensors), long audio in windows",
+    ),
     "fit-kmeans": ("speechvq.commands.fit_kmeans", "k-means over one layer's features of a model"),
     "unit-quality": ("speechvq.commands.unit_quality", "phone purity, cluster purity and PNMI of units"),
     "train-lm": ("speechvq.commands.train_lm", "train an n-gram language model (ARPA) on text"),
@@ -114,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"speechvq {args.command}: interrupted", file=sys.stderr)
         return 130
+    except StoppedBySignal as err:
+        print(f"speechvq {args.command}: {err}; resume with: speechvq {shlex.join(argv)}", file=sys.stderr)
+        return err.exit_code
 
 
 def _one_line(message: str) -> str:

@@ -74,6 +74,19 @@ def tr(w: Path, *audio: str | Path, opts: tuple[str, ...] = ()) -> list[str]:
     return ["transcribe", str(w / "ctc"), *(str(a) for a in audio or (w / "good.tsv",)), *opts]
 
 
+def ef(
+    w: Path, *opts: str, model: Path | None = None, data: Path | None = None, out: Path | None = None
+) -> list[str]:
+    argv = [
+        "extract-features",
+        str(model or w / "model"),
+        str(data or w / "good.tsv"),
+        "--out",
+        str(out or w / "f"),
+    ]
+    return argv + (list(opts) if "--layers" in opts else ["--layers", "1", *opts])
+
+
 def cv(src: Path, dst: Path, src_format: str = "speechvq", dst_format: str = "hf") -> list[str]:
     return ["convert", str(src), str(dst), "--from", src_format, "--to", dst_format]
 
@@ -375,6 +388,72 @@ CASES: dict[str, Case] = {
     ),
     "transcribe-lm-not-arpa": Case(
         lambda w: tr(w, opts=("--lm", str(write(w / "x.arpa", "hello\n")))), ("x.arpa", "ARPA")
+    ),
+    # extract-features
+    "extract-features-layer-unknown": Case(lambda w: ef(w, "--layers", "top"), ("--layer", "top")),
+    "extract-features-layer-too-deep": Case(lambda w: ef(w, "--layers", "9"), ("--layer", "9")),
+    "extract-features-out-is-a-file": Case(
+        lambda w: ef(w, out=write(w / "o.txt", "x")), ("o.txt", "--out must be a directory")
+    ),
+    "extract-features-empty-manifest": Case(
+        lambda w: ef(w, data=manifest(w, "e.tsv")), ("e.tsv", "lists no audio")
+    ),
+    "extract-features-chunk-negative": Case(lambda w: ef(w, "--chunk-s", "-1"), ("--chunk-s", "-1")),
+    "extract-features-device-unknown": Case(lambda w: ef(w, "--device", "gpu7"), ("--device", "gpu7")),
+    "extract-features-model-missing": Case(
+        lambda w: ef(w, model=w / "no_model"), ("no_model", "not a speechvq model")
+    ),
+    # import
+    "import-kaldi-no-wav-scp": Case(
+        lambda w: [
+            "import",
+            "kaldi",
+            str(write(w / "kd" / "text", "u1 HELLO\n").parent),
+            "--out",
+            str(w / "o"),
+        ],
+        ("wav.scp",),
+    ),
+    "import-kaldi-piped-command": Case(
+        lambda w: (
+            [
+                "import",
+                "kaldi",
+                str(write(w / "kd" / "wav.scp", "u1 sox a0.wav -t wav - |\n").parent),
+                "--out",
+                str(w / "o"),
+            ]
+            if write(w / "kd" / "text", "u1 HELLO\n")
+            else []
+        ),
+        ("wav.scp:1", "command"),
+    ),
+    "import-commonvoice-missing-column": Case(
+        lambda w: [
+            "import",
+            "commonvoice",
+            str(write(w / "cv.tsv", "client_id\tsentence\nc1\tHI\n")),
+            "--out",
+            str(w / "o"),
+        ],
+        ("cv.tsv", "path"),
+    ),
+    "import-ljspeech-not-utf8": Case(
+        lambda w: [
+            "import",
+            "ljspeech",
+            str(write(w / "lj" / "metadata.csv", b"a0|\xff\xfe|x\n")),
+            "--out",
+            str(w / "o"),
+        ],
+        ("metadata.csv", "UTF-8"),
+    ),
+    "import-lhotse-invalid-json": Case(
+        lambda w: ["import", "lhotse", str(write(w / "recordings.jsonl", "{oops\n")), "--out", str(w / "o")],
+        ("recordings.jsonl", "JSON"),
+    ),
+    "import-source-missing": Case(
+        lambda w: ["import", "speechbrain", str(w / "nope.csv"), "--out", str(w / "o")], ("nope.csv",)
     ),
     # convert
     "convert-config-json-invalid": Case(

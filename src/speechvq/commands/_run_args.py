@@ -53,8 +53,13 @@ def run_training(command: str, train: Callable[[], Any]) -> Any | None:
 
     Raises:
         UserInputError: checkpoints could not be written during the run.
+        StoppedBySignal: the run stopped on SIGTERM/SIGINT after writing a checkpoint (the CLI
+            prints how to resume and exits with 128 + the signal number).
     """
+    import signal
+
     from speechvq.errors import UserInputError
+    from speechvq.signals import StoppedBySignal
     from speechvq.train import NonFiniteError
 
     try:
@@ -62,6 +67,11 @@ def run_training(command: str, train: Callable[[], Any]) -> Any | None:
     except NonFiniteError as err:
         print(f"speechvq {command}: stopped: {err}", file=sys.stderr)
         return None
+    if getattr(summary, "stopped_by", None) is not None:
+        name = signal.Signals(summary.stopped_by).name
+        raise StoppedBySignal(
+            f"stopped by {name} after update {summary.step}, with a checkpoint", summary.stopped_by
+        )
     failures = getattr(summary, "save_failures", None)
     if failures and summary.main_process:
         best = summary.best

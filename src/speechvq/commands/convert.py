@@ -3,6 +3,10 @@
 Usage:
     speechvq convert exp/pretrain/best hf_model --from speechvq --to hf
     speechvq convert hf_model sv_model --from hf --to speechvq
+
+Log-mel models (``model.encoder.kind: fbank``) go to transformers as custom classes that load with
+``AutoModel.from_pretrained(dir, trust_remote_code=True)`` without speechvq, or without remote code
+after ``import speechvq.interop.hf_fbank`` (:mod:`speechvq.interop.hf_fbank`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ def _is_ctc_dir(src: str, fmt: str) -> bool:
     if fmt == "speechvq":
         return meta.get("model_type") == "wav2vec2_ctc"
     architectures = meta.get("architectures") or []
-    return isinstance(architectures, list) and "Wav2Vec2ForCTC" in architectures
+    return isinstance(architectures, list) and (
+        "Wav2Vec2ForCTC" in architectures or "SpeechvqFbankForCTC" in architectures
+    )
 
 
 def _load(src: str, fmt: str) -> tuple[Any, Any]:
@@ -82,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
             from speechvq.io import save_pretrained
 
             save_pretrained(model, args.dst)
+    elif args.dst_format == "hf" and getattr(model.cfg.encoder, "kind", "conv") == "fbank":
+        from speechvq.interop.hf_fbank import save_hf_fbank
+
+        save_hf_fbank(model, args.dst, vocab)
     elif args.dst_format == "hf":
         if vocab is not None:
             from speechvq.interop.hf_ctc import save_hf_ctc

@@ -8,7 +8,9 @@ Usage:
 
 ``codes`` writes the quantizer's per-frame indices as vq-wav2vec tokens (``g0-g1``), or with
 ``--joint`` one id per frame (``g0 * V + g1``); ``kmeans`` assigns the features of ``--layer`` to
-the ``fit-kmeans`` model ``--km``. The output directory format is described in
+the ``fit-kmeans`` model ``--km``. MANIFEST may also be a local Hugging Face dataset (``utts.txt``
+then lists its audio ``path`` fields). Recordings longer than ``--chunk-s + 2 * --context-s``
+seconds run in overlapping windows (as ``extract-features``; docs/features.md). The output directory format is described in
 ``speechvq.units.io`` and ``docs/units.md``. Utterances stream through the model in batches of at
 most ``--shard-size`` items and ``--max-tokens`` padded samples, and each line is written as soon
 as it is computed, so memory does not grow with the corpus.
@@ -29,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="speechvq model directory (wav2vec 2.0, vq-wav2vec or CTC)")
-    parser.add_argument("manifest", help="fairseq manifest (.tsv)")
+    parser.add_argument("manifest", help="fairseq manifest (.tsv) or local Hugging Face dataset")
     parser.add_argument("--out", required=True, help="output units directory")
     parser.add_argument("--kind", choices=["codes", "kmeans"], required=True, help="unit kind")
     parser.add_argument(
@@ -44,12 +46,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tokens", type=int, default=1_600_000, help="padded samples per batch (default 1.6M = 100 s)"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--chunk-s",
+        type=float,
+        default=10.0,
+        help="long recordings: seconds of units per window (default 10)",
+    )
+    parser.add_argument(
+        "--context-s", type=float, default=2.5, help="long recordings: context on each side (default 2.5)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from speechvq.io import load_pretrained
     from speechvq.units.export import export_units, parse_layer
     from speechvq.units.kmeans import KMeansModel
+    from speechvq.units.longform import ChunkConfig
 
     if args.kind == "kmeans" and (args.km is None or args.layer is None):
         raise UserInputError("--kind kmeans needs --km and --layer")
@@ -77,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         max_items=args.shard_size,
         meta={"model": str(args.model), "km": args.km},
+        chunk=ChunkConfig(chunk_s=args.chunk_s, context_s=args.context_s),
     )
     skipped = meta.get("skipped") or {}
     note = ""

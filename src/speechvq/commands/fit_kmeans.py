@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="speechvq model directory")
-    parser.add_argument("manifest", help="fairseq manifest (.tsv)")
+    parser.add_argument("manifest", help="fairseq manifest (.tsv) or local Hugging Face dataset")
     parser.add_argument(
         "--layer",
         required=True,

@@ -8,10 +8,11 @@ Usage:
         --lexicon-from-lm --lm-weight 0.5,1,2 --word-bonus 0,1,2
 
 MODEL is a speechvq CTC model directory (``finetune-ctc`` output) or a transformers export
-written by ``speechvq convert --to hf``. AUDIO is a fairseq manifest (``.tsv``) or audio files.
-Without ``--out`` every hypothesis is printed as ``ID<TAB>TEXT``; with it, the file gets one
-hypothesis per line in input order (the ``.wrd`` format). ``--labels`` reads one reference per
-input: ``.ltr`` files are fairseq letters, anything else words.
+written by ``speechvq convert --to hf``. AUDIO is a fairseq manifest (``.tsv``), a local Hugging
+Face dataset (``save_to_disk`` directory, parquet, audiofolder) or audio files. Without ``--out``
+every hypothesis is printed as ``ID<TAB>TEXT``; with it, the file gets one hypothesis per line in
+input order (the ``.wrd`` format). ``--labels`` reads one reference per input: ``.ltr`` files are
+fairseq letters, anything else words; for a dataset it names the text column (``--labels text``).
 
 ``--lm-weight`` and ``--word-bonus`` take comma-separated lists: every combination is decoded from
 the same logits, a WER/CER table is printed, and the best combination (lowest WER, then CER) gives
@@ -30,6 +31,7 @@ import logging
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,8 +45,11 @@ log = logging.getLogger("speechvq.transcribe")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="speechvq CTC model directory, or its transformers export")
-    parser.add_argument("audio", nargs="+", help="a manifest (.tsv) or audio files")
-    parser.add_argument("--labels", help="references, one line per input (.ltr letters or .wrd words)")
+    parser.add_argument("audio", nargs="+", help="a manifest (.tsv), a local HF dataset, or audio files")
+    parser.add_argument(
+        "--labels",
+        help="references, one line per input (.ltr letters or .wrd words); a dataset's text column",
+    )
     parser.add_argument("--out", help="write hypotheses here, one per line, instead of printing them")
     parser.add_argument("--beam", type=int, help="beam size (default: 1, greedy; 16 with --lm or a lexicon)")
     parser.add_argument("--lm", help="n-gram language model: ARPA file, or a KenLM binary (needs [lm] extra)")
@@ -81,34 +86,41 @@ def load_model(directory: str):  # type: ignore[no-untyped-def]
     return load_hf_ctc(path)
 
 
-def _inputs(paths: list[str]) -> list[tuple[str, Path, int | None]]:
-    """(id, audio path, length the manifest lists or None) of every input, in order."""
-    if len(paths) == 1 and paths[0].endswith(".tsv"):
-        from speechvq.data.manifest import read_manifest
+def _is_dataset(paths: list[str]) -> bool:
+    """Whether the single input is a local HF dataset (a directory or a parquet file)."""
+    return len(paths) == 1 and (Path(paths[0]).is_dir() or paths[0].endswith(".parquet"))
 
-        manifest = read_manifest(paths[0])
-        if not manifest.items:
-            raise UserInputError(f"{paths[0]}: the manifest lists no audio to transcribe")
-        return [(item.relpath, manifest.audio_path(item), item.num_samples) for item in manifest.items]
-    return [(p, Path(p), None) for p in paths]
+
+def _inputs(paths: list[str], labels: str | None = None):  # type: ignore[no-untyped-def]
+    """(ids, an AudioSource of every input, in order): a manifest, a dataset (with its text
+    column ``labels``), or audio files."""
+    from speechvq.data.source import AudioSource, Utterance, open_source
+
+    if (len(paths) == 1 and paths[0].endswith(".tsv")) or _is_dataset(paths):
+        source = open_source(paths[0], labels if _is_dataset(paths) else None)
+        if len(source) == 0:
+            raise UserInputError(f"{paths[0]}: lists no audio to transcribe")
+        return list(source.ids), source
+    utts = [Utterance(name=p, data=p, num_frames=None) for p in paths]
+    return list(paths), AudioSource(utts, None, "audio files")
 
 
 def _load_inputs(
-    inputs: list[tuple[str, Path, int | None]], minimum: int
+    ids: list[str], source: Any, minimum: int
 ) -> tuple[list[torch.Tensor | None], Counter[str], list[str]]:
-    """Every input's waveform, or None for one that cannot be used; the counts and messages of those."""
-    from speechvq.data.audio import decode_audio
+    """Every input's waveform (16 kHz), or None for one that cannot be used; the counts and
+    messages of those."""
     from speechvq.data.checks import categorize
 
     waves: list[torch.Tensor | None] = []
     reasons: Counter[str] = Counter()
     messages: list[str] = []
-    for name, path, listed in progress.track(inputs, desc="transcribe: load"):
+    for i in progress.track(range(len(ids)), desc="transcribe: load"):
         try:
-            wav, _ = decode_audio(path, sample_rate=16000, name=str(path), expected_frames=listed)
+            wav = source.load(i, 16000)  # checks a manifest's listed length too
             if wav.size < minimum:
                 raise UserInputError(
-                    f"{name}: too short: {wav.size} samples is shorter than one frame ({minimum})"
+                    f"{ids[i]}: too short: {wav.size} samples is shorter than one frame ({minimum})"
                 )
         except UserInputError as err:
             waves.append(None)
@@ -171,8 +183,18 @@ def run(args: argparse.Namespace) -> int:
     word_bonuses = _floats("--word-bonus", args.word_bonus)
     model, vocab = load_model(args.model)
     model = model.to(device).eval()
-    inputs = _inputs(args.audio)
-    references = _references(args.labels, len(inputs)) if args.labels else None
+    ids, source = _inputs(args.audio, args.labels)
+    inputs = list(zip(ids, range(len(ids))))
+    if args.labels and _is_dataset(args.audio):
+        # a dataset's text column: words (letters for a column named ltr)
+        texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in source.texts or []]
+        letters = args.labels == "ltr"
+        references = [
+            " ".join("".join(t.split()).replace("|", " ").split()) if letters else " ".join(t.split())
+            for t in texts
+        ]
+    else:
+        references = _references(args.labels, len(inputs)) if args.labels else None
     lm = None
     if args.lm:
         from speechvq.text.ngram import load_language_model
@@ -185,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     use_beam = (args.beam or 1) > 1 or lm is not None or lexicon is not None
     beam_size = args.beam or (16 if use_beam else 1)
 
-    waves, reasons, messages = _load_inputs(inputs, model.feature_encoder.receptive_field)
+    waves, reasons, messages = _load_inputs(ids, source, model.feature_encoder.receptive_field)
     kept = [i for i, w in enumerate(waves) if w is not None]
     if not kept:
         if len(inputs) == 1:
@@ -252,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         write_atomic(args.out, "".join(h + "\n" for h in hypotheses))
         log.info("wrote %d hypotheses to %s", len(hypotheses), args.out)
     else:
-        for (name, _, _), text in zip(inputs, hypotheses):
+        for (name, _), text in zip(inputs, hypotheses):
             sys.stdout.write(f"{name}\t{text}\n")
     skipped = len(inputs) - len(kept)
     if skipped:

@@ -25,6 +25,12 @@ from speechvq.files import path_problem
 logger = logging.getLogger(__name__)
 
 _RAW_SUFFIXES = {".raw", ".pcm", ".s16", ".f32"}
+RAW_SUFFIXES = tuple(sorted(_RAW_SUFFIXES))
+"""Suffixes of headerless PCM files, which need a :class:`RawFormat`."""
+CONTAINER_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".snd",
+                      ".w64", ".caf", ".sph", ".nist", ".rf64", ".wavex")  # fmt: skip
+"""Suffixes of the containers libsndfile reads from their headers (whether this build reads mp3 and
+opus: :func:`readable_suffixes`)."""
 _ESTIMATED_LENGTH = {"MP3", "OGG"}
 _warned_mixdown: set[int] = set()
 _DECLARED_DATA = re.compile(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
@@ -81,6 +87,24 @@ class RawFormat:
             return cls(**kwargs)
         except ValueError as err:
             raise UserInputError(f"raw format {spec!r}: {err}") from None
+
+
+def headerless(path: str | os.PathLike | bytes) -> bool:
+    """Whether a raw format applies to ``path``: any file whose suffix is not a container's
+    (:data:`CONTAINER_SUFFIXES`). Encoded bytes always carry their header."""
+    return not isinstance(path, bytes) and Path(path).suffix.lower() not in CONTAINER_SUFFIXES
+
+
+def readable_suffixes() -> tuple[str, ...]:
+    """The container suffixes this libsndfile build decodes (mp3 needs >= 1.1.0, opus >= 1.0.29)."""
+    formats = sf.available_formats()
+    subtypes = sf.available_subtypes("OGG")
+    skip = set()
+    if "MP3" not in formats:
+        skip.add(".mp3")
+    if "OPUS" not in subtypes:
+        skip.add(".opus")
+    return tuple(s for s in CONTAINER_SUFFIXES if s not in skip)
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from speechvq.data.audio import AudioInfo, RawFormat, audio_info, decode_audio
+from speechvq.data.audio import AudioInfo, RawFormat, audio_info, decode_audio, headerless
 from speechvq.data.manifest import Manifest, read_manifest
 from speechvq.errors import UserInputError
 from speechvq.files import path_problem, read_json, read_text
@@ -51,10 +51,19 @@ class Utterance:
 class AudioSource:
     """Indexable utterances: ``len``, ``utterance(i)``, ``text(i)`` and ``sizes`` at a target rate."""
 
-    def __init__(self, utts: list[Utterance], texts: Sequence[str | bytes] | None, description: str) -> None:
+    def __init__(
+        self,
+        utts: list[Utterance],
+        texts: Sequence[str | bytes] | None,
+        description: str,
+        ids: list[str] | None = None,
+    ) -> None:
         self.utts = utts
         self.texts = texts
         self.description = description
+        self.ids = ids if ids is not None else [u.name for u in utts]
+        """Short names of the utterances for output files: a manifest's relative paths, a
+        dataset's audio ``path`` fields (else the row number)."""
 
     def __len__(self) -> int:
         return len(self.utts)
@@ -81,11 +90,14 @@ class AudioSource:
         return out
 
     def load(self, i: int, sample_rate: int, raw_format: RawFormat | None = None) -> np.ndarray:
+        """Utterance ``i`` as ``[S]`` float32 at ``sample_rate``; ``raw_format`` reads the files
+        that are not a known container (``.raw``, ``.pcm``, ...: :func:`headerless`), so a corpus
+        may mix both."""
         utt = self.utts[i]
         wav, _ = decode_audio(
             utt.data,
             sample_rate=sample_rate,
-            raw_format=raw_format,
+            raw_format=raw_format if headerless(utt.data) else None,
             name=utt.name,
             expected_frames=utt.num_frames,
         )
@@ -120,7 +132,9 @@ def manifest_source(manifest: Manifest, labels: str | os.PathLike | list[str] | 
         label_name = "labels"
     elif labels is not None:
         label_path = Path(labels)
-        if str(labels) in ("ltr", "wrd") and manifest.path is not None and not label_path.exists():
+        bare = os.sep not in str(labels) and "/" not in str(labels) and "." not in str(labels)
+        if bare and manifest.path is not None and not label_path.exists():
+            # a bare name (ltr, wrd, spk, ...): the label file of that suffix beside the manifest
             label_path = manifest.path.with_suffix("." + str(labels))
         label_name = str(label_path)
         texts = list(read_label_lines(label_path))
@@ -128,7 +142,7 @@ def manifest_source(manifest: Manifest, labels: str | os.PathLike | list[str] | 
         raise UserInputError(
             f"{label_name}: has {len(texts)} lines, but the manifest {manifest.path} has {len(utts)} items"
         )
-    return AudioSource(utts, texts, f"manifest {manifest.path}")
+    return AudioSource(utts, texts, f"manifest {manifest.path}", ids=[it.relpath for it in manifest.items])
 
 
 def _audio_column(table: pa.Table, path: Path) -> str:
@@ -150,16 +164,24 @@ def _text_column(columns: list[str], labels: str | None, path: Path) -> str | No
         return None
     if labels in columns:
         return labels
-    raise UserInputError(f"{path}: text column {labels!r} not found; columns are {columns}")
+    hint = next(
+        (f" (give the column's name, e.g. data.labels={c})" for c in TEXT_COLUMNS if c in columns), ""
+    )
+    raise UserInputError(f"{path}: text column {labels!r} not found; columns are {columns}{hint}")
 
 
-def arrow_source(table: pa.Table, path: Path, labels: str | None) -> AudioSource:
+def arrow_source(
+    table: pa.Table, path: Path, labels: str | None, description: str | None = None
+) -> AudioSource:
     """Utterances from an arrow table with an audio column of ``{bytes, path}`` structs or paths."""
     col = _audio_column(table, path)
     base = path if path.is_dir() else path.parent
     utts = []
+    ids = []
     for i, cell in enumerate(table.column(col).to_pylist()):
         name = f"{path}[{i}]"
+        given = cell.get("path") if isinstance(cell, dict) else cell
+        ids.append(str(given) if given else str(i))
         if isinstance(cell, dict):
             if cell.get("bytes"):
                 utts.append(
@@ -181,7 +203,7 @@ def arrow_source(table: pa.Table, path: Path, labels: str | None) -> AudioSource
         if text_col is None
         else ["" if t is None else str(t) for t in table.column(text_col).to_pylist()]
     )
-    return AudioSource(utts, texts, f"dataset {path}")
+    return AudioSource(utts, texts, description or f"dataset {path}", ids=ids)
 
 
 def _read_save_to_disk(path: Path) -> pa.Table:
@@ -230,7 +252,9 @@ def audiofolder_source(path: Path, labels: str | None) -> AudioSource:
             meta[str((meta_file.parent / row["file_name"]).resolve())] = row
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
     if not files:
-        raise UserInputError(f"{path}: no audio files found (and no dataset files: state.json, *.parquet)")
+        raise UserInputError(
+            f"{path}: a directory with no audio files (and no dataset files: state.json, *.parquet)"
+        )
     utts = [Utterance(name=str(p), data=str(p), num_frames=None) for p in files]
     texts: list[str] | None = None
     if labels is not None:
@@ -242,22 +266,45 @@ def audiofolder_source(path: Path, labels: str | None) -> AudioSource:
                     f"{p}: no {labels!r} entry in the folder's metadata.csv / metadata.jsonl"
                 )
             texts.append(str(found[labels]))
-    return AudioSource(utts, texts, f"audiofolder {path}")
+    return AudioSource(
+        utts, texts, f"audiofolder {path}", ids=[p.relative_to(path).as_posix() for p in files]
+    )
+
+
+def hf_dataset_source(dataset: Any, labels: str | None = None, name: str = "dataset") -> AudioSource:
+    """An in-memory ``datasets.Dataset`` as an :class:`AudioSource`, without ``datasets``' own
+    audio decoding (which needs ``torchcodec`` and FFmpeg): its arrow rows (selection and order
+    applied) are read as a saved dataset's are, the audio decoded by soundfile.
+
+    Args:
+        dataset: a ``datasets.Dataset`` (not a ``DatasetDict``: pick a split).
+        labels: the text column, or None.
+        name: the name used in messages.
+    """
+    if hasattr(dataset, "keys") and not hasattr(dataset, "with_format"):
+        raise UserInputError(f"{name}: is a DatasetDict; give one split, one of {list(dataset.keys())}")
+    table = dataset.with_format("arrow")[:]  # the raw rows: no decoding, indices applied
+    return arrow_source(table, Path.cwd(), labels, description=f"dataset {name}")
 
 
 def open_source(
-    source: str | os.PathLike, labels: str | os.PathLike | list[str] | None = None
+    source: str | os.PathLike | Any, labels: str | os.PathLike | list[str] | None = None
 ) -> AudioSource:
     """Open a manifest (``.tsv``) or a local Hugging Face dataset as an :class:`AudioSource`.
 
     Args:
-        source: manifest file, ``save_to_disk`` directory, parquet file/directory, or audiofolder.
+        source: manifest file, ``save_to_disk`` directory, parquet file/directory, audiofolder,
+            or an in-memory ``datasets.Dataset`` (:func:`hf_dataset_source`).
         labels: for a manifest: a label file path, ``"ltr"``/``"wrd"`` (the file beside the
             manifest) or a list of strings; for a dataset: the text column name.
 
     Raises:
         UserInputError: the source does not exist or is not one of the formats above.
     """
+    if hasattr(source, "with_format") and hasattr(source, "features"):  # a datasets.Dataset
+        if labels is not None and not isinstance(labels, str):
+            raise UserInputError("a dataset's labels must be the name of its text column")
+        return hf_dataset_source(source, labels)
     path = Path(source)
     if not path.exists():
         raise UserInputError(f"{path}: data source does not exist")

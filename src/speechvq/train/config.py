@@ -22,6 +22,7 @@ import yaml
 
 from speechvq.config import PRESETS, VQ_WAV2VEC_PRESETS, VqWav2VecConfig, Wav2Vec2Config
 from speechvq.configs import resolve_config
+from speechvq.data.audio import RawFormat
 from speechvq.errors import UserInputError
 from speechvq.files import read_text
 from speechvq.ranges import check_range
@@ -75,11 +76,21 @@ class DataSection:
     num_workers: int = 0
     """DataLoader worker processes."""
 
+    raw_format: str | None = None
+    """How headerless files (``.raw``, ``.pcm``: any suffix that is not an audio container) are
+    read: ``RATE[:CHANNELS[:SUBTYPE[:ENDIAN]]]``, e.g. ``16000:1:PCM_16``, as ``speechvq manifest
+    --raw-format``; None: such files are an error."""
+
+    def raw(self) -> RawFormat | None:
+        """:attr:`raw_format` parsed (raises :class:`UserInputError` naming the problem)."""
+        return None if self.raw_format is None else RawFormat.parse(str(self.raw_format))
+
     def validate(self, prefix: str = "data") -> None:
         """Every value in its range; raises :class:`UserInputError` naming the first that is not."""
         check_sampling(self, prefix)
         check_range(f"{prefix}.max_sample_size", self.max_sample_size, 1, integer=True, optional=True)
         check_range(f"{prefix}.min_sample_size", self.min_sample_size, 0, integer=True, optional=True)
+        self.raw()
         if self.max_sample_size is not None and (self.min_sample_size or 0) > self.max_sample_size:
             raise UserInputError(
                 f"`{prefix}.min_sample_size` must be <= {prefix}.max_sample_size ({self.max_sample_size}), "
@@ -349,15 +360,21 @@ class PretrainConfig:
         self.diagnostics.validate()
         if not self.data.train:
             raise UserInputError("`data.train` must name a manifest, but is empty instead.")
+        self.data.raw()  # a bad data.raw_format fails here, before any work
         try:
             model = self.model_config()
         except (TypeError, ValueError, KeyError) as err:
             if isinstance(err, UserInputError):
                 raise
             raise UserInputError(f"`model` is not a valid model config: {err}") from err
-        from speechvq.models.encoder import min_input_samples
+        if isinstance(model, VqWav2VecConfig):
+            from speechvq.models.vq_wav2vec import vq_min_input_samples
 
-        shortest = min_input_samples(model.encoder)
+            shortest = vq_min_input_samples(model)
+        else:
+            from speechvq.models.encoder import min_input_samples
+
+            shortest = min_input_samples(model.encoder)
         if self.data.max_sample_size is not None and self.data.max_sample_size < shortest:
             raise UserInputError(
                 f"`data.max_sample_size` must be >= {shortest} (the samples one frame of this model needs), "

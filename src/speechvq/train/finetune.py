@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from speechvq.config import Wav2Vec2Config, preset
 from speechvq.data import AudioDataset, BucketBatchSampler, collate_audio
+from speechvq.data.audio import RawFormat
 from speechvq.data.collate import AudioBatch
 from speechvq.data.source import open_source
 from speechvq.decoding import greedy_decode
@@ -158,8 +159,10 @@ class LabelSection:
     """Validation score that picks the best checkpoint (lower is better; fairseq
     ``best_checkpoint_metric``). Use ``cer`` while the WER is near 100%, as after a few CPU minutes
     on 10 minutes of labels: there it does not rank checkpoints at all."""
-    labels: Literal["ltr", "wrd"] = "ltr"
-    """Label file beside each manifest: ``ltr`` (fairseq letters, ``|`` ends a word) or ``wrd`` (words)."""
+    labels: str = "ltr"
+    """Transcripts. For a manifest: the suffix of the label file beside it, ``ltr`` (fairseq
+    letters, ``|`` ends a word), ``wrd`` or any other (words). For a dataset directory (or parquet):
+    the name of its text column, e.g. ``text`` (words; letters only for a column named ``ltr``)."""
     vocab: Literal["letters", "sentencepiece"] = "letters"
     """Output units: letters, or a sentencepiece model trained on the training transcripts."""
     sentencepiece_vocab_size: int = 1000
@@ -180,6 +183,13 @@ class FinetuneDataSection(LabelSection):
     """Samples per batch per process, padding included."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    raw_format: str | None = None
+    """How headerless files are read (``RATE[:CHANNELS[:SUBTYPE[:ENDIAN]]]``); see
+    :attr:`speechvq.train.config.DataSection.raw_format`."""
+
+    def raw(self) -> RawFormat | None:
+        """:attr:`raw_format` parsed (raises :class:`UserInputError` naming the problem)."""
+        return None if self.raw_format is None else RawFormat.parse(str(self.raw_format))
 
     def validate(self, prefix: str = "data") -> None:
         """Sampling values and the sentencepiece size in range."""
@@ -220,6 +230,7 @@ class FinetuneConfig:
         self.mask.validate()
         if not self.data.train:
             raise UserInputError("`data.train` must name a manifest, but is empty instead.")
+        self.data.raw()
 
     def settings(self) -> dict[str, Any]:
         """Keyword settings for :func:`ctc_config_from_wav2vec2`."""
@@ -453,6 +464,7 @@ class CtcTask:
             ds = AudioDataset(
                 path, sample_rate=d.sample_rate, random_crop=False, labels=d.labels, seed=self.cfg.train.seed,
                 min_sample_size=min_input_samples(self.ctc_cfg.encoder),  # shorter: no frame to encode
+                raw_format=d.raw(),
             )  # fmt: skip
         except FileNotFoundError as err:
             raise UserInputError(f"{path}: {err}") from err

@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from speechvq import signals
 from speechvq.data import BucketBatchSampler
 from speechvq.errors import UserInputError
 from speechvq.files import read_text, write_atomic
@@ -88,6 +91,8 @@ class RunSummary:
     checkpoint could not be written (so ``best_model`` is stale), or None."""
     best: dict[str, Any] | None = None
     """``{"step", "valid_loss"}`` of the best checkpoint at the end (None without validation)."""
+    stopped_by: int | None = None
+    """The signal (SIGTERM, SIGINT) that stopped the run after a checkpoint, if one did."""
 
     def skipped_report(self) -> str:
         """``"3 training items skipped (missing: 2, corrupt: 1)"``, or "" when none was skipped."""
@@ -138,7 +143,10 @@ class _Batches:
         main: bool = True,
     ) -> None:
         self.dataset, self.sampler, self.name, self.main = dataset, sampler, name, main
-        self.loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+        self.loader = DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+            worker_init_fn=signals.ignore_in_worker if num_workers > 0 else None,
+        )  # fmt: skip
         self.epoch, self.consumed, self._it = sampler.epoch, 0, None
         self._usable = 0  # usable batches in the current epoch
         self._whole_epoch = True  # the current epoch started at its first batch (not a resume)
@@ -272,9 +280,10 @@ def train(
         A :class:`RunSummary`.
     """
     try:
-        # one run per experiment directory; log lines above the progress bar, not through it
-        with experiment_lock(exp_dir), logging_redirect_tqdm():
-            return _train(task, cfg, Path(exp_dir), require_resume, stop_at_step)
+        # one run per experiment directory; log lines above the progress bar, not through it;
+        # SIGTERM/SIGINT end the run cleanly
+        with experiment_lock(exp_dir), _log_above_bar(), signals.stop_on_signals() as request:
+            return _train(task, cfg, Path(exp_dir), require_resume, stop_at_step, request)
     finally:
         # accelerate's state is a process-wide singleton; a single-process run (tests, notebooks)
         # releases it so that the next run may choose another precision
@@ -283,7 +292,25 @@ def train(
             GradientState._reset_state()
 
 
-def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_step: int | None) -> RunSummary:
+def _log_above_bar() -> contextlib.AbstractContextManager[Any]:
+    """tqdm's logging redirection (log lines above the bar) where the root logger prints to the
+    console; elsewhere (tests, a library caller without logging set up) nothing, since tqdm would
+    add a console handler of its own."""
+    console = any(
+        isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
+        for h in logging.root.handlers
+    )
+    return logging_redirect_tqdm() if console else contextlib.nullcontext()
+
+
+def _train(
+    task: Task,
+    cfg: Any,
+    exp_dir: Path,
+    require_resume: bool,
+    stop_at_step: int | None,
+    request: signals.StopRequest | None = None,
+) -> RunSummary:
     t = cfg.train
     if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
         raise UserInputError("`train.precision` must be fp32 or bf16 on the CPU, but is fp16 instead.")
@@ -496,7 +523,10 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
             tick = time.monotonic()
 
         out_of_time = t.max_wall_s is not None and time.monotonic() - start_time > t.max_wall_s
-        stop = bool(acc.reduce(torch.tensor(float(out_of_time), device=acc.device), "sum") > 0)
+        # a signal on any rank: finish this update, save, stop (all ranks at the same update)
+        received = request is not None and request.requested
+        flags = acc.reduce(torch.tensor([float(out_of_time), float(received)], device=acc.device), "sum")
+        stop, signalled = bool(flags.sum() > 0), bool(flags[1] > 0)
         score = None
         if valid is not None and (step % t.valid_interval == 0 or step == t.max_steps):
             vrec, score = evaluate(task, model, valid, acc, t.seed)
@@ -513,6 +543,11 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
             logger.info("step %d: validation %s", step, ", ".join(f"{k} {v:.4g}" for k, v in vrec.items()))
         if score is not None or step % t.save_interval == 0 or step == last_stop or stop:
             save(score)
+        if signalled:
+            summary.stopped_by = request.signal if received and request is not None else int(signal.SIGTERM)
+            logger.info("step %d: %s received; checkpoint %s written, stopping", step,
+                        signal.Signals(summary.stopped_by).name, ckpt_dir / f"step_{step:08d}")  # fmt: skip
+            break
         if stop:
             logger.info("step %d: time budget of %.0f s spent, stopping", step, t.max_wall_s)
             break
@@ -521,7 +556,7 @@ def _train(task: Task, cfg: Any, exp_dir: Path, require_resume: bool, stop_at_st
     if metrics is not None:
         metrics.close()
     # the run is over (all updates done, or its time budget spent; not a simulated interruption)
-    finished = step >= t.max_steps or (stop_at_step is None and stop)
+    finished = step >= t.max_steps or (stop_at_step is None and stop and summary.stopped_by is None)
     if main and finished and task.export_name is not None:
         _export_best(task, model, ckpt_dir, exp_dir / task.export_name)
     acc.wait_for_everyone()

@@ -274,6 +274,7 @@ def open_audio_data(
             min_sample_size=max(d.min_sample_size or 0, min_samples),
             random_crop=train,
             seed=cfg.train.seed,
+            raw_format=d.raw(),
         )
     except FileNotFoundError as err:
         raise UserInputError(f"{path}: {err}") from err

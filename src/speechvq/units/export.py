@@ -22,11 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from speechvq import progress
-from speechvq.data import AudioDataset, read_manifest
+from speechvq.data import AudioDataset
 from speechvq.data.checks import SkipCounts, categorize
 from speechvq.errors import UserInputError
 from speechvq.units.io import Token, UnitWriter
 from speechvq.units.kmeans import FeatureShardWriter, KMeansModel
+from speechvq.units.longform import DEFAULT_CHUNK, ChunkConfig, windowed_features
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def consecutive_batches(sizes: np.ndarray, max_tokens: int, max_items: int) -> l
 
 
 def iter_manifest(
-    manifest: str | os.PathLike[str],
+    manifest: str | os.PathLike[str] | Any,
     model: nn.Module,
     *,
     max_tokens: int = 1_600_000,
@@ -190,11 +191,14 @@ def iter_manifest(
     skipped: SkipCounts | None = None,
     desc: str = "features",
 ) -> Iterator[ExportBatch]:
-    """Stream a manifest through in order, a batch of consecutive items at a time.
+    """Stream a manifest (or a local dataset) through in order, a batch of consecutive items at a
+    time.
 
     Only one batch of audio is held at once. Items that fail to load, or hold fewer samples than
     one frame needs, are reported (logged), counted by reason in ``skipped`` and left out of
     ``usable``; their units are empty. ``desc`` names the progress bar (:mod:`speechvq.progress`).
+    ``relpaths`` are a manifest's relative paths, or a dataset's audio ``path`` fields (else row
+    numbers).
 
     Raises:
         UserInputError: the manifest lists no item, or an argument is out of range.
@@ -208,9 +212,9 @@ def iter_manifest(
     )
     if dataset.num_filtered:
         raise UserInputError(f"{manifest}: {dataset.num_filtered} items could not be listed")
-    relpaths = [item.relpath for item in read_manifest(manifest).items]
+    relpaths = list(dataset.source.ids)
     if not relpaths:
-        raise UserInputError(f"{manifest}: the manifest lists no audio")
+        raise UserInputError(f"{manifest}: lists no audio")
     skipped = SkipCounts() if skipped is None else skipped
     assert len(relpaths) == len(dataset)
     min_samples = receptive_field(model)
@@ -261,9 +265,42 @@ def _batches(
         )
 
 
+def item_features(
+    model: nn.Module, batch: ExportBatch, layers: list[Layer], chunk: ChunkConfig | None
+) -> Iterator[tuple[int, dict[Layer, Tensor]]]:
+    """(position in ``batch.relpaths``, layer -> ``[T, D]`` features) of every usable item.
+
+    Items up to ``chunk.window_s`` long run together through :func:`layer_features`; a longer one
+    runs alone in overlapping windows (:func:`~speechvq.units.longform.windowed_features`), so
+    memory stays bounded by the window whatever the recording's length. ``chunk`` None: every
+    item runs whole.
+    """
+    limit = None if chunk is None else round(chunk.window_s * SAMPLE_RATE)
+    long_rows = [] if limit is None else [r for r, n in enumerate(batch.lengths.tolist()) if n > limit]
+    short_rows = [r for r in range(len(batch.usable)) if r not in long_rows]
+    results: dict[int, dict[Layer, Tensor]] = {}
+    if short_rows:
+        take = torch.tensor(short_rows, dtype=torch.long)
+        lengths = batch.lengths[take]
+        waves = batch.waveforms[take, : int(lengths.max())]
+        per_layer = {layer: layer_features(model, waves, lengths, layer) for layer in layers}
+        for i, row in enumerate(short_rows):
+            results[row] = {layer: f[i, : int(n[i])] for layer, (f, n) in per_layer.items()}
+    for row in long_rows:
+        assert chunk is not None
+        n = int(batch.lengths[row])
+        parts: dict[Layer, list[Tensor]] = {layer: [] for layer in layers}
+        for window in windowed_features(model, batch.waveforms[row, :n], layers, chunk):
+            for layer, f in window.layers.items():
+                parts[layer].append(f)
+        results[row] = {layer: torch.cat(p) for layer, p in parts.items()}
+    for row in range(len(batch.usable)):
+        yield batch.usable[row], results[row]
+
+
 def export_units(
     model: nn.Module,
-    manifest: str | os.PathLike[str],
+    manifest: str | os.PathLike[str] | Any,
     out_dir: str | os.PathLike[str],
     *,
     kind: str,
@@ -275,6 +312,7 @@ def export_units(
     max_items: int = 64,
     meta: dict[str, Any] | None = None,
     desc: str = "export-units",
+    chunk: ChunkConfig | None = DEFAULT_CHUNK,
 ) -> dict[str, Any]:
     """Write the units of every manifest item to ``out_dir`` (format: :mod:`speechvq.units.io`).
 
@@ -291,11 +329,14 @@ def export_units(
         max_items: items per batch.
         meta: extra ``meta.json`` entries.
         desc: the progress bar's name.
+        chunk: recordings longer than its window run in overlapping windows (see
+            :func:`item_features`); None runs every item whole.
 
     Returns:
         The written ``meta.json`` contents.
     """
     info: dict[str, Any] = {"kind": kind, "manifest": str(manifest), **(meta or {})}
+    windowed = chunk is not None and type(model).__name__ in ("Wav2Vec2Model", "CtcModel")
     if kind == "codes":
         if not hasattr(model, "quantize"):
             raise UserInputError(f"a {type(model).__name__} has no quantizer (use --kind kmeans)")
@@ -322,22 +363,31 @@ def export_units(
         for batch in batches:
             per_item: list[list[Token]] = [[] for _ in batch.relpaths]
             if batch.usable:
-                if kind == "codes":
+                if kind == "codes" and windowed:
+                    # the quantizer reads each frame's encoder output alone: windows of layer 0
+                    for pos, feats in item_features(model, batch, [0], chunk):
+                        codes = frame_codes(model, feats[0])
+                        per_item[pos] = codes_to_tokens(codes, v, joint)
+                elif kind == "codes":
                     codes, frames = quantizer_codes(model, batch.waveforms, batch.lengths)
                     for pos, c, n in zip(batch.usable, codes, frames.tolist()):
                         per_item[pos] = codes_to_tokens(c[:n], v, joint)
                 else:
                     assert kmeans is not None and layer is not None
-                    feats, frames = layer_features(model, batch.waveforms, batch.lengths, layer)
-                    if feats.size(-1) != kmeans.centroids.shape[1]:
-                        raise UserInputError(
-                            f"{info.get('km') or 'the k-means model'}: centroids have dim "
-                            f"{kmeans.centroids.shape[1]}, but layer {layer} of the model gives "
-                            f"{feats.size(-1)}-dim features (fitted on another model or layer?)"
-                        )
-                    labels = kmeans.predict(feats)
-                    for pos, lab, n in zip(batch.usable, labels, frames.tolist()):
-                        per_item[pos] = [int(x) for x in lab[:n].tolist()]
+                    items = (
+                        item_features(model, batch, [layer], chunk)
+                        if windowed
+                        else _batch_items(model, batch, layer)
+                    )
+                    for pos, by_layer in items:
+                        feats = by_layer[layer]
+                        if feats.size(-1) != kmeans.centroids.shape[1]:
+                            raise UserInputError(
+                                f"{info.get('km') or 'the k-means model'}: centroids have dim "
+                                f"{kmeans.centroids.shape[1]}, but layer {layer} of the model gives "
+                                f"{feats.size(-1)}-dim features (fitted on another model or layer?)"
+                            )
+                        per_item[pos] = [int(x) for x in kmeans.predict(feats[None])[0].tolist()]
             for relpath, tokens in zip(batch.relpaths, per_item):
                 writer.write(relpath, tokens)
         if skipped.total == writer.num_utterances:  # raised inside: no meta.json, incomplete
@@ -355,6 +405,23 @@ def export_units(
     )
 
 
+def _batch_items(
+    model: nn.Module, batch: ExportBatch, layer: Layer
+) -> Iterator[tuple[int, dict[Layer, Tensor]]]:
+    """:func:`item_features` without windows (models other than wav2vec 2.0 and CTC)."""
+    feats, frames = layer_features(model, batch.waveforms, batch.lengths, layer)
+    for pos, f, n in zip(batch.usable, feats, frames.tolist()):
+        yield pos, {layer: f[:n]}
+
+
+@torch.no_grad()
+def frame_codes(model: nn.Module, features: Tensor) -> Tensor:
+    """Quantizer codes ``[T, G]`` of one utterance's encoder output ``[T, C]`` (unmasked)."""
+    m: Any = model
+    _, normed = m.feature_projection(features[None])
+    return m.quantizer(normed, None).codes[0]
+
+
 def dump_features(
     model: nn.Module,
     manifest: str | os.PathLike[str],
@@ -368,13 +435,19 @@ def dump_features(
 ) -> FeatureShardWriter:
     """Dump ``layer`` features of every usable manifest item into shards (see :mod:`.kmeans`)."""
     writer = FeatureShardWriter(Path(directory), shard_size)
+    windowed = type(model).__name__ in ("Wav2Vec2Model", "CtcModel")
     for batch in iter_manifest(
         manifest, model, max_tokens=max_tokens, max_items=max_items, skipped=writer.skipped, desc=desc
     ):
         if not batch.usable:
             continue
-        feats, frames = layer_features(model, batch.waveforms, batch.lengths, layer)
-        for f, n in zip(feats, frames.tolist()):
-            writer.add(f[:n])
+        # long recordings in windows, as export-units reads them
+        items = (
+            item_features(model, batch, [layer], DEFAULT_CHUNK)
+            if windowed
+            else _batch_items(model, batch, layer)
+        )
+        for _, by_layer in items:
+            writer.add(by_layer[layer])
     writer.close()
     return writer
