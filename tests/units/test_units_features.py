@@ -55,3 +55,21 @@ def test_unit_bert_features_window_long_inputs() -> None:
         first, _ = front(ids[:, :6], torch.tensor([6]))
     assert feats.shape == (1, 20, 16) and int(n[0]) == 20
     assert torch.allclose(feats[0, :6], first[0], atol=1e-5)
+
+
+def test_unit_bert_features_layer_0_are_the_embeddings() -> None:
+    # layer 0 (the raw-unit baseline of CTC on BERT features) keeps no block; transformers then
+    # returns no hidden states, so the front end must take the embeddings' output itself.
+    d = UnitDictionary([str(i) for i in range(10)])
+    cfg = UnitBertConfig(dim=16, num_layers=2, num_heads=2, ffn_dim=32, max_positions=64)
+    full = build_unit_bert(cfg, d).eval()
+    ids = torch.randint(d.first_unit_id, d.mask_id, (2, 7))
+    lengths = torch.tensor([7, 5])
+    framed = torch.cat([torch.full((2, 1), d.bos_id), ids, torch.full((2, 1), d.eos_id)], 1)
+    with torch.no_grad():
+        expected = full.base_model(input_ids=framed, output_hidden_states=True).hidden_states[0][:, 1:8]
+        front = UnitBertFeatures(full, d, layer=0, max_positions=64).eval()
+        feats, frames = front(ids, lengths)
+    assert len(front.body.encoder.layer) == 0 and frames.tolist() == [7, 5]
+    assert torch.allclose(feats[0], expected[0], atol=1e-6)
+    assert torch.allclose(feats[1, :5], expected[1, :5], atol=1e-6) and (feats[1, 5:] == 0).all()

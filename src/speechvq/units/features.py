@@ -58,8 +58,14 @@ class UnitBertFeatures(nn.Module):
         framed[:, 1 : n + 1] = torch.where(inner[:, 1 : n + 1], ids, framed[:, 1 : n + 1])
         framed[torch.arange(batch), lengths + 1] = self.eos_id
         attention = (pos < (lengths + 2)[:, None]).long()
-        out = self.body(input_ids=framed, attention_mask=attention, output_hidden_states=True)
-        return out.hidden_states[self.layer][:, 1 : n + 1]  # drop <s> and the tail
+        if self.layer == 0:
+            # With no blocks left, transformers (5.x) returns no hidden states at all: the
+            # embeddings' output is hidden_states[0] of the full model.
+            hidden = self.body.embeddings(input_ids=framed)
+        else:
+            out = self.body(input_ids=framed, attention_mask=attention, output_hidden_states=True)
+            hidden = out.hidden_states[self.layer]
+        return hidden[:, 1 : n + 1]  # drop <s> and the tail
 
     def forward(self, ids: Tensor, lengths: Tensor, repeats: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Frame features of token sequences.
