@@ -162,6 +162,25 @@ def test_unit_bert_ctc_overfits_two_utterances(tmp_path: Path) -> None:
     with torch.no_grad():
         rec = task.eval_record(task.eval_batch(model.eval(), batch))[0]
     assert rec["cer"] == 0.0 and rec["wer"] == 0.0
+    # `speechvq transcribe` reads the saved model and a units directory: the same perfect transcripts
+    save_unit_bert_ctc(model, task.vocab, task.tokenizer, tmp_path / "export")
+    (tmp_path / "ref.wrd").write_text("".join(t + "\n" for t in TRANSCRIPTS[:2]))
+    hyp = tmp_path / "hyp.wrd"
+    argv = ["transcribe", str(tmp_path / "export"), str(units), "--labels", str(tmp_path / "ref.wrd")]
+    assert main([*argv, "--out", str(hyp)]) == 0
+    assert hyp.read_text().splitlines() == TRANSCRIPTS[:2] == transcribe_units(tmp_path / "export", units)
+    assert main([*argv, "--out", str(tmp_path / "beam.wrd"), "--beam", "4"]) == 0  # the beam search path
+    assert (tmp_path / "beam.wrd").read_text().splitlines() == TRANSCRIPTS[:2]
+
+
+def test_transcribing_audio_with_a_unit_model_names_the_problem(tmp_path: Path, capsys) -> None:
+    manifest, units = write_corpus(tmp_path, TRANSCRIPTS[:2])
+    bert = write_unit_bert(tmp_path / "bert", units)
+    task = _task(tmp_path, manifest, units, bert)
+    save_unit_bert_ctc(task.build_model(), task.vocab, task.tokenizer, tmp_path / "export")
+    assert main(["transcribe", str(tmp_path / "export"), str(manifest)]) == 2
+    err = capsys.readouterr().err
+    assert "transcribes units" in err and str(manifest) in err and "Traceback" not in err
 
 
 def test_the_bert_trains_only_after_freeze_updates_and_never_with_freeze_bert(tmp_path: Path) -> None:

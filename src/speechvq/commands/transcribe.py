@@ -8,7 +8,9 @@ Usage:
         --lexicon-from-lm --lm-weight 0.5,1,2 --word-bonus 0,1,2
 
 MODEL is a speechvq CTC model directory (``finetune-ctc`` output) or a transformers export
-written by ``speechvq convert --to hf``. AUDIO is a fairseq manifest (``.tsv``), a local Hugging
+written by ``speechvq convert --to hf``. For a CTC model on unit-BERT features (``finetune-ctc
+--init UNIT_BERT``), the input is the ``export-units`` directory of the utterances instead of audio
+(``speechvq transcribe exp/ft_units/best_model exp/units/test --labels data/test.wrd``). AUDIO is a fairseq manifest (``.tsv``), a local Hugging
 Face dataset (``save_to_disk`` directory, parquet, audiofolder) or audio files. Without ``--out``
 every hypothesis is printed as ``ID<TAB>TEXT``; with it, the file gets one hypothesis per line in
 input order (the ``.wrd`` format). ``--labels`` reads one reference per input: ``.ltr`` files are
@@ -168,6 +170,46 @@ def _lexicon(args: argparse.Namespace, lm: object):  # type: ignore[no-untyped-d
     return None
 
 
+def _is_unit_ctc(directory: str) -> bool:
+    from speechvq.units.ctc import CONFIG_NAME
+
+    return (Path(directory) / CONFIG_NAME).is_file()
+
+
+def _unit_inputs(paths: list[str]):  # type: ignore[no-untyped-def]
+    """The units directory that a unit-BERT CTC model transcribes (``export-units`` output)."""
+    from speechvq.units.io import read_units
+
+    if len(paths) != 1 or not (Path(paths[0]) / "units.txt").is_file():
+        raise UserInputError(
+            f"{' '.join(paths)}: a unit-BERT CTC model transcribes units: give one `export-units` "
+            "directory (with units.txt), not audio"
+        )
+    units = read_units(paths[0])
+    if len(units) == 0:
+        raise UserInputError(f"{paths[0]}: lists no utterances to transcribe")
+    return units
+
+
+def _unit_scores(model: Any, tokenizer: Any, units: Any, device: torch.device):  # type: ignore[no-untyped-def]
+    """Per utterance with units: (index, frame log-probabilities); the indices without units."""
+    scores: list[tuple[int, torch.Tensor]] = []
+    empty: list[int] = []
+    for i in progress.track(range(len(units)), desc="transcribe"):
+        ids, repeats = tokenizer.encode(units.frames(i))
+        if len(ids) == 0:
+            empty.append(i)
+            continue
+        with torch.no_grad():
+            out = model(
+                torch.from_numpy(ids)[None].to(device),
+                torch.tensor([len(ids)], device=device),
+                torch.from_numpy(repeats)[None].to(device),
+            )
+        scores.append((i, out.log_probs[0, : int(out.lengths[0])].float().cpu()))
+    return scores, empty
+
+
 def run(args: argparse.Namespace) -> int:
     from speechvq.decoding import beam_search
     from speechvq.metrics_asr import char_errors, word_errors
@@ -181,11 +223,19 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.out, "--out")
     lm_weights = _floats("--lm-weight", args.lm_weight)
     word_bonuses = _floats("--word-bonus", args.word_bonus)
-    model, vocab = load_model(args.model)
+    unit_model = _is_unit_ctc(args.model)
+    if unit_model:
+        from speechvq.units.ctc import load_unit_bert_ctc
+
+        model, vocab, tokenizer = load_unit_bert_ctc(args.model)
+        units = _unit_inputs(args.audio)
+        ids, source = list(units.utterances), None
+    else:
+        model, vocab = load_model(args.model)
+        ids, source = _inputs(args.audio, args.labels)
     model = model.to(device).eval()
-    ids, source = _inputs(args.audio, args.labels)
     inputs = list(zip(ids, range(len(ids))))
-    if args.labels and _is_dataset(args.audio):
+    if args.labels and not unit_model and _is_dataset(args.audio):
         # a dataset's text column: words (letters for a column named ltr)
         texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in source.texts or []]
         letters = args.labels == "ltr"
@@ -207,8 +257,15 @@ def run(args: argparse.Namespace) -> int:
     use_beam = (args.beam or 1) > 1 or lm is not None or lexicon is not None
     beam_size = args.beam or (16 if use_beam else 1)
 
-    waves, reasons, messages = _load_inputs(ids, source, model.feature_encoder.receptive_field)
-    kept = [i for i, w in enumerate(waves) if w is not None]
+    if unit_model:
+        unit_scores, empty = _unit_scores(model, tokenizer, units, device)
+        waves: list[torch.Tensor | None] = []
+        reasons: Counter[str] = Counter({"no_units": len(empty)} if empty else {})
+        messages = [f"{ids[i]}: has no units (shorter than one frame)" for i in empty]
+        kept = [i for i, _ in unit_scores]
+    else:
+        waves, reasons, messages = _load_inputs(ids, source, model.feature_encoder.receptive_field)
+        kept = [i for i, w in enumerate(waves) if w is not None]
     if not kept:
         if len(inputs) == 1:
             raise UserInputError(messages[0])
@@ -228,9 +285,15 @@ def run(args: argparse.Namespace) -> int:
     log_probs: dict[int, torch.Tensor] = {}  # input index -> log-probabilities, when tuning
     hypotheses: list[str] = [""] * len(inputs)
     loaded = {i: w for i, w in enumerate(waves) if w is not None}
-    order = sorted(kept, key=lambda i: loaded[i].numel())  # similar lengths per batch
-    shown = progress.bar(total=len(order), desc="transcribe")
+    order = sorted(kept, key=lambda i: loaded[i].numel()) if not unit_model else []
+    shown = progress.bar(total=len(order), desc="transcribe") if not unit_model else None
     audio_s = 0.0
+    if unit_model:  # scored above, one utterance at a time
+        for i, lp in unit_scores:
+            if tuning:
+                log_probs[i] = lp
+            else:
+                hypotheses[i] = decode([lp], *grid[0])[0]
     for start in range(0, len(order), args.batch_size):
         index = order[start : start + args.batch_size]
         lengths = torch.tensor([loaded[i].numel() for i in index])
@@ -248,9 +311,11 @@ def run(args: argparse.Namespace) -> int:
             for i, text in zip(index, decode(rows, *grid[0])):
                 hypotheses[i] = text
         audio_s += float(lengths.sum()) / 16000  # _load_inputs decodes at 16 kHz
+        assert shown is not None
         shown.update(len(index))
         progress.set_audio_rate(shown, audio_s)
-    shown.close()
+    if shown is not None:
+        shown.close()
 
     if tuning:
         assert references is not None
