@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# wav2vec 2.0 pretraining on LibriSpeech 960 h (run prepare.sh first), through accelerate.
+# wav2vec 2.0 or vq-wav2vec pretraining on LibriSpeech 960 h (run prepare.sh first), through accelerate.
 #
 #   ./pretrain.sh --model base --num-processes 8                      # one node, 8 GPUs
 #   ./pretrain.sh --model large --num-processes 8 --num-machines 16 \
 #       --machine-rank $RANK --main-process-ip $MASTER                # many nodes (see README.md)
+#   ./pretrain.sh --model vq_wav2vec_gumbel --num-processes 8          # vq-wav2vec (the paper's Gumbel)
 #   ./pretrain.sh --dry-run true                                      # print the commands only
 #
 # Batch sizes are per process: conf/pretrain_{base,large}.yaml states them and the total for the
@@ -14,7 +15,7 @@ cd "$(dirname "$0")"
 stage=0
 stop_stage=100
 dry_run=false
-model=base                    # base | large: conf/pretrain_${model}.yaml
+model=base                    # base | large | vq_wav2vec_gumbel | vq_wav2vec_kmeans: conf/pretrain_${model}.yaml
 data_dir=data
 train_subsets="train-clean-100 train-clean-360 train-other-500"
 valid_subset=dev-other

@@ -49,8 +49,13 @@ def _speechvq_commands(stderr: str) -> list[list[str]]:
             {"pretrain", "plot"},
         ),
         ("finetune_ctc.sh", ["--lm", "lm.arpa"], {"finetune-ctc", "transcribe"}),
-        ("bert_units.sh", [], {"fit-kmeans", "export-units", "pretrain-unit-bert", "finetune-ctc"}),
-        ("bert_units.sh", ["--kind", "codes"], {"export-units", "pretrain-unit-bert", "finetune-ctc"}),
+        ("bert_units.sh", [], {"fit-kmeans", "export-units", "pretrain-unit-bert", "finetune-ctc", "transcribe"}),
+        (
+            "bert_units.sh",
+            ["--kind", "codes", "--joint", "true", "--model", "exp/pretrain_vq_wav2vec_gumbel/best_model"],
+            {"export-units", "pretrain-unit-bert", "finetune-ctc", "transcribe"},
+        ),
+        ("pretrain.sh", ["--model", "vq_wav2vec_kmeans"], {"pretrain", "plot"}),
     ],
 )
 def test_every_stage_dry_runs_with_valid_commands(script, args, expected, tmp_path):
@@ -126,3 +131,23 @@ def test_combine_manifests_and_wer_table(tmp_path):
     (decode / "greedy.wer").write_text("WER 12.34% (5/40: 1 sub, 2 del, 2 ins)  CER 3.00% (6/200)\n")
     text = table(tmp_path / "exp", ["1h"], ["test-clean"])
     assert "| 1h | 12.34 | - |" in text
+
+
+def test_bert_units_compares_bert_features_with_the_raw_units_on_every_test_subset(tmp_path):
+    done = _run("bert_units.sh", ["--dry-run", "true", "--exp-dir", str(tmp_path / "exp"), "--kind", "codes",
+                                  "--joint", "true"])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    commands = _speechvq_commands(done.stderr)
+    exports = [c for c in commands if c[0] == "export-units"]
+    assert all("--joint" in c for c in exports)  # the paper's BERT input: one id per frame
+    exported = {c[c.index("--out") + 1].rsplit("/", 1)[1] for c in exports}
+    assert exported == {"train-clean-100", "dev-other", "test-clean", "test-other"}
+    finetunes = [c for c in commands if c[0] == "finetune-ctc"]
+    assert [("model.layer=0" in c) for c in finetunes] == [False, True]  # BERT features, then raw units
+    decodes = [c for c in commands if c[0] == "transcribe"]
+    assert [(c[1].rsplit("/", 2)[1], c[2].rsplit("/", 1)[1]) for c in decodes] == [
+        (feats, subset) for feats in ("ctc_bert", "ctc_units") for subset in ("test-clean", "test-other")
+    ]
+    assert "--budgets ctc_bert ctc_units" in done.stderr  # the WER table's rows
+    # the pretraining config of each vq-wav2vec model exists under the name pretrain.sh builds
+    assert (RECIPES.parents[1] / "conf" / "pretrain_vq_wav2vec_gumbel.yaml").is_file()

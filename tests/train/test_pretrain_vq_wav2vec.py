@@ -3,6 +3,7 @@ diagnostics, exact resume after an interruption and after a SIGKILL, with both q
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -167,7 +168,7 @@ def test_vq_wav2vec_resumes_exactly_after_an_interruption(corpus, tmp_path, quan
     assert ("dead_codes" in last) == (quantizer == "kmeans")
     exported = load_pretrained(tmp_path / "straight" / "best_model")
     assert isinstance(exported, VqWav2VecModel) and exported.cfg.quantizer_type == quantizer
-    usage = yaml.safe_load((tmp_path / "straight" / "codebook_usage.json").read_text())
+    usage = json.loads((tmp_path / "straight" / "codebook_usage.json").read_text())
     assert usage["step"] == 6 and len(usage["counts"]) == 2
 
 

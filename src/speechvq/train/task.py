@@ -11,6 +11,7 @@ Two names are required: ``targets`` (the loss normaliser N of the update) and ``
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +20,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed.nn
-import yaml
 from torch import Tensor, nn
 
 from speechvq.data import AudioDataset, BucketBatchSampler, collate_audio
 from speechvq.data.collate import AudioBatch
 from speechvq.errors import UserInputError
+from speechvq.files import write_atomic
 from speechvq.losses import contrastive_accuracy
 from speechvq.models.encoder import min_input_samples
 from speechvq.models.wav2vec2 import Wav2Vec2Model, Wav2Vec2Output, build_wav2vec2
@@ -236,7 +237,7 @@ class Wav2Vec2PretrainTask:
         self.history.append(dict(rec))
         if main:
             usage_path = self.exp_dir / "codebook_usage.json"
-            usage_path.write_text(yaml.safe_dump({"step": step, "counts": self.usage.tolist()}))
+            write_atomic(usage_path, json.dumps({"step": step, "counts": self.usage.tolist()}) + "\n")
         self.usage.zero_()
         found = collapse_warnings(
             self.history, num_negatives=self.model_cfg.loss.num_negatives,

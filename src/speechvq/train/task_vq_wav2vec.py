@@ -13,18 +13,19 @@ dropout from the global RNG that the loop seeds per batch slot, so a resumed run
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 
 from speechvq.config import VqWav2VecConfig
 from speechvq.data.collate import AudioBatch
 from speechvq.errors import UserInputError
+from speechvq.files import write_atomic
 from speechvq.losses import contrastive_accuracy
 from speechvq.losses_wav2vec import future_prediction_accuracy
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer
@@ -168,7 +169,7 @@ class VqWav2VecPretrainTask:
         self.history.append(dict(rec))
         if main:
             usage_path = self.exp_dir / "codebook_usage.json"
-            usage_path.write_text(yaml.safe_dump({"step": step, "counts": self.usage.tolist()}))
+            write_atomic(usage_path, json.dumps({"step": step, "counts": self.usage.tolist()}) + "\n")
         self.usage.zero_()
         groups = self.model_cfg.codebook_shape[0]
         found = collapse_warnings(
