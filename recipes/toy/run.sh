@@ -36,9 +36,9 @@ k=100                         # k-means clusters
 layer=transformer_input       # the layer clustered: the input of block 1, whose units are the most phonetic
 vq_steps=2000                 # conf/pretrain_vq_wav2vec_small_cpu.yaml: ~6 minutes on 2 cores
 vq_layer=1                    # vq-wav2vec's layers: 0 = the log-mel input (the baseline), 1 = the context network
-bert_steps=300                # BERT over the vq-wav2vec k-means units (conf/unit_bert_tiny.yaml)
+bert_steps=1000               # BERT over the vq-wav2vec k-means units (conf/unit_bert_tiny.yaml): ~4 minutes
 bert_tokens=8192              # unit tokens per BERT update
-units_ctc_steps=400           # CTC on BERT features and on the raw units (layer 0), side by side
+units_ctc_steps=500           # CTC on BERT features and on the raw units (layer 0), side by side
 ctc_steps=1000                # each of the two fine-tunings, side by side on one thread each
 ctc_lr=1.0e-3                 # the config's 2e-3 (tuned for 3000 updates) collapsed the pretrained
                               # run to blank outputs in 2026-11-23's demo (seed 1; seed 2 learned)
