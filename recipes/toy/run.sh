@@ -7,9 +7,10 @@
 # the unigram and majority-unit baselines), and CTC on the BERT's features against CTC on the raw
 # units; decode with and without a word LM, and print a results table.
 #
-#   recipes/toy/run.sh              # the demo (about 35 minutes on 2 CPU cores)
+#   recipes/toy/run.sh              # the demo (52 minutes on a 2-core Intel Xeon without AMX)
 #   recipes/toy/run.sh --quick      # a few updates per stage: checks the pipeline (CI)
 #   recipes/toy/run.sh --stage 4    # from stage 4 on (stages leave .done markers)
+#   recipes/toy/run.sh --vq-wav2vec false   # only the wav2vec 2.0 part (stages 0-4 and 9)
 #
 # Outputs: recipes/toy/data/ (corpus, manifests, LM) and recipes/toy/exp/ (models, units, plots,
 # results.md).
@@ -34,6 +35,7 @@ pretrain_steps=3500           # conf/pretrain_small_cpu.yaml: ~7 minutes on 2 co
 threads=2                     # threads of the single-process stages
 k=100                         # k-means clusters
 layer=transformer_input       # the layer clustered: the input of block 1, whose units are the most phonetic
+vq_wav2vec=true               # false: skip vq-wav2vec's pipeline (stages 5-8)
 vq_steps=2000                 # conf/pretrain_vq_wav2vec_small_cpu.yaml: ~6 minutes on 2 cores
 vq_layer=1                    # vq-wav2vec's layers: 0 = the log-mel input (the baseline), 1 = the context network
 bert_steps=1000               # BERT over the vq-wav2vec k-means units (conf/unit_bert_tiny.yaml): ~4 minutes
@@ -134,7 +136,7 @@ fi
 vq=$exp_dir/vq_pretrain/best_model
 u=$exp_dir/vq_units
 
-if stage_begin 5 "pretrain vq-wav2vec (log-mel front end, EMA k-means quantizer) for ${vq_steps} updates"; then
+if [ "$vq_wav2vec" = true ] && stage_begin 5 "pretrain vq-wav2vec (log-mel front end, EMA k-means quantizer) for ${vq_steps} updates"; then
   run speechvq pretrain --config ../../conf/pretrain_vq_wav2vec_small_cpu.yaml --exp-dir "$exp_dir/vq_pretrain" \
     --set data.train="$m/train.tsv" data.valid="$m/dev.tsv" train.max_steps="$vq_steps" \
           train.valid_interval="$vq_steps" train.progress_bar=false
@@ -142,7 +144,7 @@ if stage_begin 5 "pretrain vq-wav2vec (log-mel front end, EMA k-means quantizer)
   stage_end 5
 fi
 
-if stage_begin 6 "vq-wav2vec units: k-means (k=${k}) of its context (layer ${vq_layer}) and of its log-mel input, PNMI"; then
+if [ "$vq_wav2vec" = true ] && stage_begin 6 "vq-wav2vec units: k-means (k=${k}) of its context (layer ${vq_layer}) and of its log-mel input, PNMI"; then
   for layer in "$vq_layer" 0; do
     name=context; [ "$layer" = 0 ] && name=logmel
     run speechvq fit-kmeans "$vq" "$m/train.tsv" --layer "$layer" --k "$k" --percent 20 --n-init 3 \
@@ -158,7 +160,7 @@ if stage_begin 6 "vq-wav2vec units: k-means (k=${k}) of its context (layer ${vq_
   stage_end 6
 fi
 
-if stage_begin 7 "BERT over the vq-wav2vec units for ${bert_steps} updates"; then
+if [ "$vq_wav2vec" = true ] && stage_begin 7 "BERT over the vq-wav2vec units for ${bert_steps} updates"; then
   run speechvq pretrain-unit-bert --config ../../conf/unit_bert_tiny.yaml --units "$u/train_context" \
     --valid-units "$u/dev_context" --exp-dir "$exp_dir/unit_bert" \
     --set train.max_steps="$bert_steps" train.valid_interval="$bert_steps" data.max_tokens="$bert_tokens" \
@@ -166,7 +168,7 @@ if stage_begin 7 "BERT over the vq-wav2vec units for ${bert_steps} updates"; the
   stage_end 7
 fi
 
-if stage_begin 8 "CTC for ${units_ctc_steps} updates on the BERT's features and on the raw units"; then
+if [ "$vq_wav2vec" = true ] && stage_begin 8 "CTC for ${units_ctc_steps} updates on the BERT's features and on the raw units"; then
   # The same head on the last BERT block (bert) and on the BERT's unit embeddings alone (units,
   # model.layer=0): what the BERT's context adds. Side by side, one thread each.
   for feats in bert units; do

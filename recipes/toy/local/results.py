@@ -22,6 +22,8 @@ def get_args() -> argparse.Namespace:
 
 
 def last_record(path: Path, split: str) -> dict:
+    if not path.is_file():  # a stage that did not run (--vq-wav2vec false)
+        return {}
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     found = [r for r in records if r.get("split") == split]
     return found[-1] if found else {}
@@ -131,6 +133,8 @@ def render(r: dict) -> str:
     lines += ctc_rows("CTC from pretrained", r["ctc"]["pretrained"])
     lines += ctc_rows("CTC from scratch", r["ctc"]["scratch"])
     lines += gain_rows("pretraining's gain", r["gain"])
+    if r["vq_pretrain"].get("steps") is None:  # run with --vq-wav2vec false
+        return "\n".join(lines)
     lines += pretrain_rows("vq-wav2vec pretraining", r["vq_pretrain"])
     names = {"context": "vq-wav2vec units: k-means of the context", "logmel": "baseline: k-means of log-mel"}
     for name, q in r["vq_units"].items():
