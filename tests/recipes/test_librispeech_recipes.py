@@ -49,7 +49,11 @@ def _speechvq_commands(stderr: str) -> list[list[str]]:
             {"pretrain", "plot"},
         ),
         ("finetune_ctc.sh", ["--lm", "lm.arpa"], {"finetune-ctc", "transcribe"}),
-        ("bert_units.sh", [], {"fit-kmeans", "export-units", "pretrain-unit-bert", "finetune-ctc", "transcribe"}),
+        (
+            "bert_units.sh",
+            [],
+            {"fit-kmeans", "export-units", "pretrain-unit-bert", "finetune-ctc", "transcribe"},
+        ),
         (
             "bert_units.sh",
             ["--kind", "codes", "--joint", "true", "--model", "exp/pretrain_vq_wav2vec_gumbel/best_model"],
