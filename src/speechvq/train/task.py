@@ -235,15 +235,14 @@ class Wav2Vec2PretrainTask:
         rec["temperature"] = self.temperature
         rec["audio_s_per_s"] = sums["samples"] / self.cfg.data.sample_rate / max(seconds, 1e-9)
         self.history.append(dict(rec))
-        if main:
-            usage_path = self.exp_dir / "codebook_usage.json"
-            write_atomic(usage_path, json.dumps({"step": step, "counts": self.usage.tolist()}) + "\n")
-        self.usage.zero_()
+        end_usage_interval(self.exp_dir, step, self.usage, main)
         found = collapse_warnings(
-            self.history, num_negatives=self.model_cfg.loss.num_negatives,
+            self.history,
+            num_negatives=self.model_cfg.loss.num_negatives,
             num_codebooks=self.model_cfg.codebook_shape[0],
-            cfg=self.cfg.diagnostics, chance_after_steps=max(500, 2 * self.cfg.schedule.warmup_updates(self.cfg.train.max_steps)),
-        )  # fmt: skip
+            cfg=self.cfg.diagnostics,
+            chance_after_steps=collapse_check_start(self.cfg),
+        )
         return [(w.code, w.message) for w in found]
 
     def eval_batch(self, model: nn.Module, batch: AudioBatch) -> dict[str, float]:
@@ -299,8 +298,23 @@ def _sum_over_processes(tensor: Tensor) -> Tensor:
     return torch.distributed.nn.functional.all_reduce(tensor)
 
 
-def _code_persistence_sums(out: Wav2Vec2Output) -> dict[str, float]:
-    """Consecutive valid frame pairs, and how many of them have the same code in every group.
+def end_usage_interval(exp_dir: Path, step: int, usage: Tensor, main: bool) -> None:
+    """Write the interval's ``[G, V]`` code counts to ``exp_dir/codebook_usage.json`` (on the main
+    process, atomically) and reset them for the next interval."""
+    if main:
+        path = exp_dir / "codebook_usage.json"
+        write_atomic(path, json.dumps({"step": step, "counts": usage.tolist()}) + "\n")
+    usage.zero_()
+
+
+def collapse_check_start(cfg: PretrainConfig) -> int:
+    """The update after which a loss at chance is a warning: twice the warm-up, at least 500."""
+    return max(500, 2 * cfg.schedule.warmup_updates(cfg.train.max_steps))
+
+
+def _code_persistence_sums(out: Any) -> dict[str, float]:
+    """Consecutive valid frame pairs of a wav2vec 2.0 or vq-wav2vec output, and how many of them
+    have the same code in every group.
 
     Their ratio, ``code_persistence``, says how predictable the targets are from their neighbours:
     about 1/V at a random initialisation (the random encoder's features vary from frame to frame),

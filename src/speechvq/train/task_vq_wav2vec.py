@@ -13,7 +13,6 @@ dropout from the global RNG that the loop seeds per batch slot, so a resumed run
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,6 @@ from torch import Tensor, nn
 from speechvq.config import VqWav2VecConfig
 from speechvq.data.collate import AudioBatch
 from speechvq.errors import UserInputError
-from speechvq.files import write_atomic
 from speechvq.losses import contrastive_accuracy
 from speechvq.losses_wav2vec import future_prediction_accuracy
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer
@@ -33,7 +31,15 @@ from speechvq.models.quantizer import GumbelVectorQuantizer
 from speechvq.models.vq_wav2vec import VqWav2VecModel, VqWav2VecOutput, build_vq_wav2vec, vq_min_input_samples
 from speechvq.train.config import PretrainConfig, dump_config
 from speechvq.train.diagnostics import collapse_warnings
-from speechvq.train.task import DataParts, _code_counts, _sum_over_processes, open_audio_data
+from speechvq.train.task import (
+    DataParts,
+    _code_counts,
+    _code_persistence_sums,
+    _sum_over_processes,
+    collapse_check_start,
+    end_usage_interval,
+    open_audio_data,
+)
 
 
 def bce_chance(num_negatives: int) -> float:
@@ -99,9 +105,6 @@ class VqWav2VecPretrainTask:
         logits = out.logits.detach()
         correct, counted = contrastive_accuracy(logits)
         right, pairs = future_prediction_accuracy(logits)
-        codes = out.quantizer.codes.detach()  # (B, T, G)
-        same = (codes[:, 1:] == codes[:, :-1]).all(dim=-1)
-        valid = torch.arange(1, codes.size(1), device=codes.device)[None, :] < out.lengths[:, None]
         s = {
             "loss": float(losses.total.detach()),
             "contrastive": float(losses.contrastive.detach()),
@@ -116,8 +119,7 @@ class VqWav2VecPretrainTask:
             "batches": 1.0,
             "frames": float(out.lengths.sum()),
             "samples": float(batch.lengths.sum()),
-            "same_code_pairs": float((same & valid).sum()),
-            "frame_pairs": float(valid.sum()),
+            **_code_persistence_sums(out),
         }
         s["nonfinite"] = 0.0 if math.isfinite(s["loss"]) else 1.0
         return losses.total, s
@@ -167,16 +169,15 @@ class VqWav2VecPretrainTask:
         if self._kmeans is not None:
             rec["dead_codes"] = float(self._kmeans.num_dead_codes())
         self.history.append(dict(rec))
-        if main:
-            usage_path = self.exp_dir / "codebook_usage.json"
-            write_atomic(usage_path, json.dumps({"step": step, "counts": self.usage.tolist()}) + "\n")
-        self.usage.zero_()
-        groups = self.model_cfg.codebook_shape[0]
+        end_usage_interval(self.exp_dir, step, self.usage, main)
         found = collapse_warnings(
-            self.history, num_negatives=self.model_cfg.num_negatives, num_codebooks=groups,
-            cfg=self.cfg.diagnostics, chance_after_steps=max(500, 2 * self.cfg.schedule.warmup_updates(self.cfg.train.max_steps)),
+            self.history,
+            num_negatives=self.model_cfg.num_negatives,
+            num_codebooks=self.model_cfg.codebook_shape[0],
+            cfg=self.cfg.diagnostics,
+            chance_after_steps=collapse_check_start(self.cfg),
             chance=(bce_chance(self.model_cfg.num_negatives), "of a model that only knows the label rate"),
-        )  # fmt: skip
+        )
         return [(w.code, w.message) for w in found]
 
     def eval_batch(self, model: nn.Module, batch: AudioBatch) -> dict[str, float]:
