@@ -200,34 +200,68 @@ def beam_search(
         )
     if beam_size < 1:
         raise ValueError(f"`beam_size` must be >= 1, but is {beam_size} instead.")
-    blank = vocab.blank_id
-    delimiter = vocab.word_delimiter_id
-    frames = log_probs.detach().float().cpu().tolist()
-    start_state = lm.begin() if lm is not None else None
-    beams: dict[tuple[int, ...], _Beam] = {(): _Beam(0.0, _NEG_INF, start_state, 0.0, 0, "")}
+    search = _PrefixSearch(vocab, lm, lm_weight, word_bonus, lexicon)
+    beams: dict[tuple[int, ...], _Beam] = {(): search.root()}
+    for row in log_probs.detach().float().cpu().tolist():
+        candidates = _frame_candidates(row, vocab.blank_id, beam_size, token_min_logp)
+        beams = dict(heapq.nlargest(beam_size, search.step(beams, row, candidates).items(), key=search.rank))
+    return search.finish(beams)[:num_hypotheses]
 
-    word_lm = lm is not None and lm.unit == "word"
-    track_words = word_lm or lexicon is not None
-    prefixes = lexicon.lookahead if lexicon is not None else {}
-    smear = word_lm and lexicon is not None
 
-    def extend(parent: _Beam, token: int) -> _Beam | None:
+def _frame_candidates(row: list[float], blank: int, beam_size: int, min_logp: float) -> list[int]:
+    """The frame's most likely non-blank tokens above ``min_logp`` (at most ``beam_size``, and
+    always the best one)."""
+    ranked = heapq.nlargest(beam_size + 1, range(len(row)), key=row.__getitem__)
+    candidates = [v for v in ranked if v != blank and row[v] >= min_logp][:beam_size]
+    return candidates or [next(v for v in ranked if v != blank)]
+
+
+class _PrefixSearch:
+    """The rules of :func:`beam_search`: how a prefix grows by a token (advancing the LM over
+    completed units, pruning non-words with the lexicon), how one frame updates every prefix, how
+    prefixes rank, and how the final hypotheses are scored."""
+
+    def __init__(
+        self,
+        vocab: Vocabulary,
+        lm: LanguageModel | None,
+        lm_weight: float,
+        word_bonus: float,
+        lexicon: Lexicon | None,
+    ) -> None:
+        self.vocab, self.lm, self.lm_weight, self.word_bonus, self.lexicon = (
+            vocab,
+            lm,
+            lm_weight,
+            word_bonus,
+            lexicon,
+        )
+        self.word_lm = lm is not None and lm.unit == "word"
+        self.track_words = self.word_lm or lexicon is not None
+        self.prefixes = lexicon.lookahead if lexicon is not None else {}
+        self.smear = self.word_lm and lexicon is not None
+
+    def root(self) -> _Beam:
+        return _Beam(0.0, _NEG_INF, self.lm.begin() if self.lm is not None else None, 0.0, 0, "")
+
+    def extend(self, parent: _Beam, token: int) -> _Beam | None:
         """A child of ``parent`` ending in ``token``, with the LM advanced over completed units;
         None if the lexicon rules the child out."""
+        lm, lexicon = self.lm, self.lexicon
         child = _Beam(_NEG_INF, _NEG_INF, parent.lm_state, parent.lm_score, parent.units, parent.partial)
-        text = vocab.tokens[token]
-        if token == delimiter:
+        text = self.vocab.tokens[token]
+        if token == self.vocab.word_delimiter_id:
             if parent.partial:
                 if lexicon is not None and parent.partial not in lexicon.words:
                     return None
-                if word_lm:
+                if self.word_lm:
                     s, child.lm_state = lm.score(parent.lm_state, parent.partial)  # type: ignore[union-attr]
                     child.lm_score += s
                     child.units += 1
                 child.partial = ""
-        elif track_words:
+        elif self.track_words:
             child.partial = parent.partial + text
-            if lexicon is not None and child.partial not in prefixes:
+            if lexicon is not None and child.partial not in self.prefixes:
                 return None
         if lm is not None and lm.unit == "char":
             s, child.lm_state = lm.score(parent.lm_state, text)
@@ -235,17 +269,11 @@ def beam_search(
             child.units += 1
         return child
 
-    def rank(item: tuple[tuple[int, ...], _Beam]) -> float:
-        b = item[1]
-        lm_score = b.lm_score + prefixes[b.partial] if smear and b.partial else b.lm_score
-        return b.p_total + lm_weight * lm_score + word_bonus * b.units
-
-    for row in frames:
-        # the frame's most likely tokens above token_min_logp (at most beam_size, at least one)
-        ranked = heapq.nlargest(beam_size + 1, range(len(row)), key=row.__getitem__)
-        candidates = [v for v in ranked if v != blank and row[v] >= token_min_logp][:beam_size]
-        if not candidates:
-            candidates = [next(v for v in ranked if v != blank)]
+    def step(
+        self, beams: dict[tuple[int, ...], _Beam], row: list[float], candidates: list[int]
+    ) -> dict[tuple[int, ...], _Beam]:
+        """Every prefix after one more frame with log-probabilities ``row`` (before pruning)."""
+        blank = self.vocab.blank_id
         new: dict[tuple[int, ...], _Beam] = {}
         for prefix, beam in beams.items():
             total = beam.p_total
@@ -264,34 +292,42 @@ def beam_search(
                 grown = (*prefix, token)
                 child = new.get(grown)
                 if child is None:
-                    child = extend(beam, token)
+                    child = self.extend(beam, token)
                     if child is None:
                         continue
                     new[grown] = child
                 source = beam.p_blank if token == last else total
                 child.p_token = _logaddexp(child.p_token, source + row[token])
-        beams = dict(heapq.nlargest(beam_size, new.items(), key=rank))
+        return new
 
-    results = []
-    unfinished = []  # hypotheses ending inside a non-word (lexicon only)
-    for prefix, beam in beams.items():
-        lm_score, units = beam.lm_score, beam.units
-        if lm is not None:
-            state = beam.lm_state
-            if word_lm and beam.partial:
-                s, state = lm.score(state, beam.partial)
-                lm_score += s
-                units += 1
-            lm_score += lm.end(state)
-        score = beam.p_total + lm_weight * lm_score + word_bonus * units
-        hyp = Hypothesis(prefix, vocab.decode(prefix, group=False), beam.p_total, lm_score, score)
-        if lexicon is not None and beam.partial and beam.partial not in lexicon.words:
-            unfinished.append(hyp)
-        else:
-            results.append(hyp)
-    results = results or unfinished
-    results.sort(key=lambda h: h.score, reverse=True)
-    return results[:num_hypotheses]
+    def rank(self, item: tuple[tuple[int, ...], _Beam]) -> float:
+        b = item[1]
+        lm_score = b.lm_score + self.prefixes[b.partial] if self.smear and b.partial else b.lm_score
+        return b.p_total + self.lm_weight * lm_score + self.word_bonus * b.units
+
+    def finish(self, beams: dict[tuple[int, ...], _Beam]) -> list[Hypothesis]:
+        """The hypotheses, best first, with the LM scored to the end of the utterance; those
+        ending inside a non-word only when no other is left (lexicon only)."""
+        results, unfinished = [], []
+        for prefix, beam in beams.items():
+            lm_score, units = beam.lm_score, beam.units
+            if self.lm is not None:
+                state = beam.lm_state
+                if self.word_lm and beam.partial:
+                    s, state = self.lm.score(state, beam.partial)
+                    lm_score += s
+                    units += 1
+                lm_score += self.lm.end(state)
+            score = beam.p_total + self.lm_weight * lm_score + self.word_bonus * units
+            hyp = Hypothesis(prefix, self.vocab.decode(prefix, group=False), beam.p_total, lm_score, score)
+            lexicon = self.lexicon
+            if lexicon is not None and beam.partial and beam.partial not in lexicon.words:
+                unfinished.append(hyp)
+            else:
+                results.append(hyp)
+        results = results or unfinished
+        results.sort(key=lambda h: h.score, reverse=True)
+        return results
 
 
 def beam_decode(
