@@ -180,22 +180,53 @@ def write_corpus(
         raise UserInputError(
             f"utterance id {repeated[0]!r} is listed {Counter(u.id for u in utts)[repeated[0]]} times"
         )
-    normalizer = normalizer or TextNormalizer()
+    if split_by not in ("speaker", "utterance"):
+        raise UserInputError(f"--split-by must be 'speaker' or 'utterance', but is {split_by!r}")
     labelled = any(u.text is not None for u in utts)
     problems: list[str] = []
     if labelled:
-        kept = []
-        for u in utts:
-            text = normalizer(u.text) if u.text is not None else ""
-            if not text:
-                problems.append(
-                    f"{u.origin or u.id}: no transcript{'' if u.text is None else ' after normalisation'}"
-                )
-                continue
-            u.text = text
-            kept.append(u)
-        utts = kept
-    segments_dir = out / "segments"
+        utts = _with_transcripts(utts, normalizer or TextNormalizer(), problems)
+    written = _materialise_all(utts, out / "segments", jobs, problems)
+    if not written:
+        raise UserInputError(
+            f"{out}: no utterance could be imported ({problems[0] if problems else 'none listed'})"
+        )
+    by_speaker = split_by == "speaker"
+    if by_speaker and valid_percent > 0 and not all(w.utt.speaker is not None for w in written):
+        raise UserInputError(
+            "--split-by speaker: the corpus does not name a speaker for every utterance; "
+            "use --split-by utterance"
+        )
+    train, valid = split_valid(written, valid_percent, seed, by_speaker=by_speaker)
+    parts = [("train", train)] + ([("valid", valid)] if valid_percent > 0 else [])
+    counts = _write_splits(out, written, parts, labelled)
+    counts["skipped"] = len(problems)
+    return counts
+
+
+def _with_transcripts(
+    utts: list[CorpusUtterance], normalizer: TextNormalizer, problems: list[str]
+) -> list[CorpusUtterance]:
+    """The utterances whose transcript is not empty after normalisation (normalised in place);
+    the others are added to ``problems``."""
+    kept = []
+    for u in utts:
+        text = normalizer(u.text) if u.text is not None else ""
+        if not text:
+            problems.append(
+                f"{u.origin or u.id}: no transcript{'' if u.text is None else ' after normalisation'}"
+            )
+            continue
+        u.text = text
+        kept.append(u)
+    return kept
+
+
+def _materialise_all(
+    utts: list[CorpusUtterance], segments_dir: Path, jobs: int, problems: list[str]
+) -> list[_Written]:
+    """Read every utterance's header (cutting segments) on ``jobs`` threads; the failures are
+    added to ``problems`` and logged with every earlier problem."""
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         results = list(
             progress.track(
@@ -205,28 +236,21 @@ def write_corpus(
                 unit="utt",
             )
         )
-    written = [r for r in results if isinstance(r, _Written)]
     problems += [r for r in results if isinstance(r, str)]
     for p in problems:
         logger.warning("skipped %s", p)
-    if not written:
-        raise UserInputError(
-            f"{out}: no utterance could be imported ({problems[0] if problems else 'none listed'})"
-        )
-    if split_by not in ("speaker", "utterance"):
-        raise UserInputError(f"--split-by must be 'speaker' or 'utterance', but is {split_by!r}")
-    by_speaker = split_by == "speaker"
-    if by_speaker and valid_percent > 0 and not all(w.utt.speaker is not None for w in written):
-        raise UserInputError(
-            "--split-by speaker: the corpus does not name a speaker for every utterance; "
-            "use --split-by utterance"
-        )
-    train, valid = split_valid(written, valid_percent, seed, by_speaker=by_speaker)
+    return [r for r in results if isinstance(r, _Written)]
+
+
+def _write_splits(
+    out: Path, written: list[_Written], parts: list[tuple[str, list[_Written]]], labelled: bool
+) -> dict[str, int]:
+    """Each split's manifest (relative to the audio's common directory), ids, transcripts and
+    speakers, and the letter dictionary of ``train``; the items per split."""
     root = Path(os.path.commonpath([str(w.path.resolve().parent) for w in written]))
+    with_speakers = all(w.utt.speaker is not None for w in written)
     counts = {}
-    for name, part in (("train", train), ("valid", valid)):
-        if name == "valid" and valid_percent <= 0:
-            continue
+    for name, part in parts:
         write_manifest(
             out / f"{name}.tsv",
             root,
@@ -236,12 +260,11 @@ def write_corpus(
         if labelled:
             _write_lines(out / f"{name}.wrd", [w.utt.text or "" for w in part])
             _write_lines(out / f"{name}.ltr", [words_to_letters(w.utt.text or "") for w in part])
-        if all(w.utt.speaker is not None for w in written):
+        if with_speakers:
             _write_lines(out / f"{name}.spk", [str(w.utt.speaker) for w in part])
         counts[name] = len(part)
     if labelled:
-        _write_lines(out / "dict.ltr.txt", _letter_dict([w.utt.text or "" for w in train]))
-    counts["skipped"] = len(problems)
+        _write_lines(out / "dict.ltr.txt", _letter_dict([w.utt.text or "" for w in parts[0][1]]))
     return counts
 
 
