@@ -19,14 +19,9 @@ from safetensors.torch import load_file
 
 from speechvq.config import wav2vec2_tiny
 from speechvq.errors import UserInputError
-from speechvq.interop.fairseq import (
-    _eval_layers,
-    fairseq_model_kind,
-    import_fairseq,
-    load_fairseq_checkpoint,
-    save_fairseq_checkpoint,
-    speechvq_to_fairseq,
-)
+from speechvq.interop.fairseq import import_fairseq, save_fairseq_checkpoint, speechvq_to_fairseq
+from speechvq.interop.fairseq_checkpoint import fairseq_model_kind, load_fairseq_checkpoint
+from speechvq.interop.fairseq_config import _eval_layers
 from speechvq.models.ctc import CtcModel
 from speechvq.models.vq_wav2vec import VqWav2VecModel
 from speechvq.models.wav2vec2 import Wav2Vec2Model, build_wav2vec2
