@@ -263,7 +263,7 @@ def test_conv_block_of_one_utterance_runs_under_cpu_autocast(dtype):
 def test_window_blocks_conv_gradients_pass_gradcheck(kernel, stride, samples):
     # float64 finite differences of the custom backward, including windows that share frames
     # (k > s), gaps between windows (k < s) and samples left over after the last window
-    from speechvq.models.encoder import _WindowBlocksConv
+    from speechvq.models.kernels.conv import WindowBlocksConv
 
     torch.manual_seed(0)
     x = torch.randn(samples, 7, dtype=torch.float64, requires_grad=True)
@@ -280,7 +280,7 @@ def test_window_blocks_conv_gradients_pass_gradcheck(kernel, stride, samples):
     def conv(*args):
         x, weight_a, *rest = args
         weight_b = rest[0] if kernel > stride else None
-        return _WindowBlocksConv.apply(x, weight_a, weight_b, rest[-1], kernel, stride)
+        return WindowBlocksConv.apply(x, weight_a, weight_b, rest[-1], kernel, stride)
 
     assert torch.autograd.gradcheck(conv, inputs)
 
@@ -372,10 +372,11 @@ def test_first_layer_folded_group_norm_under_bf16_autocast_stays_near_fp32():
 
 
 def test_window_moments_equal_output_statistics_per_utterance_with_padding():
-    from speechvq.models.encoder import _KernelMajorColumns, linear_output_moments
+    from speechvq.models.encoder import linear_output_moments
+    from speechvq.models.kernels.conv import KernelMajorColumns
 
     torch.manual_seed(0)
-    cols = _KernelMajorColumns.apply(torch.randn(3, 500, 1) + 0.2, 10, 5)  # (3, 99, 10)
+    cols = KernelMajorColumns.apply(torch.randn(3, 500, 1) + 0.2, 10, 5)  # (3, 99, 10)
     weight, bias = torch.randn(8, 10), torch.randn(8)
     lengths = torch.tensor([99, 60, 31])
     var, mean = linear_output_moments(cols, weight, bias, lengths)
@@ -466,7 +467,7 @@ def test_bf16_encoder_kernels_cast_once_per_batch_equal_autocast_per_utterance(
     monkeypatch, conv_bias, checkpointing
 ):
     # on the CPU a batch is convolved one utterance at a time; in bf16 each layer's kernel is cast
-    # once for all of them (_PrecastKernelConv). The features and the fp32 weight gradients equal
+    # once for all of them (PrecastKernelConv). The features and the fp32 weight gradients equal
     # autocast's cast per utterance bit for bit: the same bf16 products, summed in fp32 alike.
     # A conv bias is a leaf, which autocast casts once and whose utterances' gradients it sums in
     # bf16; here they are summed in fp32, so they agree to bf16 rounding only

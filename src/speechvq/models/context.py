@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from speechvq.config import ContextConfig
 from speechvq.models import lowp_guard
 from speechvq.models.common import Dropout, Linear, dropout, lengths_to_padding_mask, linear
+from speechvq.models.kernels.grouped_conv import GroupedConvFlippedBackward
 
 
 class ConvPositionalEmbedding(nn.Module):
@@ -52,7 +53,7 @@ class ConvPositionalEmbedding(nn.Module):
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         """The CPU conv, ``[B, D, T]`` -> ``[B, D, T']``, in the inputs' dtype."""
-        return _GroupedConvFlippedBackward.apply(x, weight, bias, self.conv.padding[0], self.conv.groups)
+        return GroupedConvFlippedBackward.apply(x, weight, bias, self.conv.padding[0], self.conv.groups)
 
     @property
     def _shape(self) -> str:
@@ -64,50 +65,6 @@ class ConvPositionalEmbedding(nn.Module):
         conv = self.conv
         shape = (conv.out_channels, conv.in_channels // conv.groups, conv.kernel_size[0])
         return lowp_guard.randn_inputs((2, conv.in_channels, 50), shape, (conv.out_channels,))(generator)
-
-
-class _GroupedConvFlippedBackward(torch.autograd.Function):
-    """``F.conv1d(x, weight, bias, padding=p, groups=g)`` whose input gradient is computed as a
-    forward convolution of the output gradient with the flipped, transposed kernel.
-
-    oneDNN's grouped backward-data kernel runs at half its forward rate on the positional conv's
-    shapes (2 threads: 56 against 39 ms for BASE in bf16, 7.2 against 4.1 ms for SMALL; bench in
-    docs/performance.md); the forward formulation computes the same sums. The weight gradient is
-    still oneDNN's backward-weights.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, groups: int
-    ) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.padding, ctx.groups, ctx.has_bias = padding, groups, bias is not None
-        return F.conv1d(x, weight, bias, padding=padding, groups=groups)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
-        x, weight = ctx.saved_tensors
-        padding, groups = ctx.padding, ctx.groups
-        out_channels, in_per_group, kernel = weight.shape
-        grad = grad.contiguous()
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            # x[s] reached output t = s + p - j through tap j: correlate the gradient with the
-            # kernel flipped in time and transposed within each group, padded k - 1 - p
-            flipped = (
-                weight.view(groups, out_channels // groups, in_per_group, kernel)
-                .transpose(1, 2)
-                .flip(-1)
-                .reshape(groups * in_per_group, out_channels // groups, kernel)
-            )
-            grad_x = F.conv1d(grad, flipped, padding=kernel - 1 - padding, groups=groups)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, [1], [padding], [1], False, [0], groups, [False, True, False]
-            )[1]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum((0, 2))
-        return grad_x, grad_weight, grad_bias, None, None
 
 
 class SelfAttention(nn.Module):
