@@ -192,8 +192,11 @@ def test_masked_only_gives_the_same_loss_and_gradients(waves, layer_norm_first):
 
     full, full_loss, full_grads = run(False)
     part, part_loss, part_grads = run(True)
-    assert torch.equal(part.mask, full.mask) and part.context.shape == (part.num_targets, cfg.context.dim)
-    torch.testing.assert_close(part.context, full.context.reshape(-1, cfg.context.dim)[full.target_index])
+    assert torch.equal(part.mask, full.mask) and part.context is None
+    assert full.context.shape == (*full.mask.shape, cfg.context.dim)
+    assert part.masked_context.shape == full.masked_context.shape == (part.num_targets, cfg.context.dim)
+    torch.testing.assert_close(full.masked_context, full.context.reshape(-1, cfg.context.dim)[full.target_index])
+    torch.testing.assert_close(part.masked_context, full.masked_context)
     torch.testing.assert_close(part.logits, full.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(part_loss.total, full_loss.total, atol=1e-5, rtol=1e-5)
     assert part_grads.keys() == full_grads.keys() and len(full_grads) > 10

@@ -4,7 +4,7 @@ Each field is documented once, by the attribute docstring directly under it; the
 the option is given where it differs. Presets are written as deltas of :func:`wav2vec2_base`.
 
 The package: :mod:`.model` (wav2vec 2.0 and its parts), :mod:`.vq_wav2vec`, :mod:`.presets`,
-:mod:`.limits` (bounds on untrusted configs) and :mod:`.plain` (dict conversion); everything is
+:mod:`.waveform` (input normalisation), :mod:`.limits` (bounds on untrusted configs) and :mod:`.plain` (dict conversion); everything is
 re-exported here, so ``from speechvq.config import X`` is the import to use.
 """
 
@@ -41,3 +41,4 @@ from speechvq.config.vq_wav2vec import (
     vq_wav2vec_gumbel,
     vq_wav2vec_kmeans,
 )
+from speechvq.config.waveform import FAIRSEQ_NORMALIZE_EPS, TRANSFORMERS_NORMALIZE_EPS, WaveformNorm

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from speechvq.config.limits import MAX_LAYERS, MAX_PARAMETERS, MAX_SIZE, _check_probabilities, _check_sizes
 from speechvq.config.plain import _SUBCONFIGS, _from_plain, _to_plain
+from speechvq.config.waveform import FAIRSEQ_NORMALIZE_EPS, WaveformNorm
 
 
 def approx_parameters(encoder: FeatureEncoderConfig, context: ContextConfig) -> int:
@@ -392,6 +393,14 @@ class Wav2Vec2Config(_QuantizedModelConfig):
 
     kmeans: KMeansQuantizerConfig = field(default_factory=KMeansQuantizerConfig)
     """Settings of the k-means quantizer, used when ``quantizer_type`` is ``kmeans``."""
+
+    @property
+    def waveform_norm(self) -> WaveformNorm:
+        """Input normalisation, derived from the encoder: a LayerNorm encoder (LARGE,
+        ``norm_mode: layer_norm``) is pretrained on normalised waveforms (fairseq
+        ``task.normalize``) with fairseq's eps 1e-5, which the caller applies; the data section of
+        a pretraining run should read it from here."""
+        return WaveformNorm(enabled=self.encoder.norm_mode == "layer_norm", eps=FAIRSEQ_NORMALIZE_EPS)
 
     def __post_init__(self) -> None:
         for name, cls in (

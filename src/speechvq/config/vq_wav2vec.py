@@ -7,6 +7,7 @@ from typing import Literal
 
 from speechvq.config.model import ConvSpec, KMeansQuantizerConfig, QuantizerConfig, _QuantizedModelConfig
 from speechvq.config.plain import _SUBCONFIGS
+from speechvq.config.waveform import WaveformNorm
 
 VQ_WAV2VEC_CONV_LAYERS: tuple[ConvSpec, ...] = (
     ((512, 10, 5), (512, 8, 4)) + ((512, 4, 2),) * 3 + ((512, 1, 1),) * 3
@@ -134,6 +135,11 @@ class VqWav2VecConfig(_QuantizedModelConfig):
             raise ValueError(f"`num_negatives` must be >= 1, but is {self.num_negatives} instead.")
         if self.offset is not None and self.offset < 1:
             raise ValueError(f"`offset` must be >= 1 or None, but is {self.offset} instead.")
+
+    @property
+    def waveform_norm(self) -> WaveformNorm:
+        """Input normalisation: none (fairseq's vq-wav2vec task does not normalise)."""
+        return WaveformNorm(enabled=False)
 
     @property
     def encoder_dim(self) -> int:

@@ -323,15 +323,36 @@ class ContextNetwork(nn.Module):
             and bool((output_frames & padding_mask).any())
         ):
             raise ValueError("`output_frames` must mark valid frames only, but marks padding.")
+        frames = x.size(1)
+        x, padding_mask, seq_lens = self._embed(x, padding_mask)
+        rows = None  # the selected frames as flat indices into x.reshape(-1, D), either layout
+        if output_frames is not None:
+            selected = output_frames if seq_lens is None else pack(output_frames[..., None], seq_lens)
+            rows = selected.reshape(-1).nonzero().squeeze(1)
+        x, hidden = self._run_blocks(x, padding_mask, seq_lens, rows, num_layers, layer_drop_generator)
+        if self.layer_norm_first and num_layers is None:
+            x = self.layer_norm(x)
+        if seq_lens is None:
+            return ContextOutput(last_hidden_state=x, hidden_states=tuple(hidden))
+        if output_frames is None:  # with output_frames x is already [R, D] at the selected frames
+            x = unpack(x, seq_lens, frames)
+        return ContextOutput(last_hidden_state=x, hidden_states=UnpackedStates(hidden, seq_lens, frames))
+
+    def _embed(
+        self, x: Tensor, padding_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, list[int] | None]:
+        """The blocks' input: padding zeroed, the positional conv added, on the CPU the valid
+        frames packed, then (post-LN) the LayerNorm and the dropout. Returns (``[B, T, D]``, the
+        padding mask) or, packed, (``[N, D]``, None, the utterances' frame counts)."""
         if padding_mask is not None:
             x = x.masked_fill(padding_mask[..., None], 0.0)
         x = x + self.pos_conv(x)
-        frames = x.size(1)
         seq_lens = None
         if padding_mask is not None and x.device.type == "cpu":
             # on the CPU the blocks run on the valid frames only, packed: no padding is computed
             # and each utterance attends within itself (GPUs keep the padded layout, which suits
             # their kernels); the results at valid frames are the padded layout's
+            frames = x.size(1)
             lengths = frames - padding_mask.sum(1)
             if not torch.equal(padding_mask, lengths_to_padding_mask(lengths, frames)):
                 raise ValueError("`padding_mask` must mark a suffix of padded frames in each row.")
@@ -340,11 +361,20 @@ class ContextNetwork(nn.Module):
             padding_mask = None
         if not self.layer_norm_first:
             x = self.layer_norm(x)
-        x = self.dropout(x)
-        rows = None  # the selected frames as flat indices into x.reshape(-1, D), either layout
-        if output_frames is not None:
-            selected = output_frames if seq_lens is None else pack(output_frames[..., None], seq_lens)
-            rows = selected.reshape(-1).nonzero().squeeze(1)
+        return self.dropout(x), padding_mask, seq_lens
+
+    def _run_blocks(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None,
+        seq_lens: list[int] | None,
+        rows: Tensor | None,
+        num_layers: int | None,
+        layer_drop_generator: torch.Generator | None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The first ``num_layers`` blocks (all if None) with LayerDrop: (the last output, the
+        input and each output that ran). With ``rows`` the last block's output is ``[R, D]`` at
+        those frames (and left out of the list); if it was dropped, they are read off its input."""
         hidden = [x]
         blocks = list(self.layers)[: len(self.layers) if num_layers is None else num_layers]
         for i, layer in enumerate(blocks):
@@ -364,13 +394,7 @@ class ContextNetwork(nn.Module):
                 rows = None  # applied
         if rows is not None:  # the last block was dropped (or none ran): select from its input
             x = x.reshape(-1, x.size(-1))[rows]
-        if self.layer_norm_first and num_layers is None:
-            x = self.layer_norm(x)
-        if seq_lens is None:
-            return ContextOutput(last_hidden_state=x, hidden_states=tuple(hidden))
-        if output_frames is None:  # with output_frames x is already [R, D] at the selected frames
-            x = unpack(x, seq_lens, frames)
-        return ContextOutput(last_hidden_state=x, hidden_states=UnpackedStates(hidden, seq_lens, frames))
+        return x, hidden
 
 
 def build_context_network(cfg: ContextConfig) -> ContextNetwork:
