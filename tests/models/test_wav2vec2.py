@@ -195,7 +195,9 @@ def test_masked_only_gives_the_same_loss_and_gradients(waves, layer_norm_first):
     assert torch.equal(part.mask, full.mask) and part.context is None
     assert full.context.shape == (*full.mask.shape, cfg.context.dim)
     assert part.masked_context.shape == full.masked_context.shape == (part.num_targets, cfg.context.dim)
-    torch.testing.assert_close(full.masked_context, full.context.reshape(-1, cfg.context.dim)[full.target_index])
+    torch.testing.assert_close(
+        full.masked_context, full.context.reshape(-1, cfg.context.dim)[full.target_index]
+    )
     torch.testing.assert_close(part.masked_context, full.masked_context)
     torch.testing.assert_close(part.logits, full.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(part_loss.total, full_loss.total, atol=1e-5, rtol=1e-5)

@@ -77,6 +77,10 @@ class QuantizingModel(AudioModel, Protocol):
         """Quantizer output (codes ``[B, T, G]``) of unmasked input, and frame lengths ``[B]``."""
         ...
 
+    def quantize_features(self, features: Tensor, padding_mask: Tensor | None = None) -> QuantizerOutput:
+        """Quantizer output of front-end (layer 0) features ``[B, T, C]``."""
+        ...
+
 
 def check_layer(model: AudioModel, layer: Layer) -> None:
     """Raise ``ValueError`` unless ``model`` has ``layer``."""

@@ -392,6 +392,11 @@ class VqWav2VecModel(nn.Module):
         _, frame_lengths, q = self.encode(waveforms, lengths)
         return q, frame_lengths
 
+    @torch.no_grad()
+    def quantize_features(self, features: Tensor, padding_mask: Tensor | None = None) -> QuantizerOutput:
+        """Quantizer output of encoder features ``[B, T, C]``."""
+        return self.quantizer(features, ~padding_mask if padding_mask is not None else None)
+
 
 def vq_min_input_samples(cfg: VqWav2VecConfig) -> int:
     """Samples the front end of ``cfg`` needs for one frame."""

@@ -103,6 +103,7 @@ class Wav2Vec2Model(nn.Module):
         cfg: the config the parts were built from (masking and loss settings are read from it).
     """
 
+    model_type = "wav2vec2"
     has_transformer = True
 
     def __init__(
