@@ -26,10 +26,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from speechvq.config import preset
 from speechvq.data.manifest import read_manifest
+from speechvq.models.protocol import AudioModel
 from speechvq.models.wav2vec2 import build_wav2vec2
 from speechvq.train.finetune import load_init_model
 from speechvq.units.export import (
@@ -37,17 +38,15 @@ from speechvq.units.export import (
     TRANSFORMER_INPUT,
     Layer,
     frame_centre_s,
-    frame_stride_samples,
     iter_manifest,
     layer_features,
-    num_layers,
     parse_layer,
 )
 from speechvq.units.quality import find_alignment, frame_labels, read_alignment
 
 
 def labelled_frames(
-    model: nn.Module, manifest: str, layers: list[Layer]
+    model: AudioModel, manifest: str, layers: list[Layer]
 ) -> dict[Layer, tuple[Tensor, list[str]]]:
     """Per layer: features ``[N, D]`` of every frame a phone covers, and those phones.
 
@@ -57,7 +56,7 @@ def labelled_frames(
     """
     root = read_manifest(manifest).root
     feats: dict[Layer, list[Tensor]] = {layer: [] for layer in layers}
-    stride = frame_stride_samples(model) / SAMPLE_RATE
+    stride = model.frame_stride / SAMPLE_RATE
     centre = frame_centre_s(model)  # each frame's phone at its receptive field's centre
     phones: list[str] = []
     for batch in iter_manifest(manifest, model, max_items=1):
@@ -124,7 +123,7 @@ def main() -> None:
         else:
             model = load_init_model(spec)
         model.eval()
-        layers = args.layers or [0, TRANSFORMER_INPUT, *range(1, num_layers(model) + 1)]
+        layers = args.layers or [0, TRANSFORMER_INPUT, *range(1, model.num_layers + 1)]
         trains = labelled_frames(model, args.train, layers)
         tests = labelled_frames(model, args.test, layers)
         for layer in layers:

@@ -34,16 +34,14 @@ import torch
 
 from speechvq.data import ManifestItem, audio_info, write_manifest
 from speechvq.io import load_pretrained
+from speechvq.models.protocol import AudioModel
 from speechvq.units.export import (
     SAMPLE_RATE,
     TRANSFORMER_INPUT,
     dump_features,
     export_units,
-    frame_stride_samples,
     iter_manifest,
-    num_layers,
     parse_layer,
-    receptive_field,
 )
 from speechvq.units.io import UnitWriter, read_units
 from speechvq.units.kmeans import FeatureShardWriter, KMeansModel, fit_kmeans, sample_rows
@@ -100,17 +98,17 @@ def log_mel(waveform: torch.Tensor, stride: int, num_mels: int = 40) -> torch.Te
     return (feats - feats.mean(0)) / (feats.std(0) + 1e-5)
 
 
-def logmel_rows(model: torch.nn.Module, manifest: Path, directory: Path) -> FeatureShardWriter:
+def logmel_rows(model: AudioModel, manifest: Path, directory: Path) -> FeatureShardWriter:
     writer = FeatureShardWriter(directory, shard_size=200_000)
     for batch in iter_manifest(manifest, model):
         for w, n in zip(batch.waveforms, batch.lengths.tolist()):
-            writer.add(log_mel(w[:n], frame_stride_samples(model)))
+            writer.add(log_mel(w[:n], model.frame_stride))
     writer.close()
     return writer
 
 
-def logmel_units(model: torch.nn.Module, manifest: Path, km: KMeansModel, out: Path) -> Path:
-    stride = frame_stride_samples(model)
+def logmel_units(model: AudioModel, manifest: Path, km: KMeansModel, out: Path) -> Path:
+    stride = model.frame_stride
     with UnitWriter(
         out,
         frame_stride_s=stride / SAMPLE_RATE,
@@ -135,14 +133,14 @@ def main() -> None:
     args = get_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = load_pretrained(args.model).eval()
-    if type(model).__name__ != "Wav2Vec2Model":
-        raise SystemExit(f"{args.model}: a wav2vec 2.0 model is needed, not a {type(model).__name__}")
+    if not (isinstance(model, AudioModel) and model.has_transformer):
+        raise SystemExit(f"{args.model}: a model with a Transformer is needed (wav2vec 2.0, CTC)")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="speechvq-unit-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     train = corpus_manifest(args.corpus / args.train_split, work / "train.tsv")
     test = corpus_manifest(args.corpus / args.test_split, work / "test.tsv")
     test_root = args.corpus / args.test_split
-    logger.info("receptive field %d samples, stride %d", receptive_field(model), frame_stride_samples(model))
+    logger.info("receptive field %d samples, stride %d", model.receptive_field, model.frame_stride)
 
     def fit(rows_dir: Path, k: int) -> KMeansModel:
         rows = sample_rows(rows_dir, args.percent)
@@ -170,7 +168,7 @@ def main() -> None:
         )
     )
     # (c) k-means on each layer; the best layer per K
-    layers = args.layers or [TRANSFORMER_INPUT, *range(1, num_layers(model) + 1)]
+    layers = args.layers or [TRANSFORMER_INPUT, *range(1, model.num_layers + 1)]
     if 0 in layers and model.cfg.encoder.kind == "fbank":
         logger.warning(
             "layer 0 of a log-mel front end has no weights: it is a spectral baseline, not pretrained"

@@ -10,6 +10,7 @@ import speechvq.models.context as context_module
 from speechvq.config import ContextConfig
 from speechvq.models.common import dropout
 from speechvq.models.context import SelfAttention, build_context_network, pack, unpack
+from speechvq.models.kernels.grouped_conv import GroupedConvFlippedBackward
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -264,7 +265,7 @@ def test_grouped_conv_with_flipped_kernel_backward_passes_gradcheck(kernel):
     x = torch.randn(2, 12, 15, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(12, 4, kernel, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
-    conv = context_module._GroupedConvFlippedBackward
+    conv = GroupedConvFlippedBackward
     assert torch.autograd.gradcheck(lambda *a: conv.apply(*a, kernel // 2, 3), (x, weight, bias))
 
 

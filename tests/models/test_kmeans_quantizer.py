@@ -81,8 +81,8 @@ def test_codebook_and_commitment_losses_have_hand_computed_gradients(monkeypatch
     diff = ze.detach()[0] - zq  # (3, 2)
     n = diff.numel()
     expected_loss = (1 + 0.25) * diff.pow(2).sum() / n
-    torch.testing.assert_close(out.extra_loss, expected_loss)
-    out.extra_loss.backward()
+    torch.testing.assert_close(out.loss, expected_loss)
+    out.loss.backward()
     # commitment: d/dz_e [gamma * mean((z_e - sg(z_q))^2)] = 2 gamma (z_e - z_q) / n
     torch.testing.assert_close(ze.grad[0], 2 * 0.25 * diff / n)
     # codebook: d/de_k [mean((e_k - sg(z_e))^2)] = 2 sum over frames assigned to k of (e_k - z_e) / n
@@ -106,7 +106,7 @@ def test_ema_moves_codewords_toward_assigned_means(monkeypatch: pytest.MonkeyPat
         assert torch.dist(q.codebook[0, k], means[k]) < torch.dist(before[0, k], means[k])
     # EMA mode has no codebook term: only the commitment loss remains
     diff = ze[0] - before[0, out.codes.flatten()]
-    torch.testing.assert_close(out.extra_loss, 0.25 * diff.pow(2).mean())
+    torch.testing.assert_close(out.loss, 0.25 * diff.pow(2).mean())
 
 
 def test_dead_codes_are_reset_to_batch_inputs() -> None:
@@ -128,7 +128,7 @@ def test_padding_changes_neither_codes_nor_losses() -> None:
     mask = torch.tensor([[True] * 6 + [False] * 4])
     a, b = q(x), q(padded, mask)
     assert torch.equal(a.codes, b.codes[:, :6])
-    torch.testing.assert_close(a.extra_loss, b.extra_loss)
+    torch.testing.assert_close(a.loss, b.loss)
     torch.testing.assert_close(a.code_perplexity, b.code_perplexity)
 
 
@@ -158,7 +158,7 @@ def test_wav2vec2_trains_with_the_kmeans_quantizer() -> None:
     out = model(torch.randn(2, 8000), generator=torch.Generator().manual_seed(0))
     loss = model.compute_loss(out)
     assert torch.isfinite(loss.total)
-    torch.testing.assert_close(loss.diversity, out.num_targets * out.quantizer.extra_loss)
+    torch.testing.assert_close(loss.diversity, out.num_targets * out.quantizer.loss)
     loss.total.backward()
     assert model.quantizer.codebook.grad is not None and model.quantizer.codebook.grad.abs().sum() > 0
     assert model.feature_encoder.layers[0].conv.weight.grad.abs().sum() > 0
@@ -176,7 +176,7 @@ def test_kmeans_quantizer_runs_in_fp32_under_bf16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(waves, generator=torch.Generator().manual_seed(0))
         loss = model.compute_loss(out)
-    assert out.quantizer.quantized.dtype == torch.float32 and out.quantizer.extra_loss.dtype == torch.float32
+    assert out.quantizer.quantized.dtype == torch.float32 and out.quantizer.loss.dtype == torch.float32
     loss.total.backward()
     assert model.quantizer.input_proj.weight.grad is not None
     assert torch.isfinite(model.quantizer.input_proj.weight.grad).all()

@@ -159,7 +159,7 @@ def test_kmeans_objective_adds_weighted_quantizer_loss() -> None:
     model = build_vq_wav2vec(_tiny("kmeans"))
     out = model(torch.randn(2, 6400), generator=torch.Generator().manual_seed(0))
     loss = model.compute_loss(out)
-    torch.testing.assert_close(loss.diversity, out.num_targets * out.quantizer.extra_loss)
+    torch.testing.assert_close(loss.diversity, out.num_targets * out.quantizer.loss)
     torch.testing.assert_close(loss.total, loss.contrastive + loss.diversity)
 
 

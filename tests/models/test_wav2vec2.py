@@ -192,8 +192,13 @@ def test_masked_only_gives_the_same_loss_and_gradients(waves, layer_norm_first):
 
     full, full_loss, full_grads = run(False)
     part, part_loss, part_grads = run(True)
-    assert torch.equal(part.mask, full.mask) and part.context.shape == (part.num_targets, cfg.context.dim)
-    torch.testing.assert_close(part.context, full.context.reshape(-1, cfg.context.dim)[full.target_index])
+    assert torch.equal(part.mask, full.mask) and part.context is None
+    assert full.context.shape == (*full.mask.shape, cfg.context.dim)
+    assert part.masked_context.shape == full.masked_context.shape == (part.num_targets, cfg.context.dim)
+    torch.testing.assert_close(
+        full.masked_context, full.context.reshape(-1, cfg.context.dim)[full.target_index]
+    )
+    torch.testing.assert_close(part.masked_context, full.masked_context)
     torch.testing.assert_close(part.logits, full.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(part_loss.total, full_loss.total, atol=1e-5, rtol=1e-5)
     assert part_grads.keys() == full_grads.keys() and len(full_grads) > 10
@@ -263,7 +268,7 @@ def test_conv_block_of_one_utterance_runs_under_cpu_autocast(dtype):
 def test_window_blocks_conv_gradients_pass_gradcheck(kernel, stride, samples):
     # float64 finite differences of the custom backward, including windows that share frames
     # (k > s), gaps between windows (k < s) and samples left over after the last window
-    from speechvq.models.encoder import _WindowBlocksConv
+    from speechvq.models.kernels.conv import WindowBlocksConv
 
     torch.manual_seed(0)
     x = torch.randn(samples, 7, dtype=torch.float64, requires_grad=True)
@@ -280,7 +285,7 @@ def test_window_blocks_conv_gradients_pass_gradcheck(kernel, stride, samples):
     def conv(*args):
         x, weight_a, *rest = args
         weight_b = rest[0] if kernel > stride else None
-        return _WindowBlocksConv.apply(x, weight_a, weight_b, rest[-1], kernel, stride)
+        return WindowBlocksConv.apply(x, weight_a, weight_b, rest[-1], kernel, stride)
 
     assert torch.autograd.gradcheck(conv, inputs)
 
@@ -372,10 +377,11 @@ def test_first_layer_folded_group_norm_under_bf16_autocast_stays_near_fp32():
 
 
 def test_window_moments_equal_output_statistics_per_utterance_with_padding():
-    from speechvq.models.encoder import _KernelMajorColumns, linear_output_moments
+    from speechvq.models.encoder import linear_output_moments
+    from speechvq.models.kernels.conv import KernelMajorColumns
 
     torch.manual_seed(0)
-    cols = _KernelMajorColumns.apply(torch.randn(3, 500, 1) + 0.2, 10, 5)  # (3, 99, 10)
+    cols = KernelMajorColumns.apply(torch.randn(3, 500, 1) + 0.2, 10, 5)  # (3, 99, 10)
     weight, bias = torch.randn(8, 10), torch.randn(8)
     lengths = torch.tensor([99, 60, 31])
     var, mean = linear_output_moments(cols, weight, bias, lengths)
@@ -466,7 +472,7 @@ def test_bf16_encoder_kernels_cast_once_per_batch_equal_autocast_per_utterance(
     monkeypatch, conv_bias, checkpointing
 ):
     # on the CPU a batch is convolved one utterance at a time; in bf16 each layer's kernel is cast
-    # once for all of them (_PrecastKernelConv). The features and the fp32 weight gradients equal
+    # once for all of them (PrecastKernelConv). The features and the fp32 weight gradients equal
     # autocast's cast per utterance bit for bit: the same bf16 products, summed in fp32 alike.
     # A conv bias is a leaf, which autocast casts once and whose utterances' gradients it sums in
     # bf16; here they are summed in fp32, so they agree to bf16 rounding only

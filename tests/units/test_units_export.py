@@ -17,7 +17,6 @@ from speechvq.units.export import (
     consecutive_batches,
     dump_features,
     export_units,
-    frame_stride_samples,
     layer_features,
     parse_layer,
 )
@@ -118,7 +117,7 @@ def test_dump_features_streams_all_frames_in_bounded_shards(
     longest = max(lengths)
     assert writer.num_rows == sum(lengths) > 2 * writer.shard_size
     assert writer.max_rows_held <= max(writer.shard_size, longest)
-    assert frame_stride_samples(tiny_model) == 320
+    assert tiny_model.frame_stride == 320
 
 
 def test_cli_fit_kmeans_then_export_then_quality(

@@ -32,6 +32,8 @@ import argparse
 import logging
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -210,10 +212,63 @@ def _unit_scores(model: Any, tokenizer: Any, units: Any, device: torch.device): 
     return scores, empty
 
 
-def run(args: argparse.Namespace) -> int:
-    from speechvq.decoding import beam_search
-    from speechvq.metrics_asr import char_errors, word_errors
+@dataclass
+class _Decoder:
+    """Turns frame log-probabilities into text: best path, or beam search with an LM / lexicon."""
 
+    vocab: Any
+    lm: Any
+    lexicon: Any
+    beam_size: int
+    use_beam: bool
+    grid: list[tuple[float, float]]
+    """The (lm_weight, word_bonus) pairs to decode with; more than one tunes them."""
+
+    @property
+    def tuning(self) -> bool:
+        return len(self.grid) > 1
+
+    def __call__(self, scores: list[torch.Tensor], lm_weight: float, word_bonus: float) -> list[str]:
+        from speechvq.decoding import beam_search
+
+        if not self.use_beam:
+            return [self.vocab.decode(lp.argmax(dim=-1).tolist()) for lp in scores]  # best path
+        options = dict(
+            beam_size=self.beam_size,
+            lm=self.lm,
+            lm_weight=lm_weight,
+            word_bonus=word_bonus,
+            lexicon=self.lexicon,
+        )
+        return [beam_search(lp, self.vocab, **options)[0].text for lp in scores]  # type: ignore[arg-type]
+
+
+@dataclass
+class _Inputs:
+    """What is transcribed: the model, its inputs and references; after :func:`_load_usable`, the
+    usable inputs and why the others cannot be used."""
+
+    model: Any
+    vocab: Any
+    ids: list[str]
+    references: list[str] | None
+    source: Any = None
+    """The audio (audio models)."""
+    units: Any = None
+    tokenizer: Any = None
+    """The units and their tokenizer (unit models)."""
+    kept: list[int] = field(default_factory=list)
+    """Indices of the usable inputs."""
+    reasons: Counter[str] = field(default_factory=Counter)
+    messages: list[str] = field(default_factory=list)
+    waves: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Input index -> waveform (audio models)."""
+    unit_scores: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    """(input index, log-probabilities), scored at load (unit models)."""
+
+
+def _check_options(args: argparse.Namespace) -> tuple[torch.device, list[float], list[float]]:
+    """Validate the options; (device, LM weights, word bonuses)."""
     if args.beam is not None and args.beam < 1:
         raise UserInputError(f"--beam must be >= 1, but is {args.beam}")
     if args.batch_size < 1:
@@ -221,141 +276,165 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     if args.out:
         check_output_file(args.out, "--out")
-    lm_weights = _floats("--lm-weight", args.lm_weight)
-    word_bonuses = _floats("--word-bonus", args.word_bonus)
-    unit_model = _is_unit_ctc(args.model)
-    if unit_model:
+    return device, _floats("--lm-weight", args.lm_weight), _floats("--word-bonus", args.word_bonus)
+
+
+def _dataset_references(source: Any, column: str) -> list[str]:
+    """A dataset's text column as references: words (letters for a column named ltr)."""
+    texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in source.texts or []]
+    if column == "ltr":
+        return [" ".join("".join(t.split()).replace("|", " ").split()) for t in texts]
+    return [" ".join(t.split()) for t in texts]
+
+
+def _open_inputs(args: argparse.Namespace, device: torch.device) -> _Inputs:
+    """The model (on ``device``, in eval mode), the inputs' ids and the references."""
+    if _is_unit_ctc(args.model):
         from speechvq.units.ctc import load_unit_bert_ctc
 
         model, vocab, tokenizer = load_unit_bert_ctc(args.model)
         units = _unit_inputs(args.audio)
-        ids, source = list(units.utterances), None
+        ids = list(units.utterances)
+        references = _references(args.labels, len(ids)) if args.labels else None
+        return _Inputs(model.to(device).eval(), vocab, ids, references, units=units, tokenizer=tokenizer)
+    model, vocab = load_model(args.model)
+    ids, source = _inputs(args.audio, args.labels)
+    if args.labels and _is_dataset(args.audio):
+        references = _dataset_references(source, args.labels)
     else:
-        model, vocab = load_model(args.model)
-        ids, source = _inputs(args.audio, args.labels)
-    model = model.to(device).eval()
-    inputs = list(zip(ids, range(len(ids))))
-    if args.labels and not unit_model and _is_dataset(args.audio):
-        # a dataset's text column: words (letters for a column named ltr)
-        texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in source.texts or []]
-        letters = args.labels == "ltr"
-        references = [
-            " ".join("".join(t.split()).replace("|", " ").split()) if letters else " ".join(t.split())
-            for t in texts
-        ]
-    else:
-        references = _references(args.labels, len(inputs)) if args.labels else None
+        references = _references(args.labels, len(ids)) if args.labels else None
+    return _Inputs(model.to(device).eval(), vocab, ids, references, source=source)
+
+
+def _load_usable(inputs: _Inputs, device: torch.device) -> None:
+    """Load the audio (checked against the model's receptive field), or score the units."""
+    if inputs.units is not None:
+        inputs.unit_scores, empty = _unit_scores(inputs.model, inputs.tokenizer, inputs.units, device)
+        inputs.reasons = Counter({"no_units": len(empty)} if empty else {})
+        inputs.messages = [f"{inputs.ids[i]}: has no units (shorter than one frame)" for i in empty]
+        inputs.kept = [i for i, _ in inputs.unit_scores]
+        return
+    waves, inputs.reasons, inputs.messages = _load_inputs(
+        inputs.ids, inputs.source, inputs.model.receptive_field
+    )
+    inputs.waves = {i: w for i, w in enumerate(waves) if w is not None}
+    inputs.kept = list(inputs.waves)
+
+
+def _make_decoder(args: argparse.Namespace, vocab: Any, grid: list[tuple[float, float]]) -> _Decoder:
     lm = None
     if args.lm:
         from speechvq.text.ngram import load_language_model
 
         lm = load_language_model(args.lm, args.lm_unit)
     lexicon = _lexicon(args, lm)
-    grid = [(a, b) for a in lm_weights for b in word_bonuses]
-    if len(grid) > 1 and references is None:
-        raise UserInputError("tuning --lm-weight / --word-bonus over several values needs --labels")
     use_beam = (args.beam or 1) > 1 or lm is not None or lexicon is not None
-    beam_size = args.beam or (16 if use_beam else 1)
+    return _Decoder(vocab, lm, lexicon, args.beam or (16 if use_beam else 1), use_beam, grid)
 
-    if unit_model:
-        unit_scores, empty = _unit_scores(model, tokenizer, units, device)
-        waves: list[torch.Tensor | None] = []
-        reasons: Counter[str] = Counter({"no_units": len(empty)} if empty else {})
-        messages = [f"{ids[i]}: has no units (shorter than one frame)" for i in empty]
-        kept = [i for i, _ in unit_scores]
-    else:
-        waves, reasons, messages = _load_inputs(ids, source, model.feature_encoder.receptive_field)
-        kept = [i for i, w in enumerate(waves) if w is not None]
-    if not kept:
-        if len(inputs) == 1:
-            raise UserInputError(messages[0])
-        detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
-        raise UserInputError(f"none of the {len(inputs)} inputs can be used ({detail}); first: {messages[0]}")
 
-    def decode(scores: list[torch.Tensor], lm_weight: float, word_bonus: float) -> list[str]:
-        if not use_beam:
-            return [vocab.decode(lp.argmax(dim=-1).tolist()) for lp in scores]  # best path
-        options = dict(
-            beam_size=beam_size, lm=lm, lm_weight=lm_weight, word_bonus=word_bonus, lexicon=lexicon
-        )
-        return [beam_search(lp, vocab, **options)[0].text for lp in scores]  # type: ignore[arg-type]
-
-    # one weight pair: decode batch by batch; several: keep every utterance's log-probabilities
-    tuning = len(grid) > 1
-    log_probs: dict[int, torch.Tensor] = {}  # input index -> log-probabilities, when tuning
-    hypotheses: list[str] = [""] * len(inputs)
-    loaded = {i: w for i, w in enumerate(waves) if w is not None}
-    order = sorted(kept, key=lambda i: loaded[i].numel()) if not unit_model else []
-    shown = progress.bar(total=len(order), desc="transcribe") if not unit_model else None
+def _audio_scores(
+    inputs: _Inputs, batch_size: int, device: torch.device
+) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    """(input indices, their frame log-probabilities) a batch at a time, shortest inputs first."""
+    waves = inputs.waves
+    order = sorted(inputs.kept, key=lambda i: waves[i].numel())
     audio_s = 0.0
-    if unit_model:  # scored above, one utterance at a time
-        for i, lp in unit_scores:
-            if tuning:
-                log_probs[i] = lp
-            else:
-                hypotheses[i] = decode([lp], *grid[0])[0]
-    for start in range(0, len(order), args.batch_size):
-        index = order[start : start + args.batch_size]
-        lengths = torch.tensor([loaded[i].numel() for i in index])
-        batch = torch.zeros(len(index), int(lengths.max()))
-        for row, i in enumerate(index):
-            batch[row, : loaded[i].numel()] = loaded[i]
-        with torch.no_grad():
-            out = model(batch.to(device), lengths.to(device))
-        scores = torch.log_softmax(out.logits.float(), dim=-1).cpu()
-        rows = [scores[row, :n] for row, n in enumerate(out.lengths.tolist())]
-        if tuning:
-            for i, lp in zip(index, rows):
-                log_probs[i] = lp
-        else:
-            for i, text in zip(index, decode(rows, *grid[0])):
-                hypotheses[i] = text
-        audio_s += float(lengths.sum()) / 16000  # _load_inputs decodes at 16 kHz
-        assert shown is not None
-        shown.update(len(index))
-        progress.set_audio_rate(shown, audio_s)
-    if shown is not None:
-        shown.close()
+    with progress.bar(total=len(order), desc="transcribe") as shown:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            lengths = torch.tensor([waves[i].numel() for i in index])
+            batch = torch.zeros(len(index), int(lengths.max()))
+            for row, i in enumerate(index):
+                batch[row, : waves[i].numel()] = waves[i]
+            with torch.no_grad():
+                out = inputs.model(batch.to(device), lengths.to(device))
+            scores = torch.log_softmax(out.logits.float(), dim=-1).cpu()
+            yield index, [scores[row, :n] for row, n in enumerate(out.lengths.tolist())]
+            audio_s += float(lengths.sum()) / 16000  # _load_inputs decodes at 16 kHz
+            shown.update(len(index))
+            progress.set_audio_rate(shown, audio_s)
 
-    if tuning:
-        assert references is not None
-        print("lm_weight\tword_bonus\tWER\tCER")
-        best: tuple[float, float] | None = None
-        chosen = grid[0]
-        scored_refs = [references[i] for i in kept]
-        for lm_weight, word_bonus in grid:
-            decoded = decode([log_probs[i] for i in kept], lm_weight, word_bonus)
-            texts = [""] * len(inputs)
-            for i, text in zip(kept, decoded):
-                texts[i] = text
-            wer = word_errors(scored_refs, decoded).rate
-            cer = char_errors(scored_refs, decoded).rate
-            print(f"{lm_weight:g}\t{word_bonus:g}\t{100 * wer:.2f}%\t{100 * cer:.2f}%", flush=True)
-            if best is None or (wer, cer) < best:
-                best, hypotheses, chosen = (wer, cer), texts, (lm_weight, word_bonus)
-        print(f"best: --lm-weight {chosen[0]:g} --word-bonus={chosen[1]:g}")
+
+def _tune(inputs: _Inputs, decoder: _Decoder, log_probs: dict[int, torch.Tensor]) -> list[str]:
+    """Decode with every weight pair, print the WER/CER table; the best pair's hypotheses."""
+    from speechvq.metrics_asr import char_errors, word_errors
+
+    assert inputs.references is not None
+    print("lm_weight\tword_bonus\tWER\tCER")
+    best: tuple[float, float] | None = None
+    hypotheses, chosen = [""] * len(inputs.ids), decoder.grid[0]
+    kept = inputs.kept
+    scored_refs = [inputs.references[i] for i in kept]
+    for lm_weight, word_bonus in decoder.grid:
+        decoded = decoder([log_probs[i] for i in kept], lm_weight, word_bonus)
+        texts = [""] * len(inputs.ids)
+        for i, text in zip(kept, decoded):
+            texts[i] = text
+        wer = word_errors(scored_refs, decoded).rate
+        cer = char_errors(scored_refs, decoded).rate
+        print(f"{lm_weight:g}\t{word_bonus:g}\t{100 * wer:.2f}%\t{100 * cer:.2f}%", flush=True)
+        if best is None or (wer, cer) < best:
+            best, hypotheses, chosen = (wer, cer), texts, (lm_weight, word_bonus)
+    print(f"best: --lm-weight {chosen[0]:g} --word-bonus={chosen[1]:g}")
+    return hypotheses
+
+
+def _hypotheses(inputs: _Inputs, decoder: _Decoder, batch_size: int, device: torch.device) -> list[str]:
+    """One hypothesis per input ("" for an unusable one). One weight pair decodes batch by batch;
+    several keep every utterance's log-probabilities and tune."""
+    hypotheses = [""] * len(inputs.ids)
+    log_probs: dict[int, torch.Tensor] = {}  # input index -> log-probabilities, when tuning
+    batches = [([i], [lp]) for i, lp in inputs.unit_scores] if inputs.unit_scores else None
+    for index, rows in batches if batches is not None else _audio_scores(inputs, batch_size, device):
+        if decoder.tuning:
+            log_probs.update(zip(index, rows))
+        else:
+            for i, text in zip(index, decoder(rows, *decoder.grid[0])):
+                hypotheses[i] = text
+    return _tune(inputs, decoder, log_probs) if decoder.tuning else hypotheses
+
+
+def _report(args: argparse.Namespace, inputs: _Inputs, hypotheses: list[str]) -> None:
+    """Write or print the hypotheses, warn about skipped inputs, print WER / CER."""
+    from speechvq.metrics_asr import char_errors, word_errors
 
     if args.out:
         write_atomic(args.out, "".join(h + "\n" for h in hypotheses))
         log.info("wrote %d hypotheses to %s", len(hypotheses), args.out)
     else:
-        for (name, _), text in zip(inputs, hypotheses):
+        for name, text in zip(inputs.ids, hypotheses):
             sys.stdout.write(f"{name}\t{text}\n")
-    skipped = len(inputs) - len(kept)
+    total, kept = len(inputs.ids), inputs.kept
+    skipped = total - len(kept)
     if skipped:
-        detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
-        log.warning(
-            "%d of %d inputs skipped (%s); their hypotheses are empty lines", skipped, len(inputs), detail
-        )
-    if references is not None:
-        refs, hyps = [references[i] for i in kept], [hypotheses[i] for i in kept]
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(inputs.reasons.items()))
+        log.warning("%d of %d inputs skipped (%s); their hypotheses are empty lines", skipped, total, detail)
+    if inputs.references is not None:
+        refs, hyps = [inputs.references[i] for i in kept], [hypotheses[i] for i in kept]
         words = word_errors(refs, hyps)
         chars = char_errors(refs, hyps)
         print(
             f"WER {100 * words.rate:.2f}% ({words.errors}/{words.reference_length}: "
             f"{words.substitutions} sub, {words.deletions} del, {words.insertions} ins)  "
             f"CER {100 * chars.rate:.2f}% ({chars.errors}/{chars.reference_length})"
-            + (f"  over {len(kept)} of {len(inputs)} inputs ({skipped} skipped)" if skipped else ""),
+            + (f"  over {len(kept)} of {total} inputs ({skipped} skipped)" if skipped else ""),
             file=sys.stderr if not args.out else sys.stdout,
         )
+
+
+def run(args: argparse.Namespace) -> int:
+    device, lm_weights, word_bonuses = _check_options(args)
+    inputs = _open_inputs(args, device)
+    decoder = _make_decoder(args, inputs.vocab, [(a, b) for a in lm_weights for b in word_bonuses])
+    if decoder.tuning and inputs.references is None:
+        raise UserInputError("tuning --lm-weight / --word-bonus over several values needs --labels")
+    _load_usable(inputs, device)
+    if not inputs.kept:
+        if len(inputs.ids) == 1:
+            raise UserInputError(inputs.messages[0])
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(inputs.reasons.items()))
+        raise UserInputError(
+            f"none of the {len(inputs.ids)} inputs can be used ({detail}); first: {inputs.messages[0]}"
+        )
+    _report(args, inputs, _hypotheses(inputs, decoder, args.batch_size, device))
     return 0

@@ -33,6 +33,7 @@ class AudioDataset(torch.utils.data.Dataset):
         source: a manifest ``.tsv``, or a local dataset (``save_to_disk`` dir, parquet, audiofolder).
         sample_rate: output rate in Hz (other rates are resampled).
         normalize: zero mean, unit variance per utterance (for ``layer_norm`` feature encoders).
+        normalize_eps: added to the variance (the model config's ``waveform_norm.eps``).
         max_sample_size: longer items are cropped to this many samples: at a random offset
             determined by (seed, epoch, index) when ``random_crop``, else from the start.
         min_sample_size: items with fewer listed samples are dropped at construction.
@@ -55,6 +56,7 @@ class AudioDataset(torch.utils.data.Dataset):
         *,
         sample_rate: int = 16000,
         normalize: bool = False,
+        normalize_eps: float = 1e-5,
         max_sample_size: int | None = None,
         min_sample_size: int | None = None,
         random_crop: bool = True,
@@ -72,6 +74,7 @@ class AudioDataset(torch.utils.data.Dataset):
         self.source = source if isinstance(source, AudioSource) else open_source(source, labels)
         self.sample_rate = sample_rate
         self.normalize = normalize
+        self.normalize_eps = normalize_eps
         self.max_sample_size = max_sample_size
         self.min_sample_size = min_sample_size
         self.random_crop = random_crop
@@ -168,7 +171,7 @@ class AudioDataset(torch.utils.data.Dataset):
             start = self._crop_start(index, wav.size)
             wav = wav[start : start + self.max_sample_size]
         out = torch.from_numpy(np.ascontiguousarray(wav))
-        item["waveform"] = normalize_waveform(out) if self.normalize else out
+        item["waveform"] = normalize_waveform(out, self.normalize_eps) if self.normalize else out
         return item
 
     def bad_items(self) -> dict[str, int]:

@@ -237,8 +237,9 @@ def _save_hf(model: Wav2Vec2Model, directory: Path, extractor: Any) -> None:
         feature_size=1,
         sampling_rate=16000,
         padding_value=0.0,
-        do_normalize=model.cfg.encoder.norm_mode == "layer_norm",
-        return_attention_mask=model.cfg.encoder.norm_mode == "layer_norm",
+        # transformers normalises with its own eps (1e-7), not the model's (model.waveform_norm.eps)
+        do_normalize=model.waveform_norm.enabled,
+        return_attention_mask=model.waveform_norm.enabled,
     ).save_pretrained(directory)
 
 

@@ -56,14 +56,16 @@ def _register() -> None:
 _register()
 
 
-def fbank_config(cfg: Any, *, normalize_waveform: bool = False) -> SpeechvqFbankConfig:
-    """The :class:`SpeechvqFbankConfig` of a speechvq config with ``encoder.kind == "fbank"``."""
+def fbank_config(cfg: Any) -> SpeechvqFbankConfig:
+    """The :class:`SpeechvqFbankConfig` of a speechvq config with ``encoder.kind == "fbank"``;
+    its waveform normalisation is the config's ``waveform_norm`` (enabled and eps)."""
     e = cfg.encoder
     if e.kind != "fbank":
         raise UserInputError(
             f"`model.encoder.kind` must be 'fbank' for this export, but is {e.kind!r} instead."
         )
     conv = dataclasses.replace(e, kind="conv")  # hf_config_from_speechvq describes the body only
+    norm = cfg.waveform_norm
     if not hasattr(cfg, "quantizer"):  # a CtcConfig: the body as a pretraining config describes it
         from speechvq.config import Wav2Vec2Config
 
@@ -79,7 +81,7 @@ def fbank_config(cfg: Any, *, normalize_waveform: bool = False) -> SpeechvqFbank
     # _get_feat_extract_output_lengths) give the log-mel frame counts
     window, hop = round(0.025 * 16000), round(0.010 * 16000)
     body.update(
-        num_mel_bins=e.num_mels, fbank_stack=e.fbank_stack, normalize_waveform=normalize_waveform,
+        num_mel_bins=e.num_mels, fbank_stack=e.fbank_stack, normalize_waveform=norm.enabled, normalize_eps=norm.eps,
         conv_dim=[e.num_mels * e.fbank_stack], conv_kernel=[window + (e.fbank_stack - 1) * hop],
         conv_stride=[hop * e.fbank_stack], auto_map=AUTO_MAP, apply_spec_augment=False, mask_time_prob=0.0,
         mask_feature_prob=0.0,
@@ -95,8 +97,8 @@ def _body_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def to_hf_fbank(model: Any) -> Any:
     """A ``SpeechvqFbankModel`` (wav2vec 2.0 model) or ``SpeechvqFbankForCTC`` (CTC model) with
     the same weights (strict load), in eval mode."""
-    kind = type(model).__name__
-    if kind == "Wav2Vec2Model":
+    kind = getattr(model, "model_type", None)  # the registered type (speechvq.io.MODEL_TYPES)
+    if kind == "wav2vec2":
         hf_cfg = fbank_config(model.cfg)
         hf_cfg.architectures = ["SpeechvqFbankModel"]
         hf_cfg.speechvq_config = model.cfg.to_dict()
@@ -105,10 +107,10 @@ def to_hf_fbank(model: Any) -> Any:
         state = {
             k.removeprefix("wav2vec2."): v for k, v in _body_state(speechvq_to_hf_state_dict(model)).items()
         }
-    elif kind == "CtcModel":
+    elif kind == "wav2vec2_ctc":
         from speechvq.interop.hf_ctc import speechvq_to_hf_ctc_state_dict
 
-        hf_cfg = fbank_config(model.cfg, normalize_waveform=model.cfg.normalize_waveform)
+        hf_cfg = fbank_config(model.cfg)
         hf_cfg.architectures = ["SpeechvqFbankForCTC"]
         hf_cfg.vocab_size = model.cfg.vocab_size
         hf_cfg.final_dropout = model.cfg.final_dropout_p
@@ -117,7 +119,7 @@ def to_hf_fbank(model: Any) -> Any:
         if "wav2vec2.masked_spec_embed" not in state:
             state["wav2vec2.masked_spec_embed"] = model.mask_embedding.detach().clone()
     else:
-        raise UserInputError(f"a {kind} cannot be exported to transformers")
+        raise UserInputError(f"a {type(model).__name__} cannot be exported to transformers")
     hf.load_state_dict(state, strict=True)
     return hf.eval()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from speechvq.config import ContextConfig
 from speechvq.models import lowp_guard
 from speechvq.models.common import Dropout, Linear, dropout, lengths_to_padding_mask, linear
+from speechvq.models.kernels.grouped_conv import GroupedConvFlippedBackward
 
 
 class ConvPositionalEmbedding(nn.Module):
@@ -52,7 +53,7 @@ class ConvPositionalEmbedding(nn.Module):
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         """The CPU conv, ``[B, D, T]`` -> ``[B, D, T']``, in the inputs' dtype."""
-        return _GroupedConvFlippedBackward.apply(x, weight, bias, self.conv.padding[0], self.conv.groups)
+        return GroupedConvFlippedBackward.apply(x, weight, bias, self.conv.padding[0], self.conv.groups)
 
     @property
     def _shape(self) -> str:
@@ -64,50 +65,6 @@ class ConvPositionalEmbedding(nn.Module):
         conv = self.conv
         shape = (conv.out_channels, conv.in_channels // conv.groups, conv.kernel_size[0])
         return lowp_guard.randn_inputs((2, conv.in_channels, 50), shape, (conv.out_channels,))(generator)
-
-
-class _GroupedConvFlippedBackward(torch.autograd.Function):
-    """``F.conv1d(x, weight, bias, padding=p, groups=g)`` whose input gradient is computed as a
-    forward convolution of the output gradient with the flipped, transposed kernel.
-
-    oneDNN's grouped backward-data kernel runs at half its forward rate on the positional conv's
-    shapes (2 threads: 56 against 39 ms for BASE in bf16, 7.2 against 4.1 ms for SMALL; bench in
-    docs/performance.md); the forward formulation computes the same sums. The weight gradient is
-    still oneDNN's backward-weights.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, groups: int
-    ) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.padding, ctx.groups, ctx.has_bias = padding, groups, bias is not None
-        return F.conv1d(x, weight, bias, padding=padding, groups=groups)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
-        x, weight = ctx.saved_tensors
-        padding, groups = ctx.padding, ctx.groups
-        out_channels, in_per_group, kernel = weight.shape
-        grad = grad.contiguous()
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            # x[s] reached output t = s + p - j through tap j: correlate the gradient with the
-            # kernel flipped in time and transposed within each group, padded k - 1 - p
-            flipped = (
-                weight.view(groups, out_channels // groups, in_per_group, kernel)
-                .transpose(1, 2)
-                .flip(-1)
-                .reshape(groups * in_per_group, out_channels // groups, kernel)
-            )
-            grad_x = F.conv1d(grad, flipped, padding=kernel - 1 - padding, groups=groups)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, [1], [padding], [1], False, [0], groups, [False, True, False]
-            )[1]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum((0, 2))
-        return grad_x, grad_weight, grad_bias, None, None
 
 
 class SelfAttention(nn.Module):
@@ -366,15 +323,36 @@ class ContextNetwork(nn.Module):
             and bool((output_frames & padding_mask).any())
         ):
             raise ValueError("`output_frames` must mark valid frames only, but marks padding.")
+        frames = x.size(1)
+        x, padding_mask, seq_lens = self._embed(x, padding_mask)
+        rows = None  # the selected frames as flat indices into x.reshape(-1, D), either layout
+        if output_frames is not None:
+            selected = output_frames if seq_lens is None else pack(output_frames[..., None], seq_lens)
+            rows = selected.reshape(-1).nonzero().squeeze(1)
+        x, hidden = self._run_blocks(x, padding_mask, seq_lens, rows, num_layers, layer_drop_generator)
+        if self.layer_norm_first and num_layers is None:
+            x = self.layer_norm(x)
+        if seq_lens is None:
+            return ContextOutput(last_hidden_state=x, hidden_states=tuple(hidden))
+        if output_frames is None:  # with output_frames x is already [R, D] at the selected frames
+            x = unpack(x, seq_lens, frames)
+        return ContextOutput(last_hidden_state=x, hidden_states=UnpackedStates(hidden, seq_lens, frames))
+
+    def _embed(
+        self, x: Tensor, padding_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, list[int] | None]:
+        """The blocks' input: padding zeroed, the positional conv added, on the CPU the valid
+        frames packed, then (post-LN) the LayerNorm and the dropout. Returns (``[B, T, D]``, the
+        padding mask) or, packed, (``[N, D]``, None, the utterances' frame counts)."""
         if padding_mask is not None:
             x = x.masked_fill(padding_mask[..., None], 0.0)
         x = x + self.pos_conv(x)
-        frames = x.size(1)
         seq_lens = None
         if padding_mask is not None and x.device.type == "cpu":
             # on the CPU the blocks run on the valid frames only, packed: no padding is computed
             # and each utterance attends within itself (GPUs keep the padded layout, which suits
             # their kernels); the results at valid frames are the padded layout's
+            frames = x.size(1)
             lengths = frames - padding_mask.sum(1)
             if not torch.equal(padding_mask, lengths_to_padding_mask(lengths, frames)):
                 raise ValueError("`padding_mask` must mark a suffix of padded frames in each row.")
@@ -383,11 +361,20 @@ class ContextNetwork(nn.Module):
             padding_mask = None
         if not self.layer_norm_first:
             x = self.layer_norm(x)
-        x = self.dropout(x)
-        rows = None  # the selected frames as flat indices into x.reshape(-1, D), either layout
-        if output_frames is not None:
-            selected = output_frames if seq_lens is None else pack(output_frames[..., None], seq_lens)
-            rows = selected.reshape(-1).nonzero().squeeze(1)
+        return self.dropout(x), padding_mask, seq_lens
+
+    def _run_blocks(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None,
+        seq_lens: list[int] | None,
+        rows: Tensor | None,
+        num_layers: int | None,
+        layer_drop_generator: torch.Generator | None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The first ``num_layers`` blocks (all if None) with LayerDrop: (the last output, the
+        input and each output that ran). With ``rows`` the last block's output is ``[R, D]`` at
+        those frames (and left out of the list); if it was dropped, they are read off its input."""
         hidden = [x]
         blocks = list(self.layers)[: len(self.layers) if num_layers is None else num_layers]
         for i, layer in enumerate(blocks):
@@ -407,13 +394,7 @@ class ContextNetwork(nn.Module):
                 rows = None  # applied
         if rows is not None:  # the last block was dropped (or none ran): select from its input
             x = x.reshape(-1, x.size(-1))[rows]
-        if self.layer_norm_first and num_layers is None:
-            x = self.layer_norm(x)
-        if seq_lens is None:
-            return ContextOutput(last_hidden_state=x, hidden_states=tuple(hidden))
-        if output_frames is None:  # with output_frames x is already [R, D] at the selected frames
-            x = unpack(x, seq_lens, frames)
-        return ContextOutput(last_hidden_state=x, hidden_states=UnpackedStates(hidden, seq_lens, frames))
+        return x, hidden
 
 
 def build_context_network(cfg: ContextConfig) -> ContextNetwork:

@@ -27,10 +27,12 @@ from torch import Tensor, nn
 from speechvq.config import (
     MAX_PARAMETERS,
     MAX_SIZE,
+    TRANSFORMERS_NORMALIZE_EPS,
     ContextConfig,
     FeatureEncoderConfig,
     MaskConfig,
     Wav2Vec2Config,
+    WaveformNorm,
     _from_plain,
     _to_plain,
     approx_parameters,
@@ -40,11 +42,12 @@ from speechvq.models.common import Linear, lengths_to_padding_mask, padding_mask
 from speechvq.models.context import ContextNetwork, build_context_network
 from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
 from speechvq.models.masking import compute_span_mask
-from speechvq.models.wav2vec2 import FeatureProjection, Wav2Vec2Model
+from speechvq.models.protocol import Layer, check_layer
+from speechvq.models.wav2vec2 import FeatureProjection, Wav2Vec2Model, transformer_layer
 
-# eps of transformers' Wav2Vec2FeatureExtractor zero-mean/unit-variance normalisation; the same
-# value here keeps an exported model's outputs identical.
-NORMALIZE_EPS = 1e-7
+NORMALIZE_EPS = TRANSFORMERS_NORMALIZE_EPS
+"""eps of the normalisation inside :meth:`CtcModel.forward`: transformers' feature extractor's, so
+that an exported model's outputs stay identical."""
 
 
 def _finetune_mask() -> MaskConfig:
@@ -89,6 +92,12 @@ class CtcConfig:
     """Normalise each waveform to zero mean and unit variance over its valid samples inside
     :meth:`CtcModel.forward` (fairseq ``task.normalize``, transformers ``do_normalize``). Must match
     pretraining: False for BASE, True for LARGE."""
+
+    @property
+    def waveform_norm(self) -> WaveformNorm:
+        """Input normalisation: ``normalize_waveform``, applied inside the forward with
+        transformers' eps (1e-7), so callers pass raw waveforms."""
+        return WaveformNorm(enabled=self.normalize_waveform, eps=NORMALIZE_EPS, in_forward=True)
 
     def __post_init__(self) -> None:
         for name, cls in (
@@ -207,9 +216,12 @@ class CtcModel(nn.Module):
         feature_projection: ``[B, T, C]`` -> ``[B, T, D]``.
         context: the Transformer context network.
         cfg: the config the parts were built from.
+
+    It implements :class:`~speechvq.models.protocol.AudioModel`.
     """
 
     model_type = "wav2vec2_ctc"
+    has_transformer = True
 
     def __init__(
         self,
@@ -252,11 +264,39 @@ class CtcModel(nn.Module):
         """The output layer's parameters (the only ones trained while :attr:`body_frozen`)."""
         return list(self.lm_head.parameters())
 
-    # -- forward --------------------------------------------------------------------------------
+    # -- the AudioModel protocol -----------------------------------------------------------------
+
+    @property
+    def frame_stride(self) -> int:
+        return int(self.feature_encoder.frame_stride)
+
+    @property
+    def receptive_field(self) -> int:
+        return int(self.feature_encoder.receptive_field)
+
+    @property
+    def waveform_norm(self) -> WaveformNorm:
+        return self.cfg.waveform_norm
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.context.num_layers
 
     def output_lengths(self, lengths: Tensor) -> Tensor:
         """``[B]`` samples -> ``[B]`` frames."""
         return self.feature_encoder.output_lengths(lengths)
+
+    @torch.no_grad()
+    def layer_features(
+        self, waveforms: Tensor, lengths: Tensor | None, layer: Layer
+    ) -> tuple[Tensor, Tensor]:
+        """Unmasked features ``[B, T, D]`` of ``layer`` (see :mod:`speechvq.models.protocol`) of raw
+        waveforms (normalised here when configured), and frame lengths ``[B]``."""
+        check_layer(self, layer)
+        features, frame_lengths, padding_mask = self.encode(waveforms, lengths)
+        return transformer_layer(self, features, padding_mask, layer), frame_lengths
+
+    # -- forward --------------------------------------------------------------------------------
 
     def encode(self, waveforms: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Per-utterance waveform normalisation if configured (transformers' do_normalize), then the

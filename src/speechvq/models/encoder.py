@@ -13,7 +13,15 @@ from torch.utils.checkpoint import checkpoint
 
 from speechvq.config import FeatureEncoderConfig
 from speechvq.models import lowp_guard
-from speechvq.models.common import GradMultiply, linear, matmul_nt
+from speechvq.models.common import GradMultiply, linear
+from speechvq.models.kernels.conv import (
+    ChannelAffine,
+    KernelMajorColumns,
+    WindowBlocksConv,
+    bf16_on_cpu,
+    conv_time_major,
+    fp32_on_cpu,
+)
 
 
 def conv_output_lengths(lengths: Tensor, conv_layers: tuple[tuple[int, int, int], ...]) -> Tensor:
@@ -91,38 +99,13 @@ class MaskedGroupNorm(nn.Module):
             var = torch.stack([v for v, _ in stats])[:, None, :]
             mean = torch.stack([m for _, m in stats])[:, None, :]
         scale, shift = self.scale_shift(var, mean)
-        return _ChannelAffine.apply(x, scale.to(x.dtype), shift.to(x.dtype))
+        return ChannelAffine.apply(x, scale.to(x.dtype), shift.to(x.dtype))
 
     def scale_shift(self, var: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
         """The normalisation as ``x * scale + shift``: fp32 ``[B, 1, C]`` each, from the fp32
         statistics."""
         scale = torch.rsqrt(var + self.eps) * self.weight.float()
         return scale, self.bias.float() - mean * scale
-
-
-class _ChannelAffine(torch.autograd.Function):
-    """``x * scale + shift`` for ``x`` ``[B, T, C]`` and per-utterance ``scale``, ``shift`` ``[B, 1, C]``:
-    ``torch.addcmul`` with a leaner backward.
-
-    Autograd's addcmul backward multiplies the whole input by its ``value`` (1) before the product
-    with the gradient, one extra pass over the largest activation of the encoder (forward +
-    backward on one 4 s utterance in bf16: 8.3 ms with it, 3.6 ms here). The gradients here are
-    the same values: ``grad * scale``, ``sum_t(grad * x)`` and ``sum_t(grad)``, in the input's
-    dtype.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        ctx.save_for_backward(x, scale)
-        return torch.addcmul(shift, x, scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, scale = ctx.saved_tensors
-        grad_x = grad * scale if ctx.needs_input_grad[0] else None
-        grad_scale = (grad * x).sum(dim=1, keepdim=True) if ctx.needs_input_grad[1] else None
-        grad_shift = grad.sum(dim=1, keepdim=True) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_scale, grad_shift
 
 
 _FEW_COLUMNS = 64
@@ -184,7 +167,7 @@ class ConvLayerBlock(nn.Module):
     fastest on this layer's shape and precision: a matrix product over unfolded frames (im2col,
     one matmul with fp32 accumulation, whose backward is also a matmul) for the first layer and
     off the CPU; for the other layers on the CPU, oneDNN's channels-last convolution in bf16 and,
-    in fp32, matmuls over strided views of one utterance (:class:`_WindowBlocksConv`, no im2col
+    in fp32, matmuls over strided views of one utterance (:class:`WindowBlocksConv`, no im2col
     copy). The first layer's GroupNorm statistics come from the moments of its input windows
     (:func:`linear_output_moments`). ``conv`` only holds the parameters (``conv.weight`` is
     ``[C_out, C_in, k]``, as in fairseq and transformers).
@@ -208,23 +191,23 @@ class ConvLayerBlock(nn.Module):
         :meth:`window_weights` in fp32."""
         if lengths is not None:
             lengths = conv_output_lengths(lengths, ((0, self.kernel, self.stride),))
-        if not self.few_columns and _bf16_on_cpu(x):
+        if not self.few_columns and bf16_on_cpu(x):
             how = self.low_precision_mode("conv_time_major")
             if how == lowp_guard.NATIVE:
-                x = _conv_time_major(x, self.conv.weight, self.conv.bias, self.stride, kernel)
+                x = conv_time_major(x, self.conv.weight, self.conv.bias, self.stride, kernel)
             else:
                 x = lowp_guard.island(
                     how, torch.bfloat16, self._time_major, [x, self.conv.weight, self.conv.bias]
                 )
             return F.gelu(self.norm(x, lengths) if self.norm is not None else x), lengths
-        if x.size(0) == 1 and _fp32_on_cpu(x) and self.runs_window_blocks():
+        if x.size(0) == 1 and fp32_on_cpu(x) and self.runs_window_blocks():
             # one utterance on the CPU (ConvFeatureEncoder's CPU path), fp32: no im2col copy
             blocks = kernel if kernel is not None else self.window_weights()
-            x = _WindowBlocksConv.apply(x.squeeze(0), *blocks, self.conv.bias, self.kernel, self.stride)[None]
+            x = WindowBlocksConv.apply(x.squeeze(0), *blocks, self.conv.bias, self.kernel, self.stride)[None]
             return F.gelu(self.norm(x, lengths) if self.norm is not None else x), lengths
         # (C_out, C_in, k) -> (C_out, k, C_in) -> (C_out, k*C_in), the columns' kernel-major order
         weight = self.conv.weight.permute(0, 2, 1).reshape(self.conv.out_channels, -1)
-        cols = _KernelMajorColumns.apply(x, self.kernel, self.stride)  # (B, S, C) -> (B, S', k*C)
+        cols = KernelMajorColumns.apply(x, self.kernel, self.stride)  # (B, S, C) -> (B, S', k*C)
         if self.few_columns and isinstance(self.norm, MaskedGroupNorm):
             # GroupNorm folded into the matmul: y = (W x + b) * scale + shift = (W * scale) x +
             # (b * scale + shift), with the statistics from the window moments. No pass over the
@@ -264,8 +247,8 @@ class ConvLayerBlock(nn.Module):
         return lowp_guard.mode(op, shape, torch.bfloat16, self._time_major, lowp_guard.randn_inputs(*probe))
 
     def _time_major(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """:func:`_conv_time_major` of ``[B, S, C_in]``, in the inputs' dtype."""
-        return _conv_time_major(x, weight, bias, self.stride)
+        """:func:`conv_time_major` of ``[B, S, C_in]``, in the inputs' dtype."""
+        return conv_time_major(x, weight, bias, self.stride)
 
     def _guarded_matmul(self, op: str, fn: Any, inputs: list[Tensor], rows: list[tuple[int, int]]) -> Tensor:
         """The first layer's batched matmul ``fn(*inputs)``, checked by :mod:`lowp_guard` in
@@ -280,12 +263,12 @@ class ConvLayerBlock(nn.Module):
         return lowp_guard.call(op, shape, fn, inputs, lowp_guard.randn_inputs(*probe))
 
     def runs_window_blocks(self) -> bool:
-        """Whether an fp32 utterance on the CPU runs through :class:`_WindowBlocksConv` (every layer
+        """Whether an fp32 utterance on the CPU runs through :class:`WindowBlocksConv` (every layer
         but the first, whose windows span at most two strides)."""
         return not self.few_columns and self.kernel <= 2 * self.stride
 
     def window_weights(self) -> tuple[Tensor, Tensor | None]:
-        """:class:`_WindowBlocksConv`'s two weight blocks, differentiable: the kernel-major
+        """:class:`WindowBlocksConv`'s two weight blocks, differentiable: the kernel-major
         ``[C_out, k*C_in]`` weight's first ``min(k, s) * C_in`` columns and the rest (None when
         ``k <= s``), each contiguous. oneDNN copies a weight that is not dense for every product,
         so a caller that convolves several utterances makes these once for all of them."""
@@ -298,191 +281,13 @@ class ConvLayerBlock(nn.Module):
 
     def precast_kernel(self) -> tuple[Tensor, Tensor] | None:
         """The weight as the channels-last ``[C_out, C_in, 1, k]`` kernel that oneDNN convolves
-        with on the CPU, for :class:`_PrecastKernelConv`: in the weight's dtype (differentiable:
+        with on the CPU, for :class:`PrecastKernelConv`: in the weight's dtype (differentiable:
         the utterances' gradients are summed in this layout, then transposed back once) and in
         bf16 (detached). None for a layer that runs as a matmul (the first)."""
         if self.few_columns:
             return None
         kernel = self.conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
         return kernel, kernel.detach().to(torch.bfloat16)
-
-
-class _PrecastKernelConv(torch.autograd.Function):
-    """:func:`_conv_time_major`'s bf16 oneDNN convolution of a ``[B, C, 1, S]`` channels-last
-    image with a kernel prepared once for the batch (:meth:`ConvLayerBlock.precast_kernel`).
-
-    On the CPU the encoder convolves one utterance at a time, and autocast would cast the fp32
-    weight again for each: a layout copy and a cast per utterance and layer, and in the backward
-    a gradient transposed back per utterance (4-5 ms of a SMALL bf16 step). Here the gradient of
-    the channels-last fp32 kernel is each utterance's bf16 gradient cast to fp32, which autograd
-    sums in fp32 before the one transposition: the values autocast's casts give.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, image: Tensor, weight: Tensor, kernel: Tensor, bias: Tensor | None, stride: int
-    ) -> Tensor:
-        """image: ``[B, C_in, 1, S]``; weight: the channels-last kernel (fp32 under autocast);
-        kernel: its bf16 copy."""
-        ctx.image_dtype, ctx.weight_dtype, ctx.stride = image.dtype, weight.dtype, stride
-        ctx.has_bias = bias is not None
-        image = image.to(kernel.dtype)
-        ctx.save_for_backward(image, kernel)
-        bias = bias.to(kernel.dtype) if bias is not None else None
-        with torch.autocast("cpu", enabled=False):
-            return F.conv2d(image, kernel, bias, stride=(1, stride))  # (B, C_out, 1, S'), channels-last
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, Tensor | None, None]:
-        image, kernel = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
-        grad_image, grad_kernel, grad_bias = torch.ops.aten.convolution_backward(
-            grad.to(kernel.dtype), image, kernel, [kernel.size(0)] if ctx.has_bias else None,
-            [1, ctx.stride], [0, 0], [1, 1], False, [0, 0], 1, mask,
-        )  # fmt: skip
-        return (
-            grad_image.to(ctx.image_dtype) if mask[0] else None,
-            grad_kernel.to(ctx.weight_dtype) if mask[1] else None,  # channels-last, as the weight
-            None,
-            grad_bias.to(ctx.weight_dtype) if mask[2] else None,
-            None,
-        )
-
-
-def _fp32_on_cpu(x: Tensor) -> bool:
-    """Whether this layer's convolution runs in fp32 on the CPU (fp32 input, no CPU autocast)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-
-
-def _bf16_on_cpu(x: Tensor) -> bool:
-    """Whether this layer's convolution runs in bf16 on the CPU (bf16 input, or bf16 autocast)."""
-    if x.device.type != "cpu":
-        return False
-    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return x.dtype == torch.bfloat16 or autocast_bf16
-
-
-def _conv_time_major(
-    x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, kernel: tuple[Tensor, Tensor] | None = None
-) -> Tensor:
-    """``nn.Conv1d`` of a time-major ``[B, S, C]`` tensor without a layout copy: ``[B, S, C]`` is
-    the memory of a channels-last ``[B, C, 1, S]`` image, which oneDNN convolves directly (as a
-    ``1 x k`` conv2d) into a channels-last output, read back as ``[B, S', C_out]``. In bf16 on CPU
-    its forward + backward beat the im2col matmul by 15-30% on the k = 3 layers (bench in
-    docs/performance.md); the im2col matmul stays faster in fp32 and for the first layer.
-    ``kernel``: the layer's :meth:`ConvLayerBlock.precast_kernel`, if the caller made it."""
-    image = x.unsqueeze(1).permute(0, 3, 1, 2)  # (B, S, C) -> (B, C, 1, S), channels-last strides
-    if kernel is not None:
-        y = _PrecastKernelConv.apply(image, *kernel, bias, stride)
-    else:
-        cl_weight = weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (C_out, C_in, 1, k)
-        y = F.conv2d(image, cl_weight, bias, stride=(1, stride))  # (B, C_out, 1, S'), channels-last
-    return y.permute(0, 2, 3, 1).squeeze(1)  # (B, C_out, 1, S') -> (B, S', C_out)
-
-
-class _WindowBlocksConv(torch.autograd.Function):
-    """A strided conv of one time-major utterance, ``[S, C]`` -> ``[S', C_out]``, as matmuls over
-    views of the input, without an im2col copy, for kernels no longer than two strides.
-
-    Viewed as rows of ``s * C`` values, the input holds window ``t``'s first ``min(k, s)`` frames
-    in row ``t`` and its remaining ``k - s`` frames in row ``t + 1``; so the conv is
-    ``A @ W_A^T + B @ W_B^T`` over two strided views (``B`` only when ``k > s``), and its backward
-    is matmuls over the same views (:func:`matmul_nt`: oneDNN's in fp32 on x86). It skips the
-    im2col matmul's column copy, scatter-add and zero fill.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight_a: Tensor,
-        weight_b: Tensor | None,
-        bias: Tensor | None,
-        kernel: int,
-        stride: int,
-    ) -> Tensor:
-        """x: ``[S, C]``; weight_a, weight_b: :meth:`ConvLayerBlock.window_weights`, the
-        kernel-major weight's columns for the two views; bias: ``[C_out]``."""
-        x = x.contiguous()
-        frames = (x.size(0) - kernel) // stride + 1
-        ctx.save_for_backward(x, weight_a, weight_b)
-        ctx.kernel, ctx.stride, ctx.has_bias = kernel, stride, bias is not None
-        views = _window_blocks(x, frames, kernel, stride)
-        y = matmul_nt(views[0], weight_a, bias)
-        if weight_b is not None:
-            y = matmul_nt(views[1], weight_b, add=y)
-        return y  # (S', C_out)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight_a, weight_b = ctx.saved_tensors
-        kernel, stride = ctx.kernel, ctx.stride
-        grad = grad.contiguous()
-        frames = grad.size(0)
-        views = _window_blocks(x, frames, kernel, stride)
-        weights = [weight_a] if weight_b is None else [weight_a, weight_b]
-        grad_x = grad_bias = None
-        grad_weights: list[Tensor | None] = [None, None]
-        if ctx.needs_input_grad[0]:
-            # k >= s: the first view tiles the first s * S' frames; k < s: the gaps between windows
-            # get no gradient
-            grad_x = torch.zeros_like(x)
-            grad_views = _window_blocks(grad_x, frames, kernel, stride)
-            grad_views[0].copy_(matmul_nt(grad, weight_a.t()))
-            if weight_b is not None:
-                grad_views[1].add_(matmul_nt(grad, weight_b.t()))  # frames shared with the next window
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # (C_out, columns) = grad^T @ view: oneDNN copies a matmul's x to contiguous, so the
-            # gradient is transposed once here, and the views are its weight
-            grad_t = grad.t().contiguous()  # (C_out, S')
-            for i, view in enumerate(views[: len(weights)]):
-                if ctx.needs_input_grad[1 + i]:
-                    grad_weights[i] = matmul_nt(grad_t, view.t())
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad.sum(0)
-        return grad_x, grad_weights[0], grad_weights[1], grad_bias, None, None
-
-
-def _window_blocks(x: Tensor, frames: int, kernel: int, stride: int) -> list[Tensor]:
-    """Strided views of contiguous ``[S, C]``: ``[frames, min(k, s)*C]`` holding each window's
-    first ``min(k, s)`` frames, then (if ``k > s``) ``[frames, (k-s)*C]`` holding the rest."""
-    channels = x.size(1)
-    row = stride * channels
-    first = min(kernel, stride) * channels
-    views = [x.as_strided((frames, first), (row, 1), x.storage_offset())]
-    if kernel > stride:
-        views.append(x.as_strided((frames, (kernel - stride) * channels), (row, 1), x.storage_offset() + row))
-    return views
-
-
-class _KernelMajorColumns(torch.autograd.Function):
-    """im2col in kernel-major order: ``[B, S, C]`` -> ``[B, S', k*C]``, column ``j*C + c`` = input
-    frame ``t*s + j``, channel ``c``.
-
-    Kernel-major keeps the channel axis contiguous in both directions: the forward copy moves rows
-    of C values, and the backward adds k strided views of the gradient into the input gradient,
-    where autograd's ``unfold_backward`` (the channel-major layout) scatters element by element and
-    took 14% of a SMALL step.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, kernel: int, stride: int) -> Tensor:
-        batch, samples, channels = x.shape
-        frames = (samples - kernel) // stride + 1
-        ctx.shape, ctx.kernel, ctx.stride = x.shape, kernel, stride
-        windows = x.unfold(1, kernel, stride)  # (B, S, C) -> (B, S', C, k)
-        return windows.transpose(2, 3).reshape(batch, frames, kernel * channels)  # (B, S', k*C)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        batch, samples, channels = ctx.shape
-        kernel, stride = ctx.kernel, ctx.stride
-        frames = grad.size(1)
-        grad_x = grad.new_zeros(batch, samples, channels)
-        taps = grad.view(batch, frames, kernel, channels)
-        for j in range(kernel):  # frame t, tap j reads input frame t*s + j
-            grad_x[:, j : j + stride * (frames - 1) + 1 : stride] += taps[:, :, j]
-        return grad_x, None, None
 
 
 class ConvFeatureEncoder(nn.Module):
@@ -542,12 +347,12 @@ class ConvFeatureEncoder(nn.Module):
                 # utterance); padded frames are zeros. Off the CPU the batched call stays (one
                 # launch per layer; no GPU has been available to time the per-utterance form).
                 frames = int(self.output_lengths(torch.tensor([samples]))[0])
-                # each layer's weight laid out once for all utterances: bf16 cast (_PrecastKernelConv)
-                # or fp32 window blocks (_WindowBlocksConv)
+                # each layer's weight laid out once for all utterances: bf16 cast (PrecastKernelConv)
+                # or fp32 window blocks (WindowBlocksConv)
                 kernels = None
-                if _bf16_on_cpu(waveforms):
+                if bf16_on_cpu(waveforms):
                     kernels = [layer.precast_kernel() for layer in self.layers]
-                elif _fp32_on_cpu(waveforms):
+                elif fp32_on_cpu(waveforms):
                     kernels = [
                         layer.window_weights() if layer.runs_window_blocks() else None
                         for layer in self.layers

@@ -8,29 +8,18 @@ the inputs assigned to them (VQ-VAE-2), with optional reset of unused ("dead") c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechvq.config import KMeansQuantizerConfig
-from speechvq.models.quantizer import QuantizerOutput, perplexity
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _all_reduce_sum_(tensor: Tensor) -> None:
-    """Sum ``tensor`` over data-parallel ranks in place (no-op without torch.distributed)."""
-    if _distributed():
-        torch.distributed.all_reduce(tensor)
+from speechvq.models.quantizer import QuantizerOutput, VectorQuantizer, perplexity
+from speechvq.models.randomness import Draws
 
 
 def _broadcast_from_first_(tensor: Tensor) -> None:
     """Copy rank 0's ``tensor`` to every rank in place (no-op without torch.distributed)."""
-    if _distributed():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast(tensor, src=0)
 
 
@@ -60,12 +49,12 @@ def masked_mse(a: Tensor, b: Tensor, frame_mask: Tensor | None) -> Tensor:
     return (squares * weights).sum() / (weights.sum() * squares.size(-1)).clamp(min=1.0)
 
 
-class KMeansVectorQuantizer(nn.Module):
+class KMeansVectorQuantizer(VectorQuantizer):
     """G groups of V codewords picked by nearest neighbour, with straight-through gradients.
 
     The input is first projected by a grouped 1x1 conv and a GroupNorm with G groups (fairseq
     ``projection``), giving z_e; the output is the nearest codewords z_q, whose gradient is copied
-    to z_e. ``extra_loss`` of the output is ``||sg(z_e) - z_q||^2 + gamma ||z_e - sg(z_q)||^2``
+    to z_e. ``loss`` of the output is ``||sg(z_e) - z_q||^2 + gamma ||z_e - sg(z_q)||^2``
     (mean over elements); in EMA mode the codebook term is dropped and the codewords are updated
     in place on every training call.
 
@@ -130,17 +119,6 @@ class KMeansVectorQuantizer(nn.Module):
             self.cluster_size.fill_(1.0)
             self.embed_avg.copy_(self.codebook)
 
-    @property
-    def num_codes(self) -> int:
-        return self.num_codebooks * self.codebook_size
-
-    @property
-    def temperature(self) -> float:
-        return 0.0
-
-    def set_num_updates_(self, num_updates: int) -> None:
-        """No schedule to anneal; present so that models can call it on any quantizer."""
-
     def expanded_codebook(self) -> Tensor:
         """``[G, V, d]`` codewords of every group (the shared book repeated if ``combine_groups``)."""
         if self.combine_groups:
@@ -191,12 +169,15 @@ class KMeansVectorQuantizer(nn.Module):
         self,
         x: Tensor,
         frame_mask: Tensor | None = None,
-        generators: Sequence[torch.Generator] | None = None,
+        *,
+        draws: Draws | None = None,
+        counted: Tensor | None = None,
     ) -> QuantizerOutput:
         """Quantize ``x`` (``[B, T, C]``); ``frame_mask`` (``[B, T]`` bool, True = valid) selects
-        the frames that count in the losses, the perplexity and the codebook updates.
-        ``generators`` is accepted for interface parity with the Gumbel quantizer; nearest-codeword
-        assignment draws no noise."""
+        the frames that count in the losses, the perplexity and the codebook updates. ``draws``
+        and ``counted`` are the :class:`VectorQuantizer` interface's: nearest-codeword assignment
+        draws no noise, and the losses and codebook statistics must cover every valid frame, so
+        ``counted`` does not narrow them."""
         batch, frames, _ = x.shape
         g = self.num_codebooks
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -225,7 +206,7 @@ class KMeansVectorQuantizer(nn.Module):
             prob_perplexity=code_ppl.detach(),
             temperature=0.0,
             num_codes=self.num_codes,
-            extra_loss=loss,
+            loss=loss,
         )
 
     @torch.no_grad()
@@ -241,8 +222,8 @@ class KMeansVectorQuantizer(nn.Module):
         counts = hard.sum(0)  # (G', V)
         sums = torch.einsum("ngv,ngd->gvd", hard, flat.float())  # (G', V, d)
         # Data-parallel ranks must see the same statistics, or their codebooks would drift apart.
-        _all_reduce_sum_(counts)
-        _all_reduce_sum_(sums)
+        if self.cross_process_sum is not None:
+            counts, sums = self.cross_process_sum(counts), self.cross_process_sum(sums)
         decay = 0.99 if self.ema_decay is None else self.ema_decay
         self.cluster_size.lerp_(counts, 1.0 - decay)
         if self.ema_decay is not None:
@@ -271,8 +252,9 @@ class KMeansVectorQuantizer(nn.Module):
             self.embed_avg[book, index] = vectors
             self.cluster_size[book, index] = 1.0
         # The random picks differ per rank: every rank takes rank 0's codebook.
-        for tensor in (self.codebook.data, self.embed_avg, self.cluster_size):
-            _broadcast_from_first_(tensor)
+        if self.cross_process_sum is not None:
+            for tensor in (self.codebook.data, self.embed_avg, self.cluster_size):
+                _broadcast_from_first_(tensor)
 
 
 def build_kmeans_quantizer(cfg: KMeansQuantizerConfig, input_dim: int) -> KMeansVectorQuantizer:

@@ -1,17 +1,17 @@
 """Span masking and distractor sampling, in torch, on the model's device.
 
 Semantics follow fairseq's ``compute_mask_indices`` (static span lengths) and
-``Wav2Vec2Model.sample_negatives``; randomness comes from an optional ``torch.Generator``, or from
-one generator per utterance (the ``*_per_utterance`` variants), which makes an utterance's draws
-independent of the batch it is in.
+``Wav2Vec2Model.sample_negatives``; randomness comes from a :class:`~speechvq.models.randomness.Draws`
+(or a plain generator): one generator for the batch, or one per utterance, which makes an
+utterance's draws independent of the batch it is in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
+
+from speechvq.models.randomness import Draws, RandomSource
 
 
 def _rand(shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None) -> Tensor:
@@ -36,7 +36,7 @@ def compute_span_mask(
     mask_length: int,
     min_masks: int = 0,
     require_same_masks: bool = False,
-    generator: torch.Generator | None = None,
+    generator: RandomSource = None,
 ) -> Tensor:
     """Random time spans to mask.
 
@@ -52,11 +52,32 @@ def compute_span_mask(
         mask_length: M.
         min_masks: minimum spans per utterance.
         require_same_masks: trim every row to the smallest masked count of the batch.
-        generator: optional RNG for reproducibility.
+        generator: the draws (:class:`Draws`, a generator or None). With one generator per
+            utterance, utterance ``b`` draws only from its own and only for its valid frames, so
+            its mask does not depend on the rest of the batch or on the padding (except for the
+            batch-wide trim of ``require_same_masks``, which draws from each row's generator too).
 
     Returns:
         ``[B, T]`` bool, True where masked.
     """
+    draws = Draws.of(generator)
+    spans = dict(mask_prob=mask_prob, mask_length=mask_length, min_masks=min_masks)
+    if draws.per_utterance:
+        return _span_mask_per_utterance(lengths, max_len, draws, require_same_masks, **spans)
+    return _span_mask(lengths, max_len, draws.generator, require_same_masks, **spans)
+
+
+def _span_mask(
+    lengths: Tensor,
+    max_len: int,
+    generator: torch.Generator | None,
+    require_same_masks: bool,
+    *,
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int,
+) -> Tensor:
+    """:func:`compute_span_mask` with one generator (or the global RNG) for the batch."""
     device = lengths.device
     lengths = lengths.to(torch.long)
     batch = lengths.numel()
@@ -81,7 +102,7 @@ def compute_span_mask(
 
 
 def sample_distractors(
-    mask: Tensor, num_negatives: int, generator: torch.Generator | None = None
+    mask: Tensor, num_negatives: int, generator: RandomSource = None
 ) -> tuple[Tensor, Tensor]:
     """Draw K distractors for every masked frame from the masked frames of the same utterance.
 
@@ -93,12 +114,23 @@ def sample_distractors(
     Args:
         mask: ``[B, T]`` bool, masked frames.
         num_negatives: K.
-        generator: optional RNG.
+        generator: the draws (:class:`Draws`, a generator or None); with one generator per
+            utterance, an utterance's distractors depend only on its own masked frames.
 
     Returns:
         ``target_index`` ``[N]`` and ``distractor_index`` ``[N, K]``, flat indices into the
         ``B * T`` frames (N = number of masked frames, utterance-major order).
     """
+    draws = Draws.of(generator)
+    if draws.per_utterance:
+        return _distractors_per_utterance(mask, num_negatives, draws)
+    return _distractors(mask, num_negatives, draws.generator)
+
+
+def _distractors(
+    mask: Tensor, num_negatives: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_distractors` with one generator (or the global RNG) for the batch."""
     _batch, frames = mask.shape
     target_index = mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
     utt = torch.div(target_index, frames, rounding_mode="floor")
@@ -116,28 +148,23 @@ def sample_distractors(
     return target_index, distractor_index
 
 
-def compute_span_mask_per_utterance(
+def _span_mask_per_utterance(
     lengths: Tensor,
     max_len: int,
+    draws: Draws,
+    require_same_masks: bool,
     *,
     mask_prob: float,
     mask_length: int,
-    min_masks: int = 0,
-    require_same_masks: bool = False,
-    generators: Sequence[torch.Generator],
+    min_masks: int,
 ) -> Tensor:
-    """:func:`compute_span_mask` with one generator per utterance.
-
-    Utterance ``b`` draws only from ``generators[b]`` and only for its own valid frames, so its
-    mask does not depend on the rest of the batch or on the padding (except for the batch-wide
-    trim of ``require_same_masks``, which draws from each row's generator as well).
-    """
-    _check_generators(generators, lengths.numel())
+    """:func:`compute_span_mask` with one generator per utterance."""
+    draws.check_batch(lengths.numel())
     rows = []
     for b, n in enumerate(lengths.tolist()):  # draw over the valid frames only, then pad
-        row = compute_span_mask(
-            lengths[b : b + 1], int(n), mask_prob=mask_prob, mask_length=mask_length,
-            min_masks=min_masks, generator=generators[b],
+        row = _span_mask(
+            lengths[b : b + 1], int(n), draws.utterance(b), False,
+            mask_prob=mask_prob, mask_length=mask_length, min_masks=min_masks,
         )  # fmt: skip
         rows.append(torch.nn.functional.pad(row, (0, max_len - int(n))))
     mask = torch.cat(rows) if rows else torch.zeros(0, max_len, dtype=torch.bool, device=lengths.device)
@@ -146,33 +173,24 @@ def compute_span_mask_per_utterance(
         trimmed = []
         for b, n in enumerate(lengths.tolist()):
             row = _keep_random(
-                mask[b : b + 1, : int(n)], torch.full((1,), keep, device=mask.device), generators[b]
+                mask[b : b + 1, : int(n)], torch.full((1,), keep, device=mask.device), draws.utterance(b)
             )
             trimmed.append(torch.nn.functional.pad(row, (0, max_len - int(n))))
         mask = torch.cat(trimmed)
     return mask
 
 
-def sample_distractors_per_utterance(
-    mask: Tensor, num_negatives: int, generators: Sequence[torch.Generator]
-) -> tuple[Tensor, Tensor]:
+def _distractors_per_utterance(mask: Tensor, num_negatives: int, draws: Draws) -> tuple[Tensor, Tensor]:
     """:func:`sample_distractors` with one generator per utterance (same output layout)."""
     batch, frames = mask.shape
-    _check_generators(generators, batch)
+    draws.check_batch(batch)
     targets, distractors = [], []
     for b in range(batch):
         # the draws only depend on this row's masked frames (their count and order), not on T
-        t, d = sample_distractors(mask[b : b + 1], num_negatives, generators[b])
+        t, d = _distractors(mask[b : b + 1], num_negatives, draws.utterance(b))
         targets.append(t + b * frames)
         distractors.append(d + b * frames)
     if not targets:
         empty = torch.zeros(0, dtype=torch.long, device=mask.device)
         return empty, empty.view(0, num_negatives)
     return torch.cat(targets), torch.cat(distractors)
-
-
-def _check_generators(generators: Sequence[torch.Generator], batch: int) -> None:
-    if len(generators) != batch:
-        raise ValueError(
-            f"`generators` must hold one generator per utterance ({batch}), but holds {len(generators)} instead."
-        )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechvq.config import QuantizerConfig
+from speechvq.losses import diversity_loss
 from speechvq.models.common import Linear, linear
+from speechvq.models.randomness import Draws, RandomSource
 
 
 @dataclass
@@ -29,9 +31,10 @@ class QuantizerOutput:
     """Gumbel-softmax temperature used for this call (0 for quantizers without one)."""
     num_codes: int
     """G x V."""
-    extra_loss: Tensor | None = None
-    """Scalar loss term the quantizer adds to the model's objective, if any (the k-means
-    quantizer's codebook + gamma * commitment loss); None for the Gumbel quantizer."""
+    loss: Tensor
+    """Scalar, the quantizer's own loss term, unweighted (the model weights it): the Gumbel
+    quantizer's diversity loss (G V - prob_perplexity) / (G V) (eq. 4), the k-means quantizer's
+    codebook + gamma * commitment loss."""
 
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -49,7 +52,7 @@ def perplexity(
         probs: ``[N, G, V]`` per-frame distributions, fp32.
         frame_mask: ``[N]`` bool, frames to average over; None for all.
         reduce: sums a tensor over data-parallel processes, with gradient (see
-            :attr:`GumbelVectorQuantizer.reduce_marginal`); None: this process's frames only.
+            :meth:`VectorQuantizer.set_cross_process_sum_`); None: this process's frames only.
 
     Returns:
         Scalar perplexity (between G and G x V).
@@ -68,7 +71,61 @@ def perplexity(
     return torch.exp(entropy).sum()
 
 
-class GumbelVectorQuantizer(nn.Module):
+class VectorQuantizer(nn.Module):
+    """What every quantizer implements (:class:`GumbelVectorQuantizer`,
+    :class:`~speechvq.models.kmeans_quantizer.KMeansVectorQuantizer`).
+
+    ``forward(x, frame_mask, *, draws, counted)`` returns a :class:`QuantizerOutput` that carries
+    the quantizer's own loss term. Statistics that must cover the whole data-parallel batch (the
+    code distributions of the perplexities, the k-means usage counts) are summed over processes
+    by one function injected with :meth:`set_cross_process_sum_`; without it each process uses
+    its own share.
+    """
+
+    num_codebooks: int
+    codebook_size: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cross_process_sum: Callable[[Tensor], Tensor] | None = None
+        """Sums a tensor over data-parallel processes, with gradient (training only)."""
+
+    @property
+    def num_codes(self) -> int:
+        return self.num_codebooks * self.codebook_size
+
+    @property
+    def temperature(self) -> float:
+        """The Gumbel-softmax temperature (0 for a quantizer without one)."""
+        return 0.0
+
+    def set_num_updates_(self, num_updates: int) -> None:
+        """Set the update count of an annealing schedule (no-op without one)."""
+
+    def set_cross_process_sum_(self, fn: Callable[[Tensor], Tensor] | None) -> None:
+        """Inject the cross-process sum (e.g. ``torch.distributed.nn.functional.all_reduce``):
+        W processes with batch b then quantize like one process with batch W * b."""
+        self.cross_process_sum = fn
+
+    def codes_to_vectors(self, codes: Tensor) -> Tensor:
+        """``[..., G]`` codes -> ``[..., codevector_dim]`` codewords."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: Tensor,
+        frame_mask: Tensor | None = None,
+        *,
+        draws: Draws | None = None,
+        counted: Tensor | None = None,
+    ) -> QuantizerOutput:
+        """Quantize ``x`` ``[B, T, C]``; ``frame_mask`` ``[B, T]`` (True = valid) marks the
+        non-padded frames, ``counted`` (default ``frame_mask``) the frames the perplexities cover,
+        ``draws`` the source of any noise."""
+        raise NotImplementedError
+
+
+class GumbelVectorQuantizer(VectorQuantizer):
     """G groups of V learnable codewords; each frame picks one entry per group.
 
     Training uses hard straight-through Gumbel-softmax samples; evaluation uses the argmax. The
@@ -134,10 +191,6 @@ class GumbelVectorQuantizer(nn.Module):
             torch.empty(1, num_books * codebook_size, codevector_dim // num_codebooks)
         )
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
-        self.reduce_marginal: Callable[[Tensor], Tensor] | None = None
-        """In training, sums the code distributions over data-parallel processes (with gradient)
-        before the perplexities, so that the diversity loss sees the whole global batch and W
-        processes with batch b train like one process with batch W * b. Set by the trainer."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -147,10 +200,6 @@ class GumbelVectorQuantizer(nn.Module):
             nn.init.normal_(self.weight_proj.weight, mean=0.0, std=1.0)
             nn.init.zeros_(self.weight_proj.bias)
         nn.init.uniform_(self.codevectors)
-
-    @property
-    def num_codes(self) -> int:
-        return self.num_codebooks * self.codebook_size
 
     @property
     def temperature(self) -> float:
@@ -172,39 +221,30 @@ class GumbelVectorQuantizer(nn.Module):
         self,
         x: Tensor,
         frame_mask: Tensor | None = None,
-        generators: Sequence[torch.Generator] | None = None,
+        *,
+        draws: Draws | None = None,
         counted: Tensor | None = None,
     ) -> QuantizerOutput:
         """Quantize ``x`` (``[B, T, C]``); ``frame_mask`` (``[B, T]`` bool, True = valid) marks the
         non-padded frames, a prefix of each row. ``counted`` (``[B, T]`` bool, default
         ``frame_mask``) selects the frames the perplexities are computed over: wav2vec 2.0 passes its
         masked frames, the ones fairseq quantizes and transformers counts. In training the Gumbel
-        noise comes from the global RNG, or with ``generators`` (one per utterance) from utterance
-        ``b``'s generator for its valid frames only."""
+        noise comes from the global RNG, or, with per-utterance ``draws``, from utterance ``b``'s
+        generator for its valid frames only (a batch generator leaves it to the global RNG)."""
         batch, frames, _ = x.shape
         g, v = self.num_codebooks, self.codebook_size
         # Quantizer math in fp32 whatever the autocast context (vector-quantize-pytorch practice).
         with torch.autocast(device_type=x.device.type, enabled=False):
-            h = x.float()
-            for layer, activation in self.hidden_proj if self.hidden_proj is not None else ():
-                h = activation(linear(h, layer.weight.float(), layer.bias.float()))
-            logits = linear(h, self.weight_proj.weight.float(), self.weight_proj.bias.float())
-            logits = logits.view(batch * frames * g, v)  # (B, T, G*V) -> (B*T*G, V)
+            logits = self._logits(x.float()).view(batch * frames * g, v)  # (B, T, G*V) -> (B*T*G, V)
             codes = logits.argmax(dim=-1)
             hard = torch.zeros_like(logits).scatter_(-1, codes[:, None], 1.0)
             counted = counted if counted is not None else frame_mask
             flat_mask = counted.reshape(-1) if counted is not None else None
-            reduce = self.reduce_marginal if self.training else None
+            reduce = self.cross_process_sum if self.training else None
             code_ppl = perplexity(hard.view(batch * frames, g, v), flat_mask, reduce)
             prob_ppl = perplexity(torch.softmax(logits.view(batch * frames, g, v), dim=-1), flat_mask, reduce)
             temperature = self.temperature
-            if self.training and generators is not None:
-                noise = _gumbel_noise_per_utterance(logits.view(batch, frames, g, v), frame_mask, generators)
-                onehot = _straight_through_gumbel(logits, noise.view_as(logits), temperature)
-            elif self.training:
-                onehot = F.gumbel_softmax(logits, tau=temperature, hard=True)
-            else:
-                onehot = hard
+            onehot = self._sample(logits, hard, frame_mask, draws, (batch, frames), temperature)
             # (B*T*G, V) -> (G, B*T, V) @ (G, V, d) -> (G, B*T, d)
             onehot = onehot.view(batch * frames, g, v).transpose(0, 1)
             book = self.codevectors.float()
@@ -217,13 +257,36 @@ class GumbelVectorQuantizer(nn.Module):
             prob_perplexity=prob_ppl,
             temperature=temperature,
             num_codes=g * v,
+            loss=diversity_loss(prob_ppl, g * v),
         )
 
+    def _logits(self, h: Tensor) -> Tensor:
+        """``[B, T, C]`` fp32 -> ``[B, T, G*V]`` logits (the hidden projection, then ``weight_proj``)."""
+        for layer, activation in self.hidden_proj if self.hidden_proj is not None else ():
+            h = activation(linear(h, layer.weight.float(), layer.bias.float()))
+        return linear(h, self.weight_proj.weight.float(), self.weight_proj.bias.float())
 
-def _gumbel_noise_per_utterance(
-    logits: Tensor, frame_mask: Tensor | None, generators: Sequence[torch.Generator]
-) -> Tensor:
-    """``[B, T, G, V]`` Gumbel(0, 1) noise; row ``b`` drawn from ``generators[b]`` for its valid
+    def _sample(
+        self,
+        logits: Tensor,
+        hard: Tensor,
+        frame_mask: Tensor | None,
+        draws: Draws | None,
+        shape: tuple[int, int],
+        temperature: float,
+    ) -> Tensor:
+        """``[B*T*G, V]`` one-hot choices: straight-through Gumbel samples in training, else ``hard``."""
+        if not self.training:
+            return hard
+        if draws is None or not draws.per_utterance:
+            return F.gumbel_softmax(logits, tau=temperature, hard=True)
+        g, v = self.num_codebooks, self.codebook_size
+        noise = _gumbel_noise_per_utterance(logits.view(*shape, g, v), frame_mask, draws)
+        return _straight_through_gumbel(logits, noise.view_as(logits), temperature)
+
+
+def _gumbel_noise_per_utterance(logits: Tensor, frame_mask: Tensor | None, draws: RandomSource) -> Tensor:
+    """``[B, T, G, V]`` Gumbel(0, 1) noise; row ``b`` drawn from utterance ``b``'s generator for its valid
     frames (a prefix of the row), zeros on padding.
 
     ``-log(E)`` with ``E = -log(1 - U) ~ Exp(1)`` from fp64 uniforms (53 bits, as
@@ -231,14 +294,12 @@ def _gumbel_noise_per_utterance(
     is 2.8x faster than ``exponential_`` (3.7 against 10.3 ms for 542k draws), whose noise was 1.4%
     of a SMALL bf16 step."""
     batch, frames, g, v = logits.shape
-    if len(generators) != batch:
-        raise ValueError(
-            f"`generators` must hold one generator per utterance ({batch}), but holds {len(generators)} instead."
-        )
+    draws = Draws.of(draws)
+    draws.check_batch(batch)
     lengths = frame_mask.sum(dim=1).tolist() if frame_mask is not None else [frames] * batch
     noise = torch.zeros_like(logits)
     for b, n in enumerate(lengths):
-        gen = generators[b]
+        gen = draws.utterance(b)
         uniform = torch.rand(int(n), g, v, dtype=torch.float64, device=gen.device, generator=gen)
         draw = uniform.neg_().log1p_().neg_().float().clamp_(min=torch.finfo(torch.float32).tiny)  # Exp(1)
         noise[b, : int(n)] = draw.log_().neg_().to(noise.device)  # -log(Exp(1)) ~ Gumbel(0, 1)

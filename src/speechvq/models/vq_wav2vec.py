@@ -4,13 +4,14 @@ predict future quantized frames with wav2vec's binary cross-entropy (fairseq ``w
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speechvq.config import VqWav2VecConfig
+from speechvq.config import VqWav2VecConfig, WaveformNorm
 from speechvq.losses import LossBreakdown
 from speechvq.losses_wav2vec import (
     future_prediction_logits,
@@ -21,8 +22,9 @@ from speechvq.models import lowp_guard
 from speechvq.models.common import Conv1d, lengths_to_padding_mask
 from speechvq.models.encoder import check_waveforms, conv_output_lengths, receptive_field
 from speechvq.models.fbank import FbankFeatureEncoder
-from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer, build_kmeans_quantizer
-from speechvq.models.quantizer import GumbelVectorQuantizer, QuantizerOutput, build_quantizer
+from speechvq.models.kmeans_quantizer import build_kmeans_quantizer
+from speechvq.models.protocol import Layer, check_layer
+from speechvq.models.quantizer import QuantizerOutput, VectorQuantizer, build_quantizer
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -230,14 +232,19 @@ class VqWav2VecModel(nn.Module):
         aggregator: causal conv context network over the quantized features.
         predictor: per-step projections of the context.
         cfg: the config the parts were built from.
+
+    It implements :class:`~speechvq.models.protocol.AudioModel`: layer 0 is the encoder output,
+    layer 1 the aggregator's.
     """
 
     model_type = "vq_wav2vec"
+    has_transformer = False
+    num_layers = 1
 
     def __init__(
         self,
         feature_encoder: Wav2VecFeatureEncoder | FbankFeatureEncoder,
-        quantizer: GumbelVectorQuantizer | KMeansVectorQuantizer,
+        quantizer: VectorQuantizer,
         aggregator: ConvAggregator,
         predictor: StepPredictor,
         cfg: VqWav2VecConfig,
@@ -252,9 +259,53 @@ class VqWav2VecModel(nn.Module):
         self.aggregator_dropout = nn.Dropout(cfg.aggregator_dropout_p)
         self.offset = cfg.offset if cfg.offset is not None else _auto_offset(feature_encoder)
 
+    # -- the AudioModel protocol -----------------------------------------------------------------
+
+    @property
+    def frame_stride(self) -> int:
+        return int(self.feature_encoder.frame_stride)
+
+    @property
+    def receptive_field(self) -> int:
+        return int(self.feature_encoder.receptive_field)
+
+    @property
+    def waveform_norm(self) -> WaveformNorm:
+        return self.cfg.waveform_norm
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """``[B]`` samples -> ``[B]`` frames."""
+        return self.feature_encoder.output_lengths(lengths)
+
+    @torch.no_grad()
+    def layer_features(
+        self, waveforms: Tensor, lengths: Tensor | None, layer: Layer
+    ) -> tuple[Tensor, Tensor]:
+        """Unmasked features ``[B, T, D]`` of layer 0 (encoder) or 1 (aggregator), frame lengths ``[B]``."""
+        check_layer(self, layer)
+        features, frame_lengths, q = self.encode(waveforms, lengths)
+        if layer == 0:
+            return features, frame_lengths
+        return self.aggregate(q.quantized, frame_lengths), frame_lengths
+
+    # -- training state --------------------------------------------------------------------------
+
     def set_num_updates_(self, num_updates: int) -> None:
         """Set the update count that anneals the Gumbel temperature."""
         self.quantizer.set_num_updates_(num_updates)
+
+    @property
+    def cross_process_sum(self) -> Callable[[Tensor], Tensor] | None:
+        """The quantizer's cross-process sum (see :meth:`set_cross_process_sum_`)."""
+        return self.quantizer.cross_process_sum
+
+    def set_cross_process_sum_(self, fn: Callable[[Tensor], Tensor] | None) -> None:
+        """Take the quantizer's batch statistics (Gumbel perplexities, k-means usage) over the
+        whole data-parallel batch: see
+        :meth:`~speechvq.models.quantizer.VectorQuantizer.set_cross_process_sum_`."""
+        self.quantizer.set_cross_process_sum_(fn)
+
+    # -- the forward pass ------------------------------------------------------------------------
 
     def encode(
         self, waveforms: Tensor, lengths: Tensor | None = None
@@ -326,10 +377,11 @@ class VqWav2VecModel(nn.Module):
         n = output.num_targets
         lm = future_prediction_loss(output.logits)
         q = output.quantizer
-        if q.extra_loss is not None:
-            assert isinstance(self.quantizer, KMeansVectorQuantizer)
-            lq = self.cfg.kmeans.loss_weight * n * q.extra_loss
+        if self.cfg.quantizer_type == "kmeans":
+            lq = self.cfg.kmeans.loss_weight * n * q.loss
         else:
+            # fairseq's wav2vec criterion weights the unnormalised diversity penalty G V - ppl
+            # (q.loss is that over G V; the product would not round alike)
             lq = self.cfg.gumbel_diversity_weight * n * (q.num_codes - q.prob_perplexity)
         zero = torch.zeros((), device=lm.device)
         return LossBreakdown(total=lm + lq, contrastive=lm, diversity=lq, feature_penalty=zero, num_targets=n)
@@ -339,6 +391,11 @@ class VqWav2VecModel(nn.Module):
         """Quantizer output (codes ``[B, T, G]``) and frame lengths ``[B]``."""
         _, frame_lengths, q = self.encode(waveforms, lengths)
         return q, frame_lengths
+
+    @torch.no_grad()
+    def quantize_features(self, features: Tensor, padding_mask: Tensor | None = None) -> QuantizerOutput:
+        """Quantizer output of encoder features ``[B, T, C]``."""
+        return self.quantizer(features, ~padding_mask if padding_mask is not None else None)
 
 
 def vq_min_input_samples(cfg: VqWav2VecConfig) -> int:
@@ -391,7 +448,7 @@ def build_vq_wav2vec(cfg: VqWav2VecConfig) -> VqWav2VecModel:
             residual_scale=cfg.residual_scale,
         )
     embed = cfg.encoder_dim
-    quantizer: GumbelVectorQuantizer | KMeansVectorQuantizer
+    quantizer: VectorQuantizer
     if cfg.quantizer_type == "kmeans":
         quantizer = build_kmeans_quantizer(cfg.kmeans, embed)
     else:

@@ -4,29 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from speechvq.config import Wav2Vec2Config
-from speechvq.losses import (
-    LossBreakdown,
-    contrastive_logits,
-    contrastive_loss,
-    diversity_loss,
-    feature_penalty,
-)
+from speechvq.config import Wav2Vec2Config, WaveformNorm
+from speechvq.losses import LossBreakdown, contrastive_logits, contrastive_loss, feature_penalty
 from speechvq.models.common import Dropout, Linear, padding_mask_or_none
-from speechvq.models.context import ContextNetwork, build_context_network
+from speechvq.models.context import ContextNetwork, ContextOutput, build_context_network
 from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
-from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer, build_kmeans_quantizer
-from speechvq.models.masking import (
-    compute_span_mask,
-    compute_span_mask_per_utterance,
-    sample_distractors,
-    sample_distractors_per_utterance,
-)
-from speechvq.models.quantizer import GumbelVectorQuantizer, QuantizerOutput, build_quantizer
+from speechvq.models.kmeans_quantizer import build_kmeans_quantizer
+from speechvq.models.masking import compute_span_mask, sample_distractors
+from speechvq.models.protocol import TRANSFORMER_INPUT, Layer, check_layer
+from speechvq.models.quantizer import QuantizerOutput, VectorQuantizer, build_quantizer
+from speechvq.models.randomness import Draws, RandomSource
 
 
 class FeatureProjection(nn.Module):
@@ -46,7 +38,11 @@ class FeatureProjection(nn.Module):
 
 @dataclass
 class Wav2Vec2Output:
-    """Everything :meth:`Wav2Vec2Model.forward` computes. N = number of masked frames."""
+    """Everything :meth:`Wav2Vec2Model.forward` computes. N = number of masked frames.
+
+    Every field has one shape whatever the forward's options: ``masked_only`` leaves ``context``
+    None rather than changing its shape.
+    """
 
     features: Tensor
     """``[B, T, C]`` feature encoder output (before its LayerNorm)."""
@@ -54,9 +50,11 @@ class Wav2Vec2Output:
     """``[B]`` valid frames."""
     mask: Tensor
     """``[B, T]`` bool, masked frames."""
-    context: Tensor
-    """``[B, T, D]`` final context network output; ``[N, D]`` at the masked frames, in
-    ``target_index`` order, with ``masked_only``."""
+    context: Tensor | None
+    """``[B, T, D]`` final context network output; None when the forward ran with
+    ``masked_only`` (only ``masked_context`` was computed)."""
+    masked_context: Tensor
+    """``[N, D]`` final context network output at the masked frames, in ``target_index`` order."""
     hidden_states: Sequence[Tensor]
     """Context network input, then each block's output (see :class:`ContextOutput`)."""
     quantizer: QuantizerOutput
@@ -78,8 +76,24 @@ class Wav2Vec2Output:
         return int(self.logits.size(0))
 
 
+@dataclass
+class Contrast:
+    """What :meth:`Wav2Vec2Model.contrast` computes for N masked frames."""
+
+    predictions: Tensor
+    """``[N, F]`` projected context outputs."""
+    targets: Tensor
+    """``[N, F]`` projected quantized vectors of the targets."""
+    logits: Tensor
+    """``[N, K + 1]`` fp32 logits, the target first."""
+
+
 class Wav2Vec2Model(nn.Module):
     """The wav2vec 2.0 pretraining model. Build it with :func:`build_wav2vec2`.
+
+    The forward pass is a composition of named stages, each a public method: :meth:`encode`,
+    :meth:`mask`, :meth:`contextualise`, :meth:`quantize_targets`, :meth:`sample_targets` and
+    :meth:`contrast`. It implements :class:`~speechvq.models.protocol.AudioModel`.
 
     Args:
         feature_encoder: raw waveform -> ``[B, T, C]``.
@@ -89,11 +103,14 @@ class Wav2Vec2Model(nn.Module):
         cfg: the config the parts were built from (masking and loss settings are read from it).
     """
 
+    model_type = "wav2vec2"
+    has_transformer = True
+
     def __init__(
         self,
         feature_encoder: ConvFeatureEncoder,
         feature_projection: FeatureProjection,
-        quantizer: GumbelVectorQuantizer | KMeansVectorQuantizer,
+        quantizer: VectorQuantizer,
         context: ContextNetwork,
         cfg: Wav2Vec2Config,
     ) -> None:
@@ -109,23 +126,130 @@ class Wav2Vec2Model(nn.Module):
         self.project_hid = Linear(cfg.context.dim, cfg.final_dim)
         self.cross_process_sum: Callable[[Tensor], Tensor] | None = None
 
+    # -- the AudioModel protocol -----------------------------------------------------------------
+
+    @property
+    def frame_stride(self) -> int:
+        return int(self.feature_encoder.frame_stride)
+
+    @property
+    def receptive_field(self) -> int:
+        return int(self.feature_encoder.receptive_field)
+
+    @property
+    def waveform_norm(self) -> WaveformNorm:
+        return self.cfg.waveform_norm
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.context.num_layers
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """``[B]`` samples -> ``[B]`` frames."""
+        return self.feature_encoder.output_lengths(lengths)
+
+    @torch.no_grad()
+    def layer_features(
+        self, waveforms: Tensor, lengths: Tensor | None, layer: Layer
+    ) -> tuple[Tensor, Tensor]:
+        """Unmasked features ``[B, T, D]`` of ``layer`` (see :mod:`speechvq.models.protocol`) and
+        frame lengths ``[B]``."""
+        check_layer(self, layer)
+        features, frame_lengths, padding_mask = self.encode(waveforms, lengths)
+        return transformer_layer(self, features, padding_mask, layer), frame_lengths
+
+    # -- training state --------------------------------------------------------------------------
+
     def set_cross_process_sum_(self, fn: Callable[[Tensor], Tensor] | None) -> None:
-        """Batch statistics of the loss (the code perplexities of the diversity loss, the feature
+        """Batch statistics of the loss (the quantizer's, see
+        :meth:`~speechvq.models.quantizer.VectorQuantizer.set_cross_process_sum_`, and the feature
         penalty's mean) are taken over the whole data-parallel batch in training: ``fn`` sums a
         tensor over the processes with gradient (e.g. ``torch.distributed.nn.functional.all_reduce``).
         With it, W processes with batch b compute the loss of one process with batch W * b."""
         self.cross_process_sum = fn
-        if isinstance(self.quantizer, GumbelVectorQuantizer):
-            self.quantizer.reduce_marginal = fn
+        self.quantizer.set_cross_process_sum_(fn)
 
     def set_num_updates_(self, num_updates: int) -> None:
         """Set the update count that anneals the Gumbel temperature."""
         self.quantizer.set_num_updates_(num_updates)
 
+    # -- the stages of the forward pass ----------------------------------------------------------
+
     def encode(self, waveforms: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Feature encoder: (features ``[B, T, C]``, frame lengths ``[B]``, padding mask or None)."""
         features, frame_lengths = self.feature_encoder(waveforms, lengths)
         return features, frame_lengths, padding_mask_or_none(frame_lengths, features.size(1))
+
+    def mask(
+        self, projected: Tensor, frame_lengths: Tensor, mask: Tensor | None, draws: Draws
+    ) -> tuple[Tensor, Tensor]:
+        """Replace spans of the projected features ``[B, T, D]`` by the learned mask embedding:
+        (masked features, the ``[B, T]`` mask, drawn with :func:`compute_span_mask` if None)."""
+        if mask is None:
+            m = self.cfg.mask
+            mask = compute_span_mask(
+                frame_lengths, projected.size(1), mask_prob=m.mask_prob, mask_length=m.mask_length,
+                min_masks=m.min_masks, require_same_masks=m.require_same_masks, generator=draws,
+            )  # fmt: skip
+        masked = torch.where(mask[..., None], self.mask_embedding.to(projected.dtype), projected)
+        return masked, mask
+
+    def contextualise(
+        self,
+        masked: Tensor,
+        padding_mask: Tensor | None,
+        mask: Tensor,
+        *,
+        layer_drop_generator: torch.Generator | None,
+        masked_only: bool,
+    ) -> ContextOutput:
+        """The context network over the masked features; with ``masked_only`` its last block runs
+        at the masked frames only (``last_hidden_state`` is then ``[N, D]``)."""
+        return self.context(
+            masked,
+            padding_mask,
+            layer_drop_generator=layer_drop_generator,
+            output_frames=mask if masked_only else None,
+        )
+
+    def quantize_targets(
+        self, normed: Tensor, padding_mask: Tensor | None, mask: Tensor, draws: Draws
+    ) -> QuantizerOutput:
+        """Quantize the unmasked normalised features ``[B, T, C]``; the perplexities of the
+        diversity loss cover the masked frames, as fairseq (which quantizes only those) and
+        transformers count them."""
+        valid = ~padding_mask if padding_mask is not None else None
+        return self.quantizer(self.quantizer_dropout(normed), valid, draws=draws, counted=mask)
+
+    def sample_targets(
+        self, mask: Tensor, distractor_index: Tensor | None, draws: Draws
+    ) -> tuple[Tensor, Tensor]:
+        """(``target_index`` ``[N]``, ``distractor_index`` ``[N, K]``), flat indices into ``B * T``:
+        the masked frames, and K distractors each (drawn with :func:`sample_distractors` if None)."""
+        if distractor_index is None:
+            return sample_distractors(mask, self.cfg.loss.num_negatives, draws)
+        return mask.reshape(-1).nonzero().squeeze(-1), distractor_index
+
+    def contrast(
+        self, masked_context: Tensor, quantized: Tensor, target_index: Tensor, distractor_index: Tensor
+    ) -> Contrast:
+        """Project the context outputs at the masked frames ``[N, D]`` and the quantized vectors
+        ``[B, T, codevector_dim]`` of the frames they are scored against to the final dim, and
+        take the cosine-similarity logits / kappa in fp32 (eq. 3)."""
+        batch, frames, _ = quantized.shape
+        predictions = self.project_hid(masked_context)
+        # the frames that are a target or a distractor (the masked ones), in flat order
+        used = torch.zeros(batch * frames, dtype=torch.bool, device=quantized.device)
+        used[target_index] = True
+        used[distractor_index.reshape(-1)] = True
+        row_of = used.cumsum(0) - 1  # flat index -> row among the used frames
+        candidates = quantized.reshape(batch * frames, -1)[used]  # (B, T, Q) -> (M, Q)
+        candidates = self.project_q(candidates.to(self.project_q.weight.dtype))  # (M, F)
+        target_pos, distractor_pos = row_of[target_index], row_of[distractor_index]
+        logits = contrastive_logits(
+            predictions, candidates, target_pos, distractor_pos, self.cfg.loss.logit_temp
+        )
+        return Contrast(predictions=predictions, targets=candidates[target_pos], logits=logits)
 
     def forward(
         self,
@@ -134,7 +258,7 @@ class Wav2Vec2Model(nn.Module):
         *,
         mask: Tensor | None = None,
         distractor_index: Tensor | None = None,
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        generator: RandomSource = None,
         layer_drop_generator: torch.Generator | None = None,
         masked_only: bool = False,
     ) -> Wav2Vec2Output:
@@ -146,131 +270,82 @@ class Wav2Vec2Model(nn.Module):
             mask: ``[B, T]`` frames to mask; drawn with :func:`compute_span_mask` if None.
             distractor_index: ``[N, K]`` flat distractor indices (see :func:`sample_distractors`);
                 drawn if None.
-            generator: RNG for the mask and distractors; or one generator per utterance, which
-                then also draws that utterance's Gumbel noise, so that an utterance's mask,
-                distractors and noise do not depend on the rest of the batch (training invariant
-                to how utterances are split over processes).
+            generator: the draws of the mask, the distractors and the Gumbel noise
+                (:class:`~speechvq.models.randomness.Draws`, or what ``Draws.of`` takes): one
+                generator for the batch, or one per utterance, which then also draws that
+                utterance's Gumbel noise, so that an utterance's mask, distractors and noise do not
+                depend on the rest of the batch (training invariant to how utterances are split
+                over processes).
             layer_drop_generator: RNG for the LayerDrop decisions; seed it identically on every
                 data-parallel rank so that all ranks skip the same blocks.
             masked_only: compute the context network's last block at the masked frames only,
                 which is all the loss reads (the trainer sets it): the loss and its gradients are
-                the same, ``context`` is then ``[N, D]`` in ``target_index`` order, and
-                ``hidden_states`` leaves out the last block's output.
+                the same, ``context`` is then None and ``hidden_states`` leaves out the last
+                block's output.
 
         Returns:
             :class:`Wav2Vec2Output`; :meth:`compute_loss` turns it into the loss.
         """
-        # 1. encode the waveform and normalise + project the features
+        draws = Draws.of(generator)
+        # 1. encode the waveform, penalise the features' scale, normalise + project them
         features, frame_lengths, padding_mask = self.encode(waveforms, lengths)
-        batch, frames, _ = features.shape
-        pen = feature_penalty(features, padding_mask, self.cross_process_sum if self.training else None)
+        reduce = self.cross_process_sum if self.training else None
+        penalty = feature_penalty(features, padding_mask, reduce)
         projected, normed = self.feature_projection(features)
-
         # 2. mask spans of the projected features with the learned mask embedding
-        per_utt = generator is not None and not isinstance(generator, torch.Generator)
-        gens = list(generator) if per_utt else None  # type: ignore[arg-type]
-        single = None if per_utt else generator
-        if mask is None and gens is not None:
-            m = self.cfg.mask
-            mask = compute_span_mask_per_utterance(
-                frame_lengths, frames, mask_prob=m.mask_prob, mask_length=m.mask_length,
-                min_masks=m.min_masks, require_same_masks=m.require_same_masks, generators=gens,
-            )  # fmt: skip
-        elif mask is None:
-            m = self.cfg.mask
-            mask = compute_span_mask(
-                frame_lengths,
-                frames,
-                mask_prob=m.mask_prob,
-                mask_length=m.mask_length,
-                min_masks=m.min_masks,
-                require_same_masks=m.require_same_masks,
-                generator=single,
-            )
-        masked = torch.where(mask[..., None], self.mask_embedding.to(projected.dtype), projected)
-
+        masked, mask = self.mask(projected, frame_lengths, mask, draws)
         # 3. contextualise
-        ctx = self.context(
-            masked,
-            padding_mask,
-            layer_drop_generator=layer_drop_generator,
-            output_frames=mask if masked_only else None,
+        ctx = self.contextualise(
+            masked, padding_mask, mask, layer_drop_generator=layer_drop_generator, masked_only=masked_only
         )
-
-        # 4. quantize the (unmasked) normalised features; the perplexities of the diversity loss
-        # over the masked frames, as fairseq (which quantizes only those) and transformers
-        valid = ~padding_mask if padding_mask is not None else None
-        if isinstance(self.quantizer, GumbelVectorQuantizer):
-            q = self.quantizer(self.quantizer_dropout(normed), valid, generators=gens, counted=mask)
-        else:
-            q = self.quantizer(self.quantizer_dropout(normed), valid, generators=gens)
-
-        # 5. project predictions and targets of the masked frames only to the final dim
-        if distractor_index is None and gens is not None:
-            target_index, distractor_index = sample_distractors_per_utterance(
-                mask, self.cfg.loss.num_negatives, gens
-            )
-        elif distractor_index is None:
-            target_index, distractor_index = sample_distractors(mask, self.cfg.loss.num_negatives, single)
-        else:
-            target_index = mask.reshape(-1).nonzero().squeeze(-1)
-        if masked_only:  # the masked frames in row-major order: target_index's order
-            predictions = self.project_hid(ctx.last_hidden_state)
-        else:
-            predictions = self.project_hid(ctx.last_hidden_state.reshape(batch * frames, -1)[target_index])
-        # the frames that are a target or a distractor (the masked ones), in flat order
-        used = torch.zeros(batch * frames, dtype=torch.bool, device=mask.device)
-        used[target_index] = True
-        used[distractor_index.reshape(-1)] = True
-        row_of = used.cumsum(0) - 1  # flat index -> row among the used frames
-        quantized = q.quantized.reshape(batch * frames, -1)[used]
-        candidates = self.project_q(quantized.to(self.project_q.weight.dtype))  # (M, F)
-        target_pos, distractor_pos = row_of[target_index], row_of[distractor_index]
-        targets = candidates[target_pos]
-
-        # 6. cosine-similarity logits / kappa, in fp32 (eq. 3), scored against the M used frames
-        logits = contrastive_logits(
-            predictions, candidates, target_pos, distractor_pos, self.cfg.loss.logit_temp
-        )
+        # 4. quantize the unmasked normalised features into the targets
+        q = self.quantize_targets(normed, padding_mask, mask, draws)
+        # 5. pick the targets and their distractors, score the context outputs against them
+        target_index, distractor_index = self.sample_targets(mask, distractor_index, draws)
+        last = ctx.last_hidden_state
+        # with masked_only the last state holds the masked frames in row-major order: target_index's
+        masked_context = last if masked_only else last.reshape(-1, last.size(-1))[target_index]
+        scored = self.contrast(masked_context, q.quantized, target_index, distractor_index)
         return Wav2Vec2Output(
-            features=features,
-            lengths=frame_lengths,
-            mask=mask,
-            context=ctx.last_hidden_state,
-            hidden_states=ctx.hidden_states,
-            quantizer=q,
-            predictions=predictions,
-            targets=targets,
-            logits=logits,
-            target_index=target_index,
-            distractor_index=distractor_index,
-            features_penalty=pen,
-        )
+            features=features, lengths=frame_lengths, mask=mask, context=None if masked_only else last,
+            masked_context=masked_context, hidden_states=ctx.hidden_states, quantizer=q,
+            predictions=scored.predictions, targets=scored.targets, logits=scored.logits,
+            target_index=target_index, distractor_index=distractor_index, features_penalty=penalty,
+        )  # fmt: skip
 
     def compute_loss(self, output: Wav2Vec2Output) -> LossBreakdown:
-        """L = L_m + alpha * N * L_d + beta * N * penalty, each summed over the N targets."""
+        """L = L_m + w_q * N * L_q + beta * N * penalty, each summed over the N targets; L_q is the
+        quantizer's own term (the diversity loss, weight alpha; or the k-means codebook +
+        commitment loss, weight ``kmeans.loss_weight``)."""
         n = output.num_targets
-        weights = self.cfg.loss
         lm = contrastive_loss(output.logits)
-        ld = (
-            weights.diversity_weight
-            * n
-            * diversity_loss(output.quantizer.prob_perplexity, output.quantizer.num_codes)
-        )
-        if output.quantizer.extra_loss is not None:  # k-means: codebook + commitment loss instead
-            ld = self.cfg.kmeans.loss_weight * n * output.quantizer.extra_loss
-        lp = weights.feature_penalty_weight * n * output.features_penalty
+        lq = self.quantizer_loss_weight * n * output.quantizer.loss
+        lp = self.cfg.loss.feature_penalty_weight * n * output.features_penalty
         return LossBreakdown(
-            total=lm + ld + lp, contrastive=lm, diversity=ld, feature_penalty=lp, num_targets=n
+            total=lm + lq + lp, contrastive=lm, diversity=lq, feature_penalty=lp, num_targets=n
         )
+
+    @property
+    def quantizer_loss_weight(self) -> float:
+        """The weight of the quantizer's loss term."""
+        if self.cfg.quantizer_type == "kmeans":
+            return self.cfg.kmeans.loss_weight
+        return self.cfg.loss.diversity_weight
+
+    # -- inference ---------------------------------------------------------------------------------
 
     @torch.no_grad()
     def quantize(self, waveforms: Tensor, lengths: Tensor | None = None) -> tuple[QuantizerOutput, Tensor]:
         """Quantizer output (codes ``[B, T, G]``) of unmasked input, and frame lengths ``[B]``."""
         features, frame_lengths, padding_mask = self.encode(waveforms, lengths)
+        return self.quantize_features(features, padding_mask), frame_lengths
+
+    @torch.no_grad()
+    def quantize_features(self, features: Tensor, padding_mask: Tensor | None = None) -> QuantizerOutput:
+        """Quantizer output of encoder features ``[B, T, C]`` (unmasked; e.g. a window's)."""
         _, normed = self.feature_projection(features)
         valid = ~padding_mask if padding_mask is not None else None
-        return self.quantizer(normed, valid), frame_lengths
+        return self.quantizer(normed, valid)
 
     def extract_features(
         self, waveforms: Tensor, lengths: Tensor | None = None, num_layers: int | None = None
@@ -291,13 +366,25 @@ class Wav2Vec2Model(nn.Module):
         return list(ctx.hidden_states[1:]), frame_lengths
 
 
+def transformer_layer(model: Any, features: Tensor, padding_mask: Tensor | None, layer: Layer) -> Tensor:
+    """Unmasked ``[B, T, D]`` features of ``layer`` from encoder features ``[B, T, C]``, for a
+    model with ``feature_projection`` and ``context`` (wav2vec 2.0, CTC)."""
+    if layer == 0:
+        return features
+    x, _ = model.feature_projection(features)
+    depth = 0 if layer == TRANSFORMER_INPUT else int(layer)
+    # with num_layers the last state is block `depth`'s output (no final LayerNorm); reading it,
+    # not hidden_states[depth], unpacks the packed CPU states once
+    return model.context(x, padding_mask, num_layers=depth).last_hidden_state
+
+
 def build_wav2vec2(cfg: Wav2Vec2Config) -> Wav2Vec2Model:
     """Build a :class:`Wav2Vec2Model` from its config."""
     encoder = build_feature_encoder(cfg.encoder)
     projection = FeatureProjection(
         cfg.encoder.out_channels, cfg.context.dim, cfg.feature_dropout_p, cfg.context.layer_norm_eps
     )
-    quantizer: GumbelVectorQuantizer | KMeansVectorQuantizer
+    quantizer: VectorQuantizer
     if cfg.quantizer_type == "kmeans":
         quantizer = build_kmeans_quantizer(cfg.kmeans, cfg.encoder.out_channels)
     else:

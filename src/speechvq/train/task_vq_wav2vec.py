@@ -27,7 +27,6 @@ from speechvq.errors import UserInputError
 from speechvq.losses import contrastive_accuracy
 from speechvq.losses_wav2vec import future_prediction_accuracy
 from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer
-from speechvq.models.quantizer import GumbelVectorQuantizer
 from speechvq.models.vq_wav2vec import VqWav2VecModel, VqWav2VecOutput, build_vq_wav2vec, vq_min_input_samples
 from speechvq.train.config import PretrainConfig, dump_config
 from speechvq.train.diagnostics import collapse_warnings
@@ -135,12 +134,9 @@ class VqWav2VecPretrainTask:
     ) -> tuple[Tensor, dict[str, float]]:
         quantizer = model.quantizer
         self._kmeans = quantizer if isinstance(quantizer, KMeansVectorQuantizer) else None
-        if (
-            self._world > 1
-            and isinstance(quantizer, GumbelVectorQuantizer)
-            and quantizer.reduce_marginal is None
-        ):
-            quantizer.reduce_marginal = _sum_over_processes  # the diversity term over the whole batch
+        if self._world > 1 and model.cross_process_sum is None:
+            # the quantizer's statistics (Gumbel perplexities, k-means usage) over the whole batch
+            model.set_cross_process_sum_(_sum_over_processes)
         out = module(batch.waveforms, batch.lengths, generator=generator)
         self.usage += _code_counts(out, *self.usage.shape)
         self.temperature = float(out.quantizer.temperature)

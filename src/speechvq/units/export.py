@@ -1,11 +1,11 @@
 """Frame-level units and features of any speechvq model, streamed over a manifest in order.
 
-Layers are numbered alike for every model: 0 is the convolutional feature encoder's output, ``l``
-(1-based) the output of Transformer block ``l`` (wav2vec 2.0, CTC models), or, for vq-wav2vec, 1
-the aggregator's output. ``"transformer_input"`` (wav2vec 2.0, CTC models) is the input of block 1:
-the projected features after the positional convolution and its LayerNorm, transformers'
-``hidden_states[0]``. With the log-mel front end, whose layer 0 has no weights, it is the first
-learned layer.
+Models are read through :class:`~speechvq.models.protocol.AudioModel` only. Layers are numbered
+alike for every model: 0 is the convolutional feature encoder's output, ``l`` (1-based) the output
+of Transformer block ``l`` (wav2vec 2.0, CTC models), or, for vq-wav2vec, 1 the aggregator's
+output. ``"transformer_input"`` (wav2vec 2.0, CTC models) is the input of block 1: the projected
+features after the positional convolution and its LayerNorm, transformers' ``hidden_states[0]``.
+With the log-mel front end, whose layer 0 has no weights, it is the first learned layer.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from speechvq import progress
 from speechvq.data import AudioDataset
 from speechvq.data.checks import SkipCounts, categorize
 from speechvq.errors import UserInputError
+from speechvq.models.protocol import TRANSFORMER_INPUT, AudioModel, Layer, QuantizingModel, check_layer
 from speechvq.units.io import Token, UnitWriter
 from speechvq.units.kmeans import FeatureShardWriter, KMeansModel
 from speechvq.units.longform import DEFAULT_CHUNK, ChunkConfig, windowed_features
@@ -32,10 +33,6 @@ from speechvq.units.longform import DEFAULT_CHUNK, ChunkConfig, windowed_feature
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-TRANSFORMER_INPUT = "transformer_input"
-
-Layer = int | str
-"""A layer of :func:`layer_features`: a number, or :data:`TRANSFORMER_INPUT`."""
 
 
 def parse_layer(text: str) -> Layer:
@@ -50,49 +47,35 @@ def parse_layer(text: str) -> Layer:
         ) from None
 
 
-def frame_stride_samples(model: nn.Module) -> int:
-    """Samples between consecutive frames of ``model`` (its encoder's ``frame_stride``)."""
-    m: Any = model
-    return int(m.feature_encoder.frame_stride)
+def audio_model(model: nn.Module) -> AudioModel:
+    """``model`` as an :class:`AudioModel`; :class:`UserInputError` for one that is not."""
+    if not isinstance(model, AudioModel):
+        raise UserInputError(f"features of a {type(model).__name__} cannot be exported")
+    return model
 
 
-def receptive_field(model: nn.Module) -> int:
-    """Samples one frame of ``model`` sees (the fewest an utterance must hold to give a frame)."""
-    m: Any = model
-    return int(m.feature_encoder.receptive_field)
+def quantizing_model(model: nn.Module) -> QuantizingModel:
+    """``model`` as a :class:`QuantizingModel`; :class:`UserInputError` for one without a quantizer."""
+    if not isinstance(model, QuantizingModel):
+        raise UserInputError(f"a {type(model).__name__} has no quantizer (use --kind kmeans)")
+    return model
 
 
-def frame_centre_s(model: nn.Module) -> float:
+def frame_centre_s(model: AudioModel) -> float:
     """Seconds from the start of the input to the centre of frame 0's receptive field (frame ``i``'s
     is ``i`` strides later): where a frame's label is read (:func:`~speechvq.units.quality.frame_labels`)."""
-    return receptive_field(model) / 2 / SAMPLE_RATE
-
-
-def num_layers(model: nn.Module) -> int:
-    """The highest layer number :func:`layer_features` accepts for ``model``."""
-    if type(model).__name__ == "VqWav2VecModel":
-        return 1
-    cfg: Any = model.cfg
-    return int(cfg.context.num_layers)
-
-
-def normalizes_waveform(model: nn.Module) -> bool:
-    """Whether ``model`` expects zero-mean unit-variance waveforms (fairseq ``normalize``)."""
-    cfg: Any = model.cfg
-    if hasattr(cfg, "normalize_waveform"):
-        return bool(cfg.normalize_waveform)
-    encoder = getattr(cfg, "encoder", None)
-    return getattr(encoder, "norm_mode", "group_norm") == "layer_norm"
+    return model.receptive_field / 2 / SAMPLE_RATE
 
 
 @torch.no_grad()
 def layer_features(
     model: nn.Module, waveforms: Tensor, lengths: Tensor, layer: Layer
 ) -> tuple[Tensor, Tensor]:
-    """Unmasked features of one layer.
+    """Unmasked features of one layer (:meth:`AudioModel.layer_features`, with a usage error for
+    a layer the model lacks).
 
     Args:
-        model: a wav2vec 2.0, CTC or vq-wav2vec model, in eval mode.
+        model: an :class:`AudioModel` (wav2vec 2.0, CTC or vq-wav2vec model), in eval mode.
         waveforms: ``[B, S]`` samples.
         lengths: ``[B]`` valid samples.
         layer: see the module docstring.
@@ -100,46 +83,26 @@ def layer_features(
     Returns:
         Features ``[B, T, D]`` and frame lengths ``[B]``.
     """
-    kind = type(model).__name__
-    if layer == TRANSFORMER_INPUT:
-        if kind not in ("Wav2Vec2Model", "CtcModel"):
-            raise UserInputError(f"a {kind} has no Transformer: --layer {TRANSFORMER_INPUT} does not apply")
-    elif not (isinstance(layer, int) and 0 <= layer <= num_layers(model)):
+    audio = audio_model(model)
+    try:
+        check_layer(audio, layer)
+    except ValueError:
+        kind = type(model).__name__
+        if layer == TRANSFORMER_INPUT:
+            raise UserInputError(
+                f"a {kind} has no Transformer: --layer {TRANSFORMER_INPUT} does not apply"
+            ) from None
         raise UserInputError(
-            f"--layer must be in [0, {num_layers(model)}] or {TRANSFORMER_INPUT!r} for this {kind}, "
-            f"but is {layer!r}"
-        )
-    m: Any = model
-    if kind in ("Wav2Vec2Model", "CtcModel"):
-        features, frame_lengths, padding_mask = m.encode(waveforms, lengths)  # as their forward passes
-        if layer == 0:
-            return features, frame_lengths
-        x, _ = m.feature_projection(features)
-        depth = 0 if layer == TRANSFORMER_INPUT else int(layer)
-        # with num_layers the last state is block `depth`'s output (no final LayerNorm); reading it,
-        # not hidden_states[depth], unpacks the packed CPU states once
-        return m.context(x, padding_mask, num_layers=depth).last_hidden_state, frame_lengths
-    if kind == "VqWav2VecModel":
-        features, frame_lengths, q = m.encode(waveforms, lengths)
-        if layer == 0:
-            return features, frame_lengths
-        return m.aggregate(q.quantized, frame_lengths), frame_lengths
-    raise UserInputError(f"features of a {kind} cannot be exported")
+            f"--layer must be in [0, {audio.num_layers}] or {TRANSFORMER_INPUT!r} for this {kind}, but is {layer!r}"
+        ) from None
+    return audio.layer_features(waveforms, lengths, layer)
 
 
 @torch.no_grad()
 def quantizer_codes(model: nn.Module, waveforms: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     """The quantizer's argmax codes ``[B, T, G]`` and frame lengths ``[B]``."""
-    if not hasattr(model, "quantize"):
-        raise UserInputError(f"a {type(model).__name__} has no quantizer (use --kind kmeans)")
-    q, frame_lengths = model.quantize(waveforms, lengths)  # type: ignore[operator]
+    q, frame_lengths = quantizing_model(model).quantize(waveforms, lengths)
     return q.codes, frame_lengths
-
-
-def codebook_size(model: nn.Module) -> int:
-    """Entries per codebook group V of ``model``'s quantizer."""
-    q: Any = model.quantizer  # type: ignore[union-attr]
-    return int(q.codebook_size)
 
 
 def codes_to_tokens(codes: Tensor, codebook_size: int, joint: bool) -> list[Token]:
@@ -207,8 +170,9 @@ def iter_manifest(
         raise UserInputError(f"--shard-size must be >= 1, but is {max_items}")
     if max_tokens < 1:
         raise UserInputError(f"--max-tokens must be >= 1, but is {max_tokens}")
+    norm = audio_model(model).waveform_norm  # a model that normalises in its forward gets raw audio
     dataset = AudioDataset(
-        manifest, sample_rate=SAMPLE_RATE, normalize=normalizes_waveform(model), random_crop=False
+        manifest, sample_rate=SAMPLE_RATE, normalize=norm.by_caller, normalize_eps=norm.eps, random_crop=False
     )
     if dataset.num_filtered:
         raise UserInputError(f"{manifest}: {dataset.num_filtered} items could not be listed")
@@ -217,7 +181,7 @@ def iter_manifest(
         raise UserInputError(f"{manifest}: lists no audio")
     skipped = SkipCounts() if skipped is None else skipped
     assert len(relpaths) == len(dataset)
-    min_samples = receptive_field(model)
+    min_samples = audio_model(model).receptive_field
     plan = consecutive_batches(np.asarray(dataset.sizes), max_tokens, max_items)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=plan, collate_fn=dataset.collate, num_workers=0
@@ -335,24 +299,10 @@ def export_units(
     Returns:
         The written ``meta.json`` contents.
     """
-    info: dict[str, Any] = {"kind": kind, "manifest": str(manifest), **(meta or {})}
-    windowed = chunk is not None and type(model).__name__ in ("Wav2Vec2Model", "CtcModel")
-    if kind == "codes":
-        if not hasattr(model, "quantize"):
-            raise UserInputError(f"a {type(model).__name__} has no quantizer (use --kind kmeans)")
-        quantizer: Any = model.quantizer
-        groups = int(quantizer.num_codebooks)
-        v = codebook_size(model)
-        info.update({"joint": joint, "num_codebooks": groups, "codebook_size": v})
-        info["vocab_size"] = v**groups if joint else None
-    elif kind == "kmeans":
-        if kmeans is None or layer is None:
-            raise UserInputError("--kind kmeans needs --km and --layer")
-        info.update({"layer": layer, "vocab_size": kmeans.k})
-    else:
-        raise UserInputError(f"--kind must be 'codes' or 'kmeans', but is {kind!r}")
-    stride_s = frame_stride_samples(model) / SAMPLE_RATE
-    centre_s = frame_centre_s(model)
+    audio = audio_model(model)
+    info = _units_info(audio, kind, layer, kmeans, joint, {"manifest": str(manifest), **(meta or {})})
+    units = _UnitMaker(audio, kind, layer, kmeans, joint, chunk if audio.has_transformer else None, info)
+    stride_s, centre_s = audio.frame_stride / SAMPLE_RATE, frame_centre_s(audio)
     skipped = SkipCounts()
     with UnitWriter(
         out_dir, frame_stride_s=stride_s, frame_centre_s=centre_s, dedup=dedup, meta=info
@@ -361,34 +311,7 @@ def export_units(
             manifest, model, max_tokens=max_tokens, max_items=max_items, skipped=skipped, desc=desc
         )
         for batch in batches:
-            per_item: list[list[Token]] = [[] for _ in batch.relpaths]
-            if batch.usable:
-                if kind == "codes" and windowed:
-                    # the quantizer reads each frame's encoder output alone: windows of layer 0
-                    for pos, feats in item_features(model, batch, [0], chunk):
-                        codes = frame_codes(model, feats[0])
-                        per_item[pos] = codes_to_tokens(codes, v, joint)
-                elif kind == "codes":
-                    codes, frames = quantizer_codes(model, batch.waveforms, batch.lengths)
-                    for pos, c, n in zip(batch.usable, codes, frames.tolist()):
-                        per_item[pos] = codes_to_tokens(c[:n], v, joint)
-                else:
-                    assert kmeans is not None and layer is not None
-                    items = (
-                        item_features(model, batch, [layer], chunk)
-                        if windowed
-                        else _batch_items(model, batch, layer)
-                    )
-                    for pos, by_layer in items:
-                        feats = by_layer[layer]
-                        if feats.size(-1) != kmeans.centroids.shape[1]:
-                            raise UserInputError(
-                                f"{info.get('km') or 'the k-means model'}: centroids have dim "
-                                f"{kmeans.centroids.shape[1]}, but layer {layer} of the model gives "
-                                f"{feats.size(-1)}-dim features (fitted on another model or layer?)"
-                            )
-                        per_item[pos] = [int(x) for x in kmeans.predict(feats[None])[0].tolist()]
-            for relpath, tokens in zip(batch.relpaths, per_item):
+            for relpath, tokens in zip(batch.relpaths, units.of_batch(batch)):
                 writer.write(relpath, tokens)
         if skipped.total == writer.num_utterances:  # raised inside: no meta.json, incomplete
             raise UserInputError(
@@ -405,21 +328,95 @@ def export_units(
     )
 
 
+def _units_info(
+    model: AudioModel,
+    kind: str,
+    layer: Layer | None,
+    kmeans: KMeansModel | None,
+    joint: bool,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``meta.json`` entries that describe the units; usage errors for a bad combination."""
+    info: dict[str, Any] = {"kind": kind, **extra}
+    if kind == "codes":
+        quantizer = quantizing_model(model).quantizer  # type: ignore[arg-type]
+        groups, v = int(quantizer.num_codebooks), int(quantizer.codebook_size)
+        info.update({"joint": joint, "num_codebooks": groups, "codebook_size": v})
+        info["vocab_size"] = v**groups if joint else None
+    elif kind == "kmeans":
+        if kmeans is None or layer is None:
+            raise UserInputError("--kind kmeans needs --km and --layer")
+        info.update({"layer": layer, "vocab_size": kmeans.k})
+    else:
+        raise UserInputError(f"--kind must be 'codes' or 'kmeans', but is {kind!r}")
+    return info
+
+
+class _UnitMaker:
+    """The units of every item of an :class:`ExportBatch` (:func:`export_units`'s settings);
+    ``chunk``: long recordings in windows (None: every item whole)."""
+
+    def __init__(
+        self,
+        model: AudioModel,
+        kind: str,
+        layer: Layer | None,
+        kmeans: KMeansModel | None,
+        joint: bool,
+        chunk: ChunkConfig | None,
+        info: dict[str, Any],
+    ) -> None:
+        self.model, self.kind, self.layer, self.kmeans, self.joint = model, kind, layer, kmeans, joint
+        self.chunk, self.info = chunk, info
+
+    def of_batch(self, batch: ExportBatch) -> list[list[Token]]:
+        """Per item of ``batch`` (in ``relpaths`` order) its units; empty for an unusable one."""
+        per_item: list[list[Token]] = [[] for _ in batch.relpaths]
+        if batch.usable:
+            make = self._codes if self.kind == "codes" else self._kmeans_units
+            for pos, tokens in make(batch):
+                per_item[pos] = tokens
+        return per_item
+
+    def _codes(self, batch: ExportBatch) -> Iterator[tuple[int, list[Token]]]:
+        v = int(self.info["codebook_size"])
+        if self.chunk is not None:
+            # the quantizer reads each frame's encoder output alone: windows of layer 0
+            model = quantizing_model(self.model)  # type: ignore[arg-type]
+            for pos, feats in item_features(model, batch, [0], self.chunk):
+                codes = model.quantize_features(feats[0][None]).codes[0]
+                yield pos, codes_to_tokens(codes, v, self.joint)
+            return
+        codes, frames = quantizer_codes(self.model, batch.waveforms, batch.lengths)  # type: ignore[arg-type]
+        for pos, c, n in zip(batch.usable, codes, frames.tolist()):
+            yield pos, codes_to_tokens(c[:n], v, self.joint)
+
+    def _kmeans_units(self, batch: ExportBatch) -> Iterator[tuple[int, list[Token]]]:
+        assert self.kmeans is not None and self.layer is not None
+        layer, centroids = self.layer, self.kmeans.centroids
+        items = (
+            item_features(self.model, batch, [layer], self.chunk)
+            if self.chunk is not None
+            else _batch_items(self.model, batch, layer)
+        )
+        for pos, by_layer in items:
+            feats = by_layer[layer]
+            if feats.size(-1) != centroids.shape[1]:
+                raise UserInputError(
+                    f"{self.info.get('km') or 'the k-means model'}: centroids have dim "
+                    f"{centroids.shape[1]}, but layer {layer} of the model gives "
+                    f"{feats.size(-1)}-dim features (fitted on another model or layer?)"
+                )
+            yield pos, [int(x) for x in self.kmeans.predict(feats[None])[0].tolist()]
+
+
 def _batch_items(
-    model: nn.Module, batch: ExportBatch, layer: Layer
+    model: AudioModel, batch: ExportBatch, layer: Layer
 ) -> Iterator[tuple[int, dict[Layer, Tensor]]]:
-    """:func:`item_features` without windows (models other than wav2vec 2.0 and CTC)."""
-    feats, frames = layer_features(model, batch.waveforms, batch.lengths, layer)
+    """:func:`item_features` without windows (models without a Transformer)."""
+    feats, frames = layer_features(model, batch.waveforms, batch.lengths, layer)  # type: ignore[arg-type]
     for pos, f, n in zip(batch.usable, feats, frames.tolist()):
         yield pos, {layer: f[:n]}
-
-
-@torch.no_grad()
-def frame_codes(model: nn.Module, features: Tensor) -> Tensor:
-    """Quantizer codes ``[T, G]`` of one utterance's encoder output ``[T, C]`` (unmasked)."""
-    m: Any = model
-    _, normed = m.feature_projection(features[None])
-    return m.quantizer(normed, None).codes[0]
 
 
 def dump_features(
@@ -435,7 +432,7 @@ def dump_features(
 ) -> FeatureShardWriter:
     """Dump ``layer`` features of every usable manifest item into shards (see :mod:`.kmeans`)."""
     writer = FeatureShardWriter(Path(directory), shard_size)
-    windowed = type(model).__name__ in ("Wav2Vec2Model", "CtcModel")
+    windowed = audio_model(model).has_transformer
     for batch in iter_manifest(
         manifest, model, max_tokens=max_tokens, max_items=max_items, skipped=writer.skipped, desc=desc
     ):
@@ -445,7 +442,7 @@ def dump_features(
         items = (
             item_features(model, batch, [layer], DEFAULT_CHUNK)
             if windowed
-            else _batch_items(model, batch, layer)
+            else _batch_items(audio_model(model), batch, layer)
         )
         for _, by_layer in items:
             writer.add(by_layer[layer])

@@ -31,8 +31,8 @@ from speechvq.errors import UserInputError
 from speechvq.units.export import (
     SAMPLE_RATE,
     Layer,
+    audio_model,
     frame_centre_s,
-    frame_stride_samples,
     iter_manifest,
     layer_features,
     parse_layer,
@@ -196,7 +196,8 @@ def extract_features(
         The written ``meta.json`` contents.
     """
     writer = FeatureWriter(Path(out_dir), layers, storage, shard_frames)
-    windowed = chunk is not None and type(model).__name__ in ("Wav2Vec2Model", "CtcModel")
+    audio = audio_model(model)
+    windowed = chunk is not None and audio.has_transformer
     limit = round(chunk.window_s * SAMPLE_RATE) if windowed and chunk is not None else None
     for batch in iter_manifest(
         source, model, max_tokens=max_tokens, max_items=max_items, desc="extract-features"
@@ -219,11 +220,11 @@ def extract_features(
                 row = long_rows[pos]
                 wave = batch.waveforms[row, : lengths[row]]
                 windows = windowed_features(model, wave, layers, chunk)
-                writer.add_streamed(utt_id, num_frames(model, lengths[row]), windows)
+                writer.add_streamed(utt_id, num_frames(audio, lengths[row]), windows)
             else:
                 writer.add(utt_id, None)
     info = {
-        "frame_stride_s": frame_stride_samples(model) / SAMPLE_RATE, "frame_centre_s": frame_centre_s(model),
+        "frame_stride_s": audio.frame_stride / SAMPLE_RATE, "frame_centre_s": frame_centre_s(audio),
         "chunk_s": chunk.chunk_s if windowed and chunk else None,
         "context_s": chunk.context_s if windowed and chunk else None, "source": str(source), **(meta or {}),
     }  # fmt: skip

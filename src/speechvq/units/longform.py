@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechvq.errors import UserInputError
+from speechvq.models.fbank import FbankFeatureEncoder
+from speechvq.models.protocol import TRANSFORMER_INPUT, AudioModel
 
 SAMPLE_RATE = 16000
-TRANSFORMER_INPUT = "transformer_input"
 _STATS_CHUNK = 60 * SAMPLE_RATE
 """Samples per piece of the statistics pass."""
 
@@ -79,22 +80,13 @@ class FrontEndStats:
     """(variance, mean) ``[C]`` of the first conv layer's output (its GroupNorm statistics)."""
 
 
-def _kind(model: nn.Module) -> str:
-    kind = type(model).__name__
-    if kind not in ("Wav2Vec2Model", "CtcModel"):
-        raise UserInputError(f"long recordings are windowed for wav2vec 2.0 and CTC models, not a {kind}")
-    return kind
-
-
-def _normalizes_waveform(model: nn.Module) -> bool:
-    cfg: Any = model.cfg
-    if hasattr(cfg, "normalize_waveform"):
-        return bool(cfg.normalize_waveform)
-    return getattr(cfg.encoder, "norm_mode", "group_norm") == "layer_norm"
-
-
-def _is_fbank(encoder: nn.Module) -> bool:
-    return type(encoder).__name__ == "FbankFeatureEncoder"
+def _windowed(model: nn.Module) -> AudioModel:
+    """``model`` as an :class:`AudioModel` with a Transformer; a usage error for any other."""
+    if not (isinstance(model, AudioModel) and model.has_transformer):
+        raise UserInputError(
+            f"long recordings are windowed for models with a Transformer (wav2vec 2.0, CTC), not a {type(model).__name__}"
+        )
+    return model
 
 
 def _group_norm_layer(encoder: nn.Module) -> Any | None:
@@ -108,15 +100,17 @@ def _group_norm_layer(encoder: nn.Module) -> Any | None:
 @torch.no_grad()
 def front_end_stats(model: nn.Module, wave: Tensor) -> FrontEndStats:
     """The whole-recording statistics of :class:`FrontEndStats` for ``wave`` ``[S]``, in pieces."""
-    _kind(model)
+    audio = _windowed(model)
     m: Any = model
     stats = FrontEndStats()
-    if _normalizes_waveform(model):
+    # the windows run the front end directly, not the model's forward, so the normalisation is
+    # taken here whether the model's forward or its caller applies it otherwise
+    if audio.waveform_norm.enabled:
         w = wave.double()
         stats.wave = (float(w.mean()), float(w.var(unbiased=False)))
-        wave = _normalized(wave, stats.wave, model)
+        wave = _normalized(wave, stats.wave, audio.waveform_norm.eps)
     encoder = m.feature_encoder
-    if _is_fbank(encoder):
+    if isinstance(encoder, FbankFeatureEncoder):
         total = torch.zeros(encoder.num_mels, dtype=torch.float64)
         squares = torch.zeros_like(total)
         count = 0
@@ -157,10 +151,8 @@ def _pieces(num_samples: int, window: int, hop: int) -> Iterator[tuple[int, int]
         yield first * hop, first * hop + (n - 1) * hop + window
 
 
-def _normalized(wave: Tensor, stats: tuple[float, float], model: nn.Module) -> Tensor:
-    from speechvq.models.ctc import NORMALIZE_EPS
-
-    eps = NORMALIZE_EPS if type(model).__name__ == "CtcModel" else 1e-5
+def _normalized(wave: Tensor, stats: tuple[float, float], eps: float) -> Tensor:
+    """``wave`` normalised with the whole recording's (mean, variance) and the model's eps."""
     return ((wave.double() - stats[0]) / math.sqrt(stats[1] + eps)).float()
 
 
@@ -199,10 +191,9 @@ class Window:
     """Layer -> ``[n, D]`` features of its kept frames."""
 
 
-def num_frames(model: nn.Module, num_samples: int) -> int:
+def num_frames(model: AudioModel, num_samples: int) -> int:
     """Frames the model gives for ``num_samples`` samples."""
-    encoder: Any = model.feature_encoder  # type: ignore[union-attr]
-    return int(encoder.output_lengths(torch.tensor([num_samples]))[0])
+    return int(model.output_lengths(torch.tensor([num_samples]))[0])
 
 
 @torch.no_grad()
@@ -219,13 +210,12 @@ def windowed_features(
         layers: layer numbers (0 = front end, l = block l) and/or ``"transformer_input"``.
         chunk: the window sizes.
     """
-    _kind(model)
+    audio = _windowed(model)
     m: Any = model
-    encoder = m.feature_encoder
     stats = front_end_stats(model, wave)
     if stats.wave is not None:
-        wave = _normalized(wave, stats.wave, model)
-    stride, field = int(encoder.frame_stride), int(encoder.receptive_field)
+        wave = _normalized(wave, stats.wave, audio.waveform_norm.eps)
+    stride, field = audio.frame_stride, audio.receptive_field
     total = num_frames(model, wave.numel())
     per_chunk = max(1, round(chunk.chunk_s * SAMPLE_RATE / stride))
     context = round(chunk.context_s * SAMPLE_RATE / stride)

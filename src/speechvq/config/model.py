@@ -1,8 +1,5 @@
-"""Model configuration dataclasses and presets.
-
-Each field is documented once, by the attribute docstring directly under it; the fairseq name of
-the option is given where it differs. Presets are written as deltas of :func:`wav2vec2_base`.
-"""
+"""wav2vec 2.0 model configs: the parts (feature encoder, quantizers, masking, context network,
+loss) and the :class:`Wav2Vec2Config` that composes them."""
 
 from __future__ import annotations
 
@@ -11,29 +8,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-MAX_SIZE = 1 << 20
-"""Largest width, kernel, stride or codebook size a config may give (configs read from checkpoints
-are untrusted: a crafted one must not make the builder allocate without bound)."""
-MAX_LAYERS = 1024
-"""Most conv layers or Transformer blocks a config may give."""
-MAX_PARAMETERS = 10**10
-"""Most parameters a wav2vec 2.0 / CTC config may describe (the largest released model has 2e9)."""
-
-
-def _check_sizes(obj: Any, names: tuple[str, ...], low: int = 1, high: int = MAX_SIZE) -> None:
-    """Each named field an int in [low, high]; ValueError in the house template otherwise."""
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"`{name}` must be an integer in [{low}, {high}], but is {value!r} instead.")
-
-
-def _check_probabilities(obj: Any, names: tuple[str, ...]) -> None:
-    """Each named field a number in [0, 1]."""
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"`{name}` must be a number in [0, 1], but is {value!r} instead.")
+from speechvq.config.limits import MAX_LAYERS, MAX_PARAMETERS, MAX_SIZE, _check_probabilities, _check_sizes
+from speechvq.config.plain import _SUBCONFIGS, _from_plain, _to_plain
+from speechvq.config.waveform import FAIRSEQ_NORMALIZE_EPS, WaveformNorm
 
 
 def approx_parameters(encoder: FeatureEncoderConfig, context: ContextConfig) -> int:
@@ -417,6 +394,14 @@ class Wav2Vec2Config(_QuantizedModelConfig):
     kmeans: KMeansQuantizerConfig = field(default_factory=KMeansQuantizerConfig)
     """Settings of the k-means quantizer, used when ``quantizer_type`` is ``kmeans``."""
 
+    @property
+    def waveform_norm(self) -> WaveformNorm:
+        """Input normalisation, derived from the encoder: a LayerNorm encoder (LARGE,
+        ``norm_mode: layer_norm``) is pretrained on normalised waveforms (fairseq
+        ``task.normalize``) with fairseq's eps 1e-5, which the caller applies; the data section of
+        a pretraining run should read it from here."""
+        return WaveformNorm(enabled=self.encoder.norm_mode == "layer_norm", eps=FAIRSEQ_NORMALIZE_EPS)
+
     def __post_init__(self) -> None:
         for name, cls in (
             ("encoder", FeatureEncoderConfig),
@@ -443,253 +428,13 @@ class Wav2Vec2Config(_QuantizedModelConfig):
             )
 
 
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    return value
-
-
-def _from_plain(cls: type, data: dict[str, Any]) -> Any:
-    if not isinstance(data, dict):
-        raise TypeError(f"config for {cls.__name__} must be a mapping, but is {type(data).__name__} instead.")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise TypeError(f"unknown field(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        sub = _SUBCONFIGS.get((cls.__name__, name))
-        kwargs[name] = _from_plain(sub, value) if sub is not None else value
-    return cls(**kwargs)
-
-
-_SUBCONFIGS: dict[tuple[str, str], type] = {
-    ("Wav2Vec2Config", "encoder"): FeatureEncoderConfig,
-    ("Wav2Vec2Config", "quantizer"): QuantizerConfig,
-    ("Wav2Vec2Config", "mask"): MaskConfig,
-    ("Wav2Vec2Config", "context"): ContextConfig,
-    ("Wav2Vec2Config", "loss"): LossConfig,
-    ("Wav2Vec2Config", "kmeans"): KMeansQuantizerConfig,
-    ("VqWav2VecConfig", "quantizer"): QuantizerConfig,
-    ("VqWav2VecConfig", "kmeans"): KMeansQuantizerConfig,
-}
-
-
-def wav2vec2_base() -> Wav2Vec2Config:
-    """BASE (paper section 4.2): 12 x 768 post-LN Transformer, ~95M parameters."""
-    return Wav2Vec2Config()
-
-
-def wav2vec2_large() -> Wav2Vec2Config:
-    """LARGE (paper section 4.2; fairseq ``wav2vec2_large_librivox``): 24 x 1024 pre-LN, ~317M."""
-    cfg = wav2vec2_base()
-    cfg.encoder = FeatureEncoderConfig(norm_mode="layer_norm", conv_bias=True)
-    cfg.context = ContextConfig(
-        dim=1024, num_layers=24, num_heads=16, ffn_dim=4096, layer_norm_first=True, layer_drop_p=0.2
-    )
-    cfg.quantizer = QuantizerConfig(codevector_dim=768, temperature=(2.0, 0.1, 0.999995))
-    cfg.final_dim = 768
-    cfg.loss = LossConfig(feature_penalty_weight=0.0)
-    return cfg
-
-
-def wav2vec2_small() -> Wav2Vec2Config:
-    """SMALL, for CPU training: conv 256 channels, 4 x 256 Transformer (~4M parameters)."""
-    cfg = wav2vec2_base()
-    cfg.encoder = FeatureEncoderConfig(conv_layers=tuple((256, k, s) for _, k, s in BASE_CONV_LAYERS))
-    cfg.context = ContextConfig(
-        dim=256, num_layers=4, num_heads=4, ffn_dim=1024, pos_conv_kernel=64, layer_drop_p=0.0
-    )
-    cfg.quantizer = QuantizerConfig(codebook_size=160, codevector_dim=128)
-    cfg.final_dim = 128
-    return cfg
-
-
-def wav2vec2_tiny() -> Wav2Vec2Config:
-    """TINY, for fast tests: conv 32 channels, 2 x 32 Transformer."""
-    cfg = wav2vec2_base()
-    cfg.encoder = FeatureEncoderConfig(conv_layers=tuple((32, k, s) for _, k, s in BASE_CONV_LAYERS))
-    cfg.context = ContextConfig(
-        dim=32,
-        num_layers=2,
-        num_heads=2,
-        ffn_dim=64,
-        pos_conv_kernel=16,
-        pos_conv_groups=4,
-        layer_drop_p=0.0,
-    )
-    cfg.quantizer = QuantizerConfig(codebook_size=16, codevector_dim=16)
-    cfg.mask = MaskConfig(mask_prob=0.65, mask_length=4)
-    cfg.loss = LossConfig(num_negatives=10)
-    cfg.final_dim = 16
-    return cfg
-
-
-VQ_WAV2VEC_CONV_LAYERS: tuple[ConvSpec, ...] = (
-    ((512, 10, 5), (512, 8, 4)) + ((512, 4, 2),) * 3 + ((512, 1, 1),) * 3
+_SUBCONFIGS.update(
+    {
+        ("Wav2Vec2Config", "encoder"): FeatureEncoderConfig,
+        ("Wav2Vec2Config", "quantizer"): QuantizerConfig,
+        ("Wav2Vec2Config", "mask"): MaskConfig,
+        ("Wav2Vec2Config", "context"): ContextConfig,
+        ("Wav2Vec2Config", "loss"): LossConfig,
+        ("Wav2Vec2Config", "kmeans"): KMeansQuantizerConfig,
+    }
 )
-"""vq-wav2vec's encoder: 10 ms frames (stride 160 samples), 465-sample (~30 ms) receptive field."""
-
-VQ_WAV2VEC_AGGREGATOR_LAYERS: tuple[ConvSpec, ...] = tuple((512, k, 1) for k in range(2, 14))
-"""vq-wav2vec's aggregator: 12 causal conv layers with kernels 2..13."""
-
-
-@dataclass(kw_only=True)
-class VqWav2VecConfig(_QuantizedModelConfig):
-    """vq-wav2vec (Baevski et al., 2019) with wav2vec's future-prediction objective (fairseq
-    ``wav2vec`` model). The defaults are the paper's Gumbel model; see :func:`vq_wav2vec_kmeans`."""
-
-    encoder_layers: tuple[ConvSpec, ...] = VQ_WAV2VEC_CONV_LAYERS
-    """(channels, kernel, stride) of the encoder convs (fairseq ``conv_feature_layers``)."""
-
-    encoder_kind: Literal["conv", "fbank"] = "conv"
-    """``conv``: the raw-waveform CNN of ``encoder_layers`` (the paper). ``fbank``: per-utterance
-    normalised log-mel frames (``num_mels`` x ``fbank_stack``; 10 ms frames with ``fbank_stack``
-    1, the CNN's rate) instead of the CNN, for small budgets, where the CNN does not leave chance
-    (docs/vq_wav2vec.md); fairseq has no such front end, so such a model does not export there."""
-
-    num_mels: int = 80
-    """Log-mel channels of the ``fbank`` front end."""
-
-    fbank_stack: int = 1
-    """Consecutive 10 ms log-mel frames concatenated per frame by the ``fbank`` front end."""
-
-    aggregator_layers: tuple[ConvSpec, ...] = VQ_WAV2VEC_AGGREGATOR_LAYERS
-    """(channels, kernel, stride) of the aggregator convs (fairseq ``conv_aggregator_layers``)."""
-
-    activation: Literal["gelu", "relu"] = "gelu"
-    """Activation of every conv block and of the Gumbel logit projection (fairseq ``activation``)."""
-
-    log_compression: bool = False
-    """log(|x| + 1) on the encoder output (fairseq ``log_compression``; off in the vq-wav2vec
-    command, on in wav2vec 1.0's)."""
-
-    encoder_skip_connections: bool = False
-    """Residual connections between encoder layers of equal width (fairseq ``skip_connections_feat``)."""
-
-    aggregator_skip_connections: bool = True
-    """Residual connections in the aggregator (fairseq ``skip_connections_agg``)."""
-
-    residual_scale: float = 0.5
-    """Residual sums are scaled by sqrt(residual_scale) (fairseq ``residual_scale``)."""
-
-    aggregator_conv_bias: bool = True
-    """Whether the aggregator convs have a bias (fairseq ``not no_conv_bias``)."""
-
-    aggregator_zero_pad: bool = False
-    """Left-pad the causal aggregator convs with zeros instead of replicating the first frame
-    (fairseq ``agg_zero_pad``)."""
-
-    quantizer_type: Literal["gumbel", "kmeans"] = "gumbel"
-    """Which quantizer discretises the encoder output (fairseq ``vq_type``)."""
-
-    quantizer: QuantizerConfig = field(
-        default_factory=lambda: QuantizerConfig(
-            codevector_dim=512, weight_proj_depth=2, weight_proj_factor=2, combine_groups=True
-        )
-    )
-    """Gumbel settings (fairseq ``vq_vars``, ``vq_groups``, ``vq_dim``, ``vq_depth``,
-    ``combine_groups``, ``vq_temp``)."""
-
-    kmeans: KMeansQuantizerConfig = field(default_factory=lambda: KMeansQuantizerConfig(codevector_dim=512))
-    """k-means settings (fairseq ``vq_vars``, ``vq_groups``, ``vq_gamma``); ``codevector_dim``
-    must equal the encoder width for fairseq compatibility."""
-
-    prediction_steps: int = 12
-    """Future frames predicted from each context vector (fairseq ``prediction_steps``)."""
-
-    num_negatives: int = 10
-    """Distractors per target, drawn from the same utterance (fairseq ``num_negatives``)."""
-
-    offset: int | None = None
-    """Frames between a context vector and its first target; None computes fairseq's ``auto``:
-    ceil(receptive field / stride) of the encoder."""
-
-    dropout_p: float = 0.0
-    """Dropout inside the aggregator blocks and on the step predictions (fairseq ``dropout``)."""
-
-    feature_dropout_p: float = 0.0
-    """Dropout on the quantized features before the aggregator (fairseq ``dropout_features``)."""
-
-    aggregator_dropout_p: float = 0.0
-    """Dropout on the aggregator output (fairseq ``dropout_agg``)."""
-
-    gumbel_diversity_weight: float = 0.0
-    """Weight of (G V - prob_perplexity) for the Gumbel quantizer (fairseq ``loss_weights``;
-    the vq-wav2vec command sets none, so 0)."""
-
-    def __post_init__(self) -> None:
-        for name, cls in (("quantizer", QuantizerConfig), ("kmeans", KMeansQuantizerConfig)):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, cls(**value))
-        for name in ("encoder_layers", "aggregator_layers"):
-            layers = tuple(tuple(int(v) for v in spec) for spec in getattr(self, name))
-            if not layers or any(len(spec) != 3 or min(spec) < 1 for spec in layers):
-                raise ValueError(
-                    f"`{name}` must be a non-empty list of (channels, kernel, stride) >= 1, "
-                    f"but is {getattr(self, name)} instead."
-                )
-            setattr(self, name, layers)
-        if self.quantizer_type not in ("gumbel", "kmeans"):
-            raise ValueError(
-                f"`quantizer_type` must be 'gumbel' or 'kmeans', but is {self.quantizer_type!r} instead."
-            )
-        if self.activation not in ("gelu", "relu"):
-            raise ValueError(f"`activation` must be 'gelu' or 'relu', but is {self.activation!r} instead.")
-        if self.encoder_kind not in ("conv", "fbank"):
-            raise ValueError(
-                f"`encoder_kind` must be 'conv' or 'fbank', but is {self.encoder_kind!r} instead."
-            )
-        if self.num_mels < 1 or self.fbank_stack < 1:
-            raise ValueError(
-                f"`num_mels` and `fbank_stack` must be >= 1, but are {self.num_mels} and {self.fbank_stack} instead."
-            )
-        if self.prediction_steps < 1:
-            raise ValueError(f"`prediction_steps` must be >= 1, but is {self.prediction_steps} instead.")
-        if self.num_negatives < 1:
-            raise ValueError(f"`num_negatives` must be >= 1, but is {self.num_negatives} instead.")
-        if self.offset is not None and self.offset < 1:
-            raise ValueError(f"`offset` must be >= 1 or None, but is {self.offset} instead.")
-
-    @property
-    def encoder_dim(self) -> int:
-        """Channels of the encoder output (the quantizer's input)."""
-        if self.encoder_kind == "fbank":
-            return self.num_mels * self.fbank_stack
-        return self.encoder_layers[-1][0]
-
-
-def vq_wav2vec_gumbel() -> VqWav2VecConfig:
-    """vq-wav2vec Gumbel (paper section 3.2; fairseq README): G=2, V=320 shared by the groups,
-    two-layer logit projection, tau 2 -> 0.5."""
-    return VqWav2VecConfig()
-
-
-def vq_wav2vec_kmeans() -> VqWav2VecConfig:
-    """vq-wav2vec k-means (paper section 3.2): G=2, V=320, gamma 0.25, loss weight 1."""
-    return VqWav2VecConfig(quantizer_type="kmeans")
-
-
-PRESETS = {
-    "tiny": wav2vec2_tiny,
-    "small": wav2vec2_small,
-    "base": wav2vec2_base,
-    "large": wav2vec2_large,
-}
-
-
-VQ_WAV2VEC_PRESETS = {
-    "gumbel": vq_wav2vec_gumbel,
-    "kmeans": vq_wav2vec_kmeans,
-}
-"""vq-wav2vec presets by name (``model.type: vq_wav2vec`` in a run config)."""
-
-
-def preset(name: str) -> Wav2Vec2Config:
-    """The named preset config (``tiny``, ``small``, ``base``, ``large``)."""
-    if name not in PRESETS:
-        raise ValueError(f"`name` must be one of {sorted(PRESETS)}, but is {name!r} instead.")
-    return PRESETS[name]()
