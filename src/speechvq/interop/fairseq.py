@@ -328,8 +328,7 @@ def speechvq_to_fairseq(model: nn.Module) -> dict[str, Any]:
         "loss_weights": [cfg.loss.diversity_weight, cfg.loss.feature_penalty_weight],
         "log_keys": ["prob_perplexity", "code_perplexity", "temp"],
     }
-    normalize = cfg.encoder.norm_mode == "layer_norm"
-    return _checkpoint(fairseq_wav2vec2_config(cfg), criterion, normalize, fs_state, model)
+    return _checkpoint(fairseq_wav2vec2_config(cfg), criterion, cfg.waveform_norm.enabled, fs_state, model)
 
 
 def _vq_wav2vec_to_fairseq(model: nn.Module) -> dict[str, Any]:
