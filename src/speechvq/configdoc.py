@@ -54,17 +54,17 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("Unit BERT", "speechvq.units.bert:UnitBertConfig", "`model:` of a `speechvq pretrain-unit-bert` YAML."),
     (
         "Unit BERT run",
-        "speechvq.train.unit_bert:UnitBertRunConfig",
+        "speechvq.train.tasks.unit_bert:UnitBertRunConfig",
         "A `speechvq pretrain-unit-bert --config` YAML.",
     ),
-    ("Unit BERT run: data", "speechvq.train.unit_bert:UnitDataSection", "`data:`"),
+    ("Unit BERT run: data", "speechvq.train.tasks.unit_bert:UnitDataSection", "`data:`"),
     (
         "CTC over unit-BERT features",
-        "speechvq.units.ctc:UnitCtcRunConfig",
+        "speechvq.train.finetune:UnitCtcRunConfig",
         "A `speechvq finetune-ctc --init UNIT_BERT --config` YAML (e.g. `conf/finetune_units_small_cpu.yaml`).",
     ),
     ("CTC over unit-BERT features: model", "speechvq.units.ctc:UnitCtcModelSection", "`model:`"),
-    ("CTC over unit-BERT features: data", "speechvq.units.ctc:UnitCtcDataSection", "`data:`"),
+    ("CTC over unit-BERT features: data", "speechvq.train.finetune:UnitCtcDataSection", "`data:`"),
 ]
 
 

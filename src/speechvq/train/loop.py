@@ -1,7 +1,8 @@
-"""The training loop: one linear function on accelerate, over a :class:`~speechvq.train.task.Task`.
+"""The training loop: one linear function on accelerate, over a :class:`~speechvq.train.tasks.base.Task`.
 
-wav2vec 2.0 pretraining (:func:`pretrain`), CTC fine-tuning and unit-BERT pretraining all run
-here; what differs between them (model, data, loss, metrics, validation score, export) is the task.
+wav2vec 2.0 and vq-wav2vec pretraining, CTC fine-tuning and unit-BERT pretraining all run here;
+what differs between them (model, data, loss, metrics, validation score, export) is the task,
+which the caller builds (:mod:`speechvq.train.tasks`): this module imports no model.
 
 Loss normalisation, documented once: a task's loss is a sum over its targets (masked frames for
 wav2vec 2.0 and BERT, utterances for CTC). Each rank back-propagates its raw sums for every
@@ -49,11 +50,11 @@ from speechvq.errors import UserInputError
 from speechvq.files import read_text, write_atomic
 from speechvq.train import checkpoint as ckpt
 from speechvq.train import launch
-from speechvq.train.config import PretrainConfig, parse_yaml
+from speechvq.train.config import parse_yaml
 from speechvq.train.lock import experiment_lock
 from speechvq.train.metrics import MetricsLogger, read_metrics
 from speechvq.train.optim import build_optimizer, lr_at, set_lr_
-from speechvq.train.task import Task, Wav2Vec2PretrainTask
+from speechvq.train.tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class RunSummary:
-    """What :func:`train` and :func:`pretrain` return."""
+    """What :func:`train` returns."""
 
     step: int
     """Updates done."""
@@ -228,36 +229,6 @@ def evaluate(
     return task.eval_record(dict(zip(task.eval_stat_names, sums[:-1].tolist())))
 
 
-def pretrain(
-    cfg: PretrainConfig,
-    exp_dir: str | Path,
-    *,
-    require_resume: bool = False,
-    model: torch.nn.Module | None = None,
-    stop_at_step: int | None = None,
-) -> RunSummary:
-    """Pretrain (or resume) a wav2vec 2.0 or vq-wav2vec model as ``cfg`` says, into ``exp_dir``.
-
-    Args:
-        cfg: the validated run config.
-        exp_dir: experiment directory; if it holds checkpoints the run resumes from the newest.
-        require_resume: raise if there is no checkpoint to resume from.
-        model: train this model instead of building one from ``cfg`` (tests).
-        stop_at_step: stop (with a checkpoint) after this many updates, as if interrupted.
-
-    Returns:
-        A :class:`RunSummary`.
-    """
-    task: Task
-    if cfg.model.type == "vq_wav2vec":
-        from speechvq.train.task_vq_wav2vec import VqWav2VecPretrainTask
-
-        task = VqWav2VecPretrainTask(cfg, Path(exp_dir), model)  # type: ignore[arg-type]
-    else:
-        task = Wav2Vec2PretrainTask(cfg, Path(exp_dir), model)
-    return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)
-
-
 def train(
     task: Task,
     cfg: Any,
@@ -269,7 +240,7 @@ def train(
     """Train (or resume) ``task`` with the loop settings of ``cfg``, writing into ``exp_dir``.
 
     Args:
-        task: what to train (see :class:`~speechvq.train.task.Task`).
+        task: what to train (see :class:`~speechvq.train.tasks.base.Task`).
         cfg: a config with ``train`` (:class:`~speechvq.train.config.TrainSection`), ``optim``,
             ``schedule`` and ``data`` (``train``, ``valid``, ``num_workers``) sections.
         exp_dir: experiment directory; if it holds checkpoints the run resumes from the newest.

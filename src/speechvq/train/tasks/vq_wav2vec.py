@@ -31,14 +31,14 @@ from speechvq.models.quantizer import GumbelVectorQuantizer
 from speechvq.models.vq_wav2vec import VqWav2VecModel, VqWav2VecOutput, build_vq_wav2vec, vq_min_input_samples
 from speechvq.train.config import PretrainConfig, dump_config
 from speechvq.train.diagnostics import collapse_warnings
-from speechvq.train.task import (
-    DataParts,
-    _code_counts,
-    _code_persistence_sums,
-    _sum_over_processes,
+from speechvq.train.tasks.base import DataParts
+from speechvq.train.tasks.pretrain import (
+    code_counts,
+    code_persistence_sums,
     collapse_check_start,
     end_usage_interval,
     open_audio_data,
+    sum_over_processes,
 )
 
 
@@ -119,7 +119,7 @@ class VqWav2VecPretrainTask:
             "batches": 1.0,
             "frames": float(out.lengths.sum()),
             "samples": float(batch.lengths.sum()),
-            **_code_persistence_sums(out),
+            **code_persistence_sums(out),
         }
         s["nonfinite"] = 0.0 if math.isfinite(s["loss"]) else 1.0
         return losses.total, s
@@ -140,9 +140,9 @@ class VqWav2VecPretrainTask:
             and isinstance(quantizer, GumbelVectorQuantizer)
             and quantizer.reduce_marginal is None
         ):
-            quantizer.reduce_marginal = _sum_over_processes  # the diversity term over the whole batch
+            quantizer.reduce_marginal = sum_over_processes  # the diversity term over the whole batch
         out = module(batch.waveforms, batch.lengths, generator=generator)
-        self.usage += _code_counts(out, *self.usage.shape)
+        self.usage += code_counts(out, *self.usage.shape)
         self.temperature = float(out.quantizer.temperature)
         return self._stats(model, out, batch)
 
