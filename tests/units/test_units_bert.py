@@ -205,7 +205,7 @@ def test_unit_bert_config_yaml_files_load() -> None:
 def test_unit_bert_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="`mask_span` must be >= 1"):
         UnitBertConfig(mask_span=0)
-    with pytest.raises(TypeError, match="unknown field"):
+    with pytest.raises(UserInputError, match="unknown field"):
         UnitBertConfig.from_dict({"dimm": 3})
 
 

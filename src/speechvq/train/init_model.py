@@ -11,12 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from speechvq.config import Wav2Vec2Config
+from speechvq.configio import parse_yaml
 from speechvq.errors import UserInputError
 from speechvq.files import read_text
 from speechvq.interop.init import load_pretrained_wav2vec2
 from speechvq.models.wav2vec2 import Wav2Vec2Model, build_wav2vec2
 from speechvq.train import checkpoint as ckpt
-from speechvq.train.config import config_from_dict, parse_yaml
+from speechvq.train.config import config_from_dict
 
 
 def load_init_model(spec: str) -> Wav2Vec2Model:

@@ -45,12 +45,12 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from speechvq import signals
+from speechvq.configio import parse_yaml
 from speechvq.data import BucketBatchSampler
 from speechvq.errors import UserInputError
 from speechvq.files import read_text, write_atomic
 from speechvq.train import checkpoint as ckpt
 from speechvq.train import launch
-from speechvq.train.config import parse_yaml
 from speechvq.train.lock import experiment_lock
 from speechvq.train.metrics import MetricsLogger, read_metrics
 from speechvq.train.optim import build_optimizer, lr_at, set_lr_

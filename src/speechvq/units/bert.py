@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechvq.configio import from_dict
 from speechvq.errors import UserInputError
 from speechvq.files import read_json
 from speechvq.units.dictionary import UnitBpe, UnitDictionary
@@ -106,12 +107,9 @@ class UnitBertConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UnitBertConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TypeError(f"unknown field(s) {unknown} for UnitBertConfig; known: {sorted(known)}")
-        return cls(**data)
+        """Inverse of :meth:`to_dict` (:func:`speechvq.configio.from_dict`): unknown keys, wrong
+        types and bad values raise :class:`UserInputError` naming them."""
+        return from_dict(cls, data)
 
 
 def load_unit_bert_config(path: str | os.PathLike[str]) -> UnitBertConfig:
@@ -123,12 +121,11 @@ def load_unit_bert_config(path: str | os.PathLike[str]) -> UnitBertConfig:
     path = Path(path)
     if not path.exists():
         raise UserInputError(f"{path}: config file does not exist")
+    text = read_text(path, "config file")
     try:
-        data = yaml.safe_load(read_text(path, "config file")) or {}
+        data = yaml.safe_load(text) or {}
         return UnitBertConfig.from_dict(data.get("model", data))
-    except UserInputError:
-        raise
-    except (TypeError, ValueError, AttributeError, yaml.YAMLError) as err:
+    except (ValueError, AttributeError, yaml.YAMLError) as err:  # UserInputError is a ValueError
         raise UserInputError(f"{path}: invalid unit BERT config: {err}") from None
 
 
@@ -371,11 +368,10 @@ def read_unit_bert_config(root: Path) -> UnitBertConfig:
     path = root / CONFIG_NAME
     if not path.exists():
         raise UserInputError(f"{path}: file does not exist (not a unit BERT export)")
+    meta = read_json(path, "unit BERT config")
     try:
-        return UnitBertConfig.from_dict(read_json(path, "unit BERT config")["config"])
-    except UserInputError:
-        raise
-    except (ValueError, KeyError, TypeError) as err:
+        return UnitBertConfig.from_dict(meta["config"])
+    except (ValueError, KeyError, TypeError) as err:  # UserInputError is a ValueError
         raise UserInputError(f"{path}: invalid unit BERT config: {err}") from None
 
 

@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from speechvq.configio import from_dict
 from speechvq.decoding import greedy_decode
 from speechvq.errors import UserInputError
 from speechvq.files import read_json
@@ -127,11 +128,8 @@ class UnitBertCtcConfig(UnitCtcModelSection):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UnitBertCtcConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TypeError(f"unknown field(s) {unknown} for UnitBertCtcConfig")
-        return cls(**data)
+        """Inverse of :meth:`to_dict` (:func:`speechvq.configio.from_dict`)."""
+        return from_dict(cls, data)
 
 
 # -- model ---------------------------------------------------------------------------------------------
@@ -356,14 +354,12 @@ def load_unit_bert_ctc(
     path = root / CONFIG_NAME
     if not path.exists():
         raise UserInputError(f"{path}: file does not exist (not a unit-BERT CTC model)")
+    meta = read_json(path, "model config")
     try:
-        meta = read_json(path, "model config")
         cfg = UnitBertCtcConfig.from_dict(meta["config"])
         vocab = Vocabulary.from_dict(meta["vocabulary"])
         bert_cfg = dict(meta["bert_config"])
-    except UserInputError:
-        raise
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError) as err:  # UserInputError is a ValueError
         raise UserInputError(f"{path}: invalid unit-BERT CTC config: {err}") from None
     if meta.get("model_type") != MODEL_TYPE:
         raise UserInputError(f"{path}: model_type must be {MODEL_TYPE!r}, but is {meta.get('model_type')!r}")
