@@ -48,7 +48,6 @@ SECTIONS: list[tuple[str, str, str]] = [
         "A `speechvq finetune-ctc --config` YAML.",
     ),
     ("CTC fine-tuning run: model", "speechvq.train.finetune:FinetuneModelSection", "`model:`"),
-    ("CTC fine-tuning run: masking", "speechvq.train.finetune:MaskSection", "`mask:`"),
     ("CTC fine-tuning run: data", "speechvq.train.finetune:FinetuneDataSection", "`data:`"),
     ("CTC fine-tuning run: schedule", "speechvq.train.finetune:FinetuneScheduleSection", "`schedule:`"),
     ("Unit BERT", "speechvq.units.bert:UnitBertConfig", "`model:` of a `speechvq pretrain-unit-bert` YAML."),
@@ -88,8 +87,9 @@ def _default(f: dataclasses.Field[Any]) -> str:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:
         value = f.default_factory()
-        if dataclasses.is_dataclass(value):
-            return f"`{type(value).__name__}()`"
+        if dataclasses.is_dataclass(value):  # the class, or a public preset of it
+            preset = getattr(f.default_factory, "__name__", "_")
+            return f"`{type(value).__name__ if preset.startswith(('_', '<')) else preset}()`"
     else:
         return "required"
     if isinstance(value, tuple):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from speechvq.config import MaskConfig
 from speechvq.data.audio import RawFormat
 from speechvq.errors import UserInputError
 from speechvq.ranges import check_probability, check_range
@@ -90,28 +91,19 @@ DROPOUT_FIELDS = (
 )
 
 
-@dataclass(kw_only=True)
-class MaskSection:
-    """Training-time masking (:class:`~speechvq.config.MaskConfig`)."""
+def finetune_mask() -> MaskConfig:
+    """Fine-tuning's masking (fairseq's ``base_10m``/``base_1h``): time spans as in pretraining,
+    plus channel masking (spans of 64 channels with probability 0.25)."""
+    return MaskConfig(mask_prob=0.65, mask_length=10, min_masks=2, channel_prob=0.25, channel_length=64)
 
-    mask_prob: float = 0.65
-    """Time masking: #spans = mask_prob * T / mask_length."""
-    mask_length: int = 10
-    """Frames per time span."""
-    min_masks: int = 2
-    """At least this many time spans per utterance."""
-    channel_prob: float = 0.25
-    """Channel masking probability (0 disables it)."""
-    channel_length: int = 64
-    """Channels per channel span."""
 
-    def validate(self) -> None:
-        """Probabilities finite and >= 0 (channels: in [0, 1]), span lengths >= 1."""
-        check_range("mask.mask_prob", self.mask_prob, 0)
-        check_range("mask.mask_length", self.mask_length, 1, integer=True)
-        check_range("mask.min_masks", self.min_masks, 0, integer=True)
-        check_probability("mask.channel_prob", self.channel_prob)
-        check_range("mask.channel_length", self.channel_length, 1, integer=True)
+def validate_mask(mask: MaskConfig, prefix: str = "mask") -> None:
+    """Probabilities finite and >= 0 (channels: in [0, 1]), span lengths >= 1."""
+    check_range(f"{prefix}.mask_prob", mask.mask_prob, 0)
+    check_range(f"{prefix}.mask_length", mask.mask_length, 1, integer=True)
+    check_range(f"{prefix}.min_masks", mask.min_masks, 0, integer=True)
+    check_probability(f"{prefix}.channel_prob", mask.channel_prob)
+    check_range(f"{prefix}.channel_length", mask.channel_length, 1, integer=True)
 
 
 @dataclass(kw_only=True)
@@ -175,7 +167,10 @@ class FinetuneConfig:
     """Everything a fine-tuning run reads (``conf/finetune_*.yaml``)."""
 
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
-    mask: MaskSection = field(default_factory=MaskSection)
+    mask: MaskConfig = field(default_factory=finetune_mask)
+    """Training-time masking: the fields of the pretraining model's ``mask`` (*Model: masking*),
+    with fine-tuning's defaults (:func:`finetune_mask`: ``channel_prob`` 0.25, ``channel_length`` 64;
+    the rest as in pretraining)."""
     data: FinetuneDataSection = field(default_factory=FinetuneDataSection)
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-5, eps=1e-8, weight_decay=0.0))
     schedule: FinetuneScheduleSection = field(default_factory=FinetuneScheduleSection)
@@ -192,7 +187,7 @@ class FinetuneConfig:
         self.optim.validate()
         self.data.validate()
         self.model.validate()
-        self.mask.validate()
+        validate_mask(self.mask)
         if not self.data.train:
             raise UserInputError("`data.train` must name a manifest, but is empty instead.")
         self.data.raw()
