@@ -32,7 +32,7 @@ from speechvq.config import preset
 from speechvq.data.manifest import read_manifest
 from speechvq.models.protocol import AudioModel
 from speechvq.models.wav2vec2 import build_wav2vec2
-from speechvq.train.finetune import load_init_model
+from speechvq.train.init_model import load_init_model
 from speechvq.units.export import (
     SAMPLE_RATE,
     TRANSFORMER_INPUT,

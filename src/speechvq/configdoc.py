@@ -48,23 +48,22 @@ SECTIONS: list[tuple[str, str, str]] = [
         "A `speechvq finetune-ctc --config` YAML.",
     ),
     ("CTC fine-tuning run: model", "speechvq.train.finetune:FinetuneModelSection", "`model:`"),
-    ("CTC fine-tuning run: masking", "speechvq.train.finetune:MaskSection", "`mask:`"),
     ("CTC fine-tuning run: data", "speechvq.train.finetune:FinetuneDataSection", "`data:`"),
     ("CTC fine-tuning run: schedule", "speechvq.train.finetune:FinetuneScheduleSection", "`schedule:`"),
     ("Unit BERT", "speechvq.units.bert:UnitBertConfig", "`model:` of a `speechvq pretrain-unit-bert` YAML."),
     (
         "Unit BERT run",
-        "speechvq.train.unit_bert:UnitBertRunConfig",
+        "speechvq.train.tasks.unit_bert:UnitBertRunConfig",
         "A `speechvq pretrain-unit-bert --config` YAML.",
     ),
-    ("Unit BERT run: data", "speechvq.train.unit_bert:UnitDataSection", "`data:`"),
+    ("Unit BERT run: data", "speechvq.train.tasks.unit_bert:UnitDataSection", "`data:`"),
     (
         "CTC over unit-BERT features",
-        "speechvq.units.ctc:UnitCtcRunConfig",
+        "speechvq.train.finetune:UnitCtcRunConfig",
         "A `speechvq finetune-ctc --init UNIT_BERT --config` YAML (e.g. `conf/finetune_units_small_cpu.yaml`).",
     ),
     ("CTC over unit-BERT features: model", "speechvq.units.ctc:UnitCtcModelSection", "`model:`"),
-    ("CTC over unit-BERT features: data", "speechvq.units.ctc:UnitCtcDataSection", "`data:`"),
+    ("CTC over unit-BERT features: data", "speechvq.train.finetune:UnitCtcDataSection", "`data:`"),
 ]
 
 
@@ -88,8 +87,9 @@ def _default(f: dataclasses.Field[Any]) -> str:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:
         value = f.default_factory()
-        if dataclasses.is_dataclass(value):
-            return f"`{type(value).__name__}()`"
+        if dataclasses.is_dataclass(value):  # the class, or a public preset of it
+            preset = getattr(f.default_factory, "__name__", "_")
+            return f"`{type(value).__name__ if preset.startswith(('_', '<')) else preset}()`"
     else:
         return "required"
     if isinstance(value, tuple):

@@ -20,8 +20,9 @@ from speechvq.models.ctc import load_ctc_pretrained
 from speechvq.models.wav2vec2 import build_wav2vec2
 from speechvq.train import checkpoint as ckpt
 from speechvq.train.config import load_config
-from speechvq.train.finetune import CtcTask, FinetuneConfig, finetune
+from speechvq.train.finetune import FinetuneConfig, finetune
 from speechvq.train.metrics import read_metrics
+from speechvq.train.tasks.ctc import CtcTask
 
 
 def _ltr(text: str) -> str:
@@ -139,7 +140,7 @@ def test_finetune_init_reads_every_pretrained_format(tmp_path: Path, kind: str) 
     from speechvq.interop.fairseq import save_fairseq_checkpoint
     from speechvq.interop.hf import save_hf
     from speechvq.train.config import ModelSection, PretrainConfig, dump_config
-    from speechvq.train.finetune import load_init_model
+    from speechvq.train.init_model import load_init_model
 
     torch.manual_seed(0)
     model = build_wav2vec2(wav2vec2_tiny()).eval()

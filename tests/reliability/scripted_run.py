@@ -64,7 +64,7 @@ class Rows(torch.utils.data.Dataset):
 
 
 class ScriptedTask:
-    """A Task (see :class:`speechvq.train.task.Task`) whose validation scores are :data:`SCORES`."""
+    """A Task (see :class:`speechvq.train.tasks.base.Task`) whose validation scores are :data:`SCORES`."""
 
     name = "scripted"
     stat_names = ("loss", "targets", "nonfinite")

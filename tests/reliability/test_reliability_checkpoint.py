@@ -17,7 +17,7 @@ from faults import make_corpus
 from speechvq.cli import main
 from speechvq.train import checkpoint as ckpt
 from speechvq.train.config import config_from_dict
-from speechvq.train.loop import pretrain
+from speechvq.train.tasks.pretrain import pretrain
 
 
 def _save(root: Path, step: int) -> Path:

@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from speechvq.config import MAX_PARAMETERS, wav2vec2_base
+from speechvq.configio import MAX_YAML_NODES, parse_yaml
 from speechvq.data.download import ExtractLimits, safe_extract
 from speechvq.errors import UserInputError
 from speechvq.interop.fairseq_config import MAX_LAYER_SPECS, _eval_layers
-from speechvq.train.config import MAX_YAML_NODES, parse_yaml
 
 
 def _nothing_extracted(target: Path) -> bool:

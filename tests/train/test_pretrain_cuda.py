@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from speechvq.models.wav2vec2 import build_wav2vec2
 from speechvq.train import checkpoint as ckpt
 from speechvq.train.config import PretrainConfig
-from speechvq.train.loop import pretrain
 from speechvq.train.metrics import read_metrics
+from speechvq.train.tasks.pretrain import pretrain
 
 pytestmark = [
     pytest.mark.cuda,

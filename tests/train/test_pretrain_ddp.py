@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 
 from speechvq.train import checkpoint as ckpt
 from speechvq.train.config import PretrainConfig
-from speechvq.train.loop import pretrain
 from speechvq.train.metrics import read_metrics
+from speechvq.train.tasks.pretrain import pretrain
 
 
 def _losses(exp_dir: Path) -> list[float]:

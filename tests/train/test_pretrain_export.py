@@ -8,7 +8,7 @@ import torch
 
 from speechvq.io import load_pretrained
 from speechvq.train import checkpoint as ckpt
-from speechvq.train.loop import pretrain
+from speechvq.train.tasks.pretrain import pretrain
 
 
 def test_finished_run_exports_its_last_checkpoint_as_best_model(

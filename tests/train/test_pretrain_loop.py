@@ -12,8 +12,9 @@ from speechvq.cli import main
 from speechvq.models.wav2vec2 import build_wav2vec2
 from speechvq.train import checkpoint as ckpt
 from speechvq.train.config import PretrainConfig
-from speechvq.train.loop import NonFiniteError, pretrain
+from speechvq.train.loop import NonFiniteError
 from speechvq.train.metrics import read_metrics
+from speechvq.train.tasks.pretrain import pretrain
 
 TIMING_KEYS = {"audio_s_per_s"}
 

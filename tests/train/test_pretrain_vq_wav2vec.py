@@ -25,9 +25,9 @@ from speechvq.io import load_pretrained
 from speechvq.models.vq_wav2vec import VqWav2VecModel
 from speechvq.train import checkpoint as ckpt
 from speechvq.train.config import config_from_dict, load_config
-from speechvq.train.loop import pretrain
 from speechvq.train.metrics import read_metrics
-from speechvq.train.task_vq_wav2vec import VqWav2VecPretrainTask, bce_chance, usage_by_group
+from speechvq.train.tasks.pretrain import pretrain
+from speechvq.train.tasks.vq_wav2vec import VqWav2VecPretrainTask, bce_chance, usage_by_group
 
 ROOT = Path(__file__).resolve().parents[2]
 FAIRSEQ = ROOT / "tests" / "fixtures" / "fairseq"

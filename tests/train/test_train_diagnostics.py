@@ -9,7 +9,7 @@ import torch
 from speechvq.models.wav2vec2 import build_wav2vec2
 from speechvq.train.config import DiagnosticsSection, PretrainConfig
 from speechvq.train.diagnostics import collapse_warnings
-from speechvq.train.loop import pretrain
+from speechvq.train.tasks.pretrain import pretrain
 
 HEALTHY = {
     "contrastive": 2.0,
@@ -96,7 +96,7 @@ def test_pretrain_warns_on_a_collapsed_quantizer_and_not_on_a_healthy_run(
 def test_code_persistence_counts_equal_consecutive_codes_over_valid_frames() -> None:
     from types import SimpleNamespace
 
-    from speechvq.train.task import _code_persistence_sums
+    from speechvq.train.tasks.pretrain import code_persistence_sums
 
     codes = torch.tensor(
         [
@@ -105,5 +105,5 @@ def test_code_persistence_counts_equal_consecutive_codes_over_valid_frames() -> 
         ]
     )
     out = SimpleNamespace(quantizer=SimpleNamespace(codes=codes), lengths=torch.tensor([4, 5]))
-    sums = _code_persistence_sums(out)
+    sums = code_persistence_sums(out)
     assert sums == {"same_code_pairs": 5.0, "frame_pairs": 7.0}

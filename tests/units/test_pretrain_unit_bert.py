@@ -14,7 +14,7 @@ from speechvq.cli import main
 from speechvq.train import checkpoint as ckpt
 from speechvq.train.config import load_config
 from speechvq.train.metrics import read_metrics
-from speechvq.train.unit_bert import UnitBertRunConfig, pretrain_unit_bert
+from speechvq.train.tasks.unit_bert import UnitBertRunConfig, pretrain_unit_bert
 from speechvq.units.bert import load_unit_bert
 
 
@@ -81,7 +81,7 @@ def test_shipped_unit_bert_configs_load_and_their_warmup_fits_the_run(name: str)
 def test_unigram_baseline_is_the_smoothed_unit_frequency_and_the_commonest_unit() -> None:
     import numpy as np
 
-    from speechvq.units.bert import unigram_baseline
+    from speechvq.units.bert_data import unigram_baseline
     from speechvq.units.dictionary import UnitDictionary
 
     d = UnitDictionary.build([["a", "a", "a", "b"]])

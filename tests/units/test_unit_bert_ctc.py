@@ -15,17 +15,13 @@ from speechvq.data.manifest import ManifestItem, write_manifest
 from speechvq.errors import UserInputError
 from speechvq.train import checkpoint as ckpt
 from speechvq.train.config import load_config
+from speechvq.train.finetune import UnitCtcRunConfig
 from speechvq.train.metrics import read_metrics
-from speechvq.units.bert import UnitBertConfig, UnitBertTask
-from speechvq.units.ctc import (
-    UnitBertCtcTask,
-    UnitCtcRunConfig,
-    UnitTranscriptDataset,
-    collate_unit_transcripts,
-    load_unit_bert_ctc,
-    save_unit_bert_ctc,
-    transcribe_units,
-)
+from speechvq.train.tasks.unit_ctc import UnitBertCtcTask
+from speechvq.units.bert import UnitBertConfig, UnitMaskedLM, build_unit_bert, save_unit_bert
+from speechvq.units.bert_data import UnitCorpus
+from speechvq.units.ctc import load_unit_bert_ctc, save_unit_bert_ctc, transcribe_units
+from speechvq.units.ctc_data import UnitTranscriptDataset, collate_unit_transcripts
 from speechvq.units.io import UnitWriter, read_units
 
 TRANSCRIPTS = ["ABC DE", "BAD", "CAB ED", "DEC A", "EBC DA", "ACE BD"]
@@ -60,10 +56,10 @@ def write_corpus(root: Path, texts: list[str], *, dedup: bool = False, seed: int
 def write_unit_bert(out: Path, units: Path, **cfg: object) -> Path:
     """A randomly initialised tiny unit BERT exported as pretrain-unit-bert does."""
     torch.manual_seed(0)
-    task = UnitBertTask(
+    corpus = UnitCorpus(
         UnitBertConfig(**{**TINY_BERT, **cfg}), units, work_dir=out.parent / f"{out.name}_work"
     )
-    task.save_export(task.build_model(), out)
+    save_unit_bert(UnitMaskedLM(build_unit_bert(corpus.cfg, corpus.dictionary)), corpus, out)
     return out
 
 
@@ -263,7 +259,7 @@ def test_units_of_another_length_than_the_manifest_name_the_file(tmp_path: Path)
 def test_unit_bert_ctc_resumes_exactly(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from speechvq.units.ctc import finetune_unit_bert_ctc
+    from speechvq.train.finetune import finetune_unit_bert_ctc
 
     manifest, units = write_corpus(tmp_path, TRANSCRIPTS, dedup=True)
     bert = write_unit_bert(tmp_path / "bert", units, dropout_p=0.1)

@@ -10,13 +10,17 @@ from speechvq.data import BucketBatchSampler
 from speechvq.errors import UserInputError
 from speechvq.units.bert import (
     UnitBertConfig,
-    UnitBertTask,
+    UnitMaskedLM,
     bert_replace,
+    build_unit_bert,
     compute_unit_span_mask,
     load_unit_bert,
     load_unit_bert_config,
     masked_lm_loss,
+    masked_lm_objective,
+    save_unit_bert,
 )
+from speechvq.units.bert_data import UnitCorpus
 from speechvq.units.dictionary import UnitDictionary
 from speechvq.units.io import UnitWriter
 
@@ -112,10 +116,10 @@ def test_dictionary_reads_and_writes_fairseq_dict_txt(tmp_path: Path) -> None:
 def test_unit_bert_loss_falls_in_a_short_run(tmp_path: Path, arch: str) -> None:
     write_unit_corpus(tmp_path / "units")
     cfg = UnitBertConfig(arch=arch, mask_start_prob=0.1, mask_span=3, **TINY)
-    task = UnitBertTask(cfg, tmp_path / "units", tmp_path / "units", work_dir=tmp_path / "work")
-    model = task.build_model()
-    data = task.train_dataset()
-    sampler = BucketBatchSampler(task.batch_sizes(), max_tokens=800, seed=0)
+    corpus = UnitCorpus(cfg, tmp_path / "units", tmp_path / "units", work_dir=tmp_path / "work")
+    model = UnitMaskedLM(build_unit_bert(corpus.cfg, corpus.dictionary))
+    data = corpus.train_dataset()
+    sampler = BucketBatchSampler(corpus.batch_sizes(), max_tokens=800, seed=0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     losses = []
@@ -123,16 +127,19 @@ def test_unit_bert_loss_falls_in_a_short_run(tmp_path: Path, arch: str) -> None:
         sampler.set_epoch(epoch)
         data.set_epoch(epoch)
         for idx in sampler:
-            loss, n, metrics = task.loss(model, task.collate([data[i] for i in idx]), g)
+            out = masked_lm_objective(
+                model, corpus.collate([data[i] for i in idx]), cfg, corpus.dictionary, g
+            )
+            n = max(out.num_targets, 1)
             opt.zero_grad()
-            (loss / max(n, 1)).backward()
+            (out.loss / n).backward()
             opt.step()
-            losses.append(loss.item() / max(n, 1))
+            losses.append(out.loss.item() / n)
     assert len(losses) >= 50
 
     first, last = np.mean(losses[:4]), np.mean(losses[-6:])
     assert first > np.log(12) * 0.9 and last < 0.75 * first
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["masked_share"] > 0.0
+    assert 0 <= out.correct <= out.num_targets and out.num_targets > 0
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
@@ -140,17 +147,17 @@ def test_unit_masked_lm_scores_equal_transformers_logits_at_the_masked_positions
     tmp_path: Path, arch: str
 ) -> None:
     write_unit_corpus(tmp_path / "units", num_utts=6)
-    task = UnitBertTask(UnitBertConfig(arch=arch, **TINY), tmp_path / "units", work_dir=tmp_path / "work")
-    model = task.build_model().eval()
-    data = task.train_dataset()
-    batch = task.collate([data[i] for i in range(4)])  # differing lengths: padded
+    corpus = UnitCorpus(UnitBertConfig(arch=arch, **TINY), tmp_path / "units", work_dir=tmp_path / "work")
+    model = UnitMaskedLM(build_unit_bert(corpus.cfg, corpus.dictionary)).eval()
+    data = corpus.train_dataset()
+    batch = corpus.collate([data[i] for i in range(4)])  # differing lengths: padded
     attention = (torch.arange(batch.ids.size(1))[None, :] < batch.lengths[:, None]).long()
     predict = torch.rand(batch.ids.shape, generator=torch.Generator().manual_seed(0)) < 0.4
     predict &= attention.bool()
     with torch.no_grad():
         full = model.hf(input_ids=batch.ids, attention_mask=attention).logits
         scored = model(batch.ids, attention, predict)
-    assert scored.shape == (int(predict.sum()), len(task.dictionary))
+    assert scored.shape == (int(predict.sum()), len(corpus.dictionary))
     torch.testing.assert_close(scored, full[predict], atol=1e-5, rtol=1e-5)
     targets = torch.where(predict, batch.ids, torch.full_like(batch.ids, -100))
     loss, n, correct = masked_lm_loss(scored, batch.ids[predict])
@@ -160,29 +167,29 @@ def test_unit_masked_lm_scores_equal_transformers_logits_at_the_masked_positions
 
 def test_unit_bert_export_loads_with_transformers(tmp_path: Path) -> None:
     write_unit_corpus(tmp_path / "units", num_utts=5)
-    task = UnitBertTask(UnitBertConfig(**TINY), tmp_path / "units", work_dir=tmp_path / "work")
-    model = task.build_model().eval()
-    task.save_export(model, tmp_path / "export")
+    corpus = UnitCorpus(UnitBertConfig(**TINY), tmp_path / "units", work_dir=tmp_path / "work")
+    model = UnitMaskedLM(build_unit_bert(corpus.cfg, corpus.dictionary)).eval()
+    save_unit_bert(model, corpus, tmp_path / "export")
     back, dictionary, bpe = load_unit_bert(tmp_path / "export")
-    assert bpe is None and dictionary.symbols == task.dictionary.symbols
-    batch = task.collate([task.train_dataset()[0]])
+    assert bpe is None and dictionary.symbols == corpus.dictionary.symbols
+    batch = corpus.collate([corpus.train_dataset()[0]])
     with torch.no_grad():
         assert torch.allclose(
             model.hf(input_ids=batch.ids).logits, back(input_ids=batch.ids).logits, atol=1e-6
         )
-    assert task.valid_dataset() is None
+    assert corpus.valid_dataset() is None
 
 
 def test_unit_bert_acoustic_bpe_merges_units(tmp_path: Path) -> None:
     write_unit_corpus(tmp_path / "units")
     cfg = UnitBertConfig(bpe_vocab_size=40, **TINY)
-    task = UnitBertTask(cfg, tmp_path / "units", work_dir=tmp_path / "work")
-    assert task.bpe is not None and (tmp_path / "work" / "bpe.model").is_file()
+    corpus = UnitCorpus(cfg, tmp_path / "units", work_dir=tmp_path / "work")
+    assert corpus.bpe is not None and (tmp_path / "work" / "bpe.model").is_file()
     units = ["3", "3", "3", "4", "4", "5", "5", "5"]
-    pieces = task.tokenize(units)
+    pieces = corpus.tokenize(units)
     assert sum(len(p) for p in pieces) == len(units) and len(pieces) < len(units)
-    assert len(task.dictionary) > len(task.base_dictionary)
-    task.save_export(task.build_model(), tmp_path / "export")
+    assert len(corpus.dictionary) > len(corpus.base_dictionary)
+    save_unit_bert(UnitMaskedLM(build_unit_bert(corpus.cfg, corpus.dictionary)), corpus, tmp_path / "export")
     _, _, bpe = load_unit_bert(tmp_path / "export")
     assert bpe is not None and bpe.encode(units) == pieces
 
@@ -198,17 +205,17 @@ def test_unit_bert_config_yaml_files_load() -> None:
 def test_unit_bert_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="`mask_span` must be >= 1"):
         UnitBertConfig(mask_span=0)
-    with pytest.raises(TypeError, match="unknown field"):
+    with pytest.raises(UserInputError, match="unknown field"):
         UnitBertConfig.from_dict({"dimm": 3})
 
 
 def test_unit_dataset_crops_to_max_positions_and_reports_sizes(tmp_path: Path) -> None:
     write_unit_corpus(tmp_path / "units", num_utts=6)
     cfg = UnitBertConfig(**{**TINY, "max_positions": 16})
-    task = UnitBertTask(cfg, tmp_path / "units", tmp_path / "units", work_dir=tmp_path / "work")
-    data = task.train_dataset()
-    d = task.dictionary
-    assert [len(data[i]["ids"]) for i in range(len(data))] == task.batch_sizes().tolist() == [16] * 6
+    corpus = UnitCorpus(cfg, tmp_path / "units", tmp_path / "units", work_dir=tmp_path / "work")
+    data = corpus.train_dataset()
+    d = corpus.dictionary
+    assert [len(data[i]["ids"]) for i in range(len(data))] == corpus.batch_sizes().tolist() == [16] * 6
     item = data[0]["ids"]
     assert item[0] == d.bos_id and item[-1] == d.eos_id and (item[1:-1] >= d.first_unit_id).all()
     crops = set()
@@ -216,7 +223,7 @@ def test_unit_dataset_crops_to_max_positions_and_reports_sizes(tmp_path: Path) -
         data.set_epoch(epoch)
         crops.add(tuple(data[0]["ids"].tolist()))
     assert len(crops) > 1  # random crops move with the epoch
-    valid = task.valid_dataset()
+    valid = corpus.valid_dataset()
     assert valid is not None and torch.equal(valid[0]["ids"], valid[0]["ids"])
-    batch = task.collate([data[0], valid[1]])
+    batch = corpus.collate([data[0], valid[1]])
     assert batch.ids.shape == (2, 16) and batch.lengths.tolist() == [16, 16]

@@ -11,7 +11,7 @@ a transformers model directory or a fairseq ``.pt`` checkpoint. Labels are the `
 newest checkpoint; at the end the best model (lowest validation WER) is written to
 ``EXP_DIR/best_model``, ready for ``speechvq transcribe EXP_DIR/best_model MANIFEST``.
 
-BERT features (vq-wav2vec's recipe, :mod:`speechvq.units.ctc`): when ``--init`` is a unit BERT
+BERT features (vq-wav2vec's recipe, :mod:`speechvq.units.ctc`, :mod:`speechvq.train.tasks.unit_ctc`): when ``--init`` is a unit BERT
 (a ``pretrain-unit-bert`` ``best_model`` or experiment directory, recognised by its
 ``unit_bert.json``), the model is units -> BERT layer -> acoustic head -> CTC, and ``--units`` /
 ``--valid-units`` give the ``export-units`` directories of the ``--train`` / ``--valid``
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 def _unit_bert_front_end(init: str | None, args: argparse.Namespace) -> bool:
     """Whether ``--init`` is a unit BERT; ``--units`` with anything else is an error."""
     from speechvq.errors import UserInputError
-    from speechvq.units.ctc import find_unit_bert
+    from speechvq.units.bert import find_unit_bert
 
     found = init is not None and find_unit_bert(init) is not None
     if not found and (args.units or args.valid_units):
@@ -96,7 +96,7 @@ def _unit_bert_front_end(init: str | None, args: argparse.Namespace) -> bool:
 
 def _run_unit_bert(args: argparse.Namespace, overrides: list[str]) -> int:
     from speechvq.train.config import load_config
-    from speechvq.units.ctc import UnitCtcRunConfig, finetune_unit_bert_ctc
+    from speechvq.train.finetune import UnitCtcRunConfig, finetune_unit_bert_ctc
 
     if args.units:
         overrides.append(f"data.train_units={args.units}")

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from speechvq.errors import UserInputError
     from speechvq.train.config import load_config
-    from speechvq.train.unit_bert import UnitBertRunConfig, pretrain_unit_bert
+    from speechvq.train.tasks.unit_bert import UnitBertRunConfig, pretrain_unit_bert
 
     overrides = list(args.overrides)
     if args.units:

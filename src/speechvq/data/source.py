@@ -104,6 +104,15 @@ class AudioSource:
         return wav
 
 
+def label_text(value: str | bytes | None) -> str:
+    """A label as :meth:`AudioSource.text` returns it, as text (UTF-8 bytes decoded; None: "").
+
+    Raises:
+        UnicodeDecodeError: for bytes that are not UTF-8.
+    """
+    return value.decode("utf-8") if isinstance(value, bytes) else (value or "")
+
+
 def read_label_lines(path: Path) -> list[bytes]:
     """Raw label lines (decoded per item later, so one bad line spoils only its item)."""
     problem = path_problem(path)

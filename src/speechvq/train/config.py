@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import yaml
 
 from speechvq.config import PRESETS, VQ_WAV2VEC_PRESETS, VqWav2VecConfig, Wav2Vec2Config
+from speechvq.configio import from_dict, parse_override, parse_yaml
 from speechvq.configs import resolve_config
 from speechvq.data.audio import RawFormat
 from speechvq.errors import UserInputError
@@ -407,60 +408,9 @@ def _set_dotted(data: dict[str, Any], path: str, value: Any, *, where: str) -> N
             node = node[key]
 
 
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Check ``value`` against the type ``hint`` (after YAML parsing) and convert tuples/floats."""
-    origin = get_origin(hint)
-    if hint is Any:
-        return value
-    if origin is Literal:
-        if value not in get_args(hint):
-            raise UserInputError(f"`{name}` must be one of {list(get_args(hint))}, but is {value!r} instead.")
-        return value
-    if origin is None and hint in (int, float, bool, str):
-        if hint is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if hint is float and isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "5e-4" (no dot) as a string
-            except ValueError:
-                pass
-        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-            raise UserInputError(
-                f"`{name}` must be of type {hint.__name__}, but is {value!r} ({type(value).__name__}) instead."
-            )
-        return value
-    args = get_args(hint)
-    if type(None) in args:  # X | None
-        if value is None:
-            return None
-        rest = [a for a in args if a is not type(None)]
-        return _coerce(value, rest[0], name)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise UserInputError(f"`{name}` must be a list of {len(args)} values, but is {value!r} instead.")
-        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UserInputError(f"`{name}` must be a mapping, but is {value!r} instead.")
-        return value
-    return value
-
-
-def _section_from_dict(cls: type, data: Any, name: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserInputError(f"`{name}` must be a mapping, but is {data!r} instead.")
-    hints = get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise UserInputError(f"unknown field(s) {unknown} in `{name}`; known: {sorted(fields)}")
-    return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in data.items()})
-
-
 def config_from_dict(data: dict[str, Any], cls: type = PretrainConfig) -> Any:
-    """Build a ``cls`` (default :class:`PretrainConfig`) from a plain mapping, type-checking every value."""
+    """Build a ``cls`` (default :class:`PretrainConfig`) from a plain mapping of sections,
+    type-checking every value (:func:`speechvq.configio.from_dict`)."""
     if not isinstance(data, dict):
         raise UserInputError(
             f"the config must be a mapping of sections, but is {type(data).__name__} instead."
@@ -469,82 +419,7 @@ def config_from_dict(data: dict[str, Any], cls: type = PretrainConfig) -> Any:
     unknown = sorted(set(data) - sections)
     if unknown:
         raise UserInputError(f"unknown section(s) {unknown}; known: {sorted(sections)}")
-    hints = get_type_hints(cls)
-    return cls(**{k: _section_from_dict(hints[k], v, k) for k, v in data.items()})
-
-
-MAX_YAML_NODES = 100_000
-"""Largest YAML document accepted, in nodes with every alias expanded (a "billion laughs" document
-of a few lines would otherwise expand to billions of values when the config is copied)."""
-
-
-def parse_yaml(text: str, where: str, *, allow_tags: bool = True) -> Any:
-    """``yaml.safe_load(text)``, with one-line errors naming ``where`` (and the line).
-
-    Args:
-        text: the YAML text.
-        where: what it is, for errors (``c.yaml``, ``--set optim.lr=...``).
-        allow_tags: False refuses every explicit tag (``!!float``, ``!!python/...``), for values
-            given on the command line: a plain value never needs one.
-
-    Raises:
-        UserInputError: invalid YAML, a tag where none is allowed, or a document that expands to
-            more than :data:`MAX_YAML_NODES` nodes.
-    """
-    try:
-        if not allow_tags:
-            for token in yaml.scan(text):
-                if isinstance(token, yaml.TagToken):
-                    raise UserInputError(
-                        f"{where}: YAML tags such as {_tag_text(token)!r} are not allowed here; write a plain value"
-                    )
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
-            raise UserInputError(
-                f"{where}: the YAML document expands to more than {MAX_YAML_NODES} values "
-                "(aliases repeating aliases); refused"
-            )
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None and not where.startswith("--set") else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UserInputError(f"{where}{line}: invalid YAML: {problem}") from None
-    except RecursionError:
-        raise UserInputError(f"{where}: the YAML document is nested too deeply") from None
-
-
-def _tag_text(token: Any) -> str:
-    handle, suffix = token.value
-    return f"{handle or ''}{suffix}"
-
-
-def _expanded_size(node: Any, memo: dict[int, int]) -> int:
-    """Nodes of a composed YAML graph with every alias expanded (memoised, so it never expands)."""
-    key = id(node)
-    if key not in memo:
-        memo[key] = 0  # a recursive alias counts once (safe_load refuses those anyway)
-        if isinstance(node, yaml.SequenceNode):
-            size = 1 + sum(_expanded_size(child, memo) for child in node.value)
-        elif isinstance(node, yaml.MappingNode):
-            size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
-        else:
-            size = 1
-        memo[key] = min(size, MAX_YAML_NODES + 1)
-    return memo[key]
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"optim.lr=5e-4"`` -> ``("optim.lr", 0.0005)``.
-
-    The value is parsed as YAML (``yaml.safe_load``); tags (``!!python/...``, ``!!float``) are
-    refused, and so is invalid YAML, each with one line naming the override.
-    """
-    if "=" not in text:
-        raise UserInputError(f"--set must be KEY=VALUE (e.g. optim.lr=5e-4), but is {text!r} instead.")
-    key, raw = text.split("=", 1)
-    value = parse_yaml(raw, f"--set {text}", allow_tags=False) if raw.strip() else None
-    return key.strip(), value
+    return from_dict(cls, data)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type = PretrainConfig) -> dict[str, Any]:

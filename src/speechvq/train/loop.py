@@ -1,7 +1,8 @@
-"""The training loop: one linear function on accelerate, over a :class:`~speechvq.train.task.Task`.
+"""The training loop: one linear function on accelerate, over a :class:`~speechvq.train.tasks.base.Task`.
 
-wav2vec 2.0 pretraining (:func:`pretrain`), CTC fine-tuning and unit-BERT pretraining all run
-here; what differs between them (model, data, loss, metrics, validation score, export) is the task.
+wav2vec 2.0 and vq-wav2vec pretraining, CTC fine-tuning and unit-BERT pretraining all run here;
+what differs between them (model, data, loss, metrics, validation score, export) is the task,
+which the caller builds (:mod:`speechvq.train.tasks`): this module imports no model.
 
 Loss normalisation, documented once: a task's loss is a sum over its targets (masked frames for
 wav2vec 2.0 and BERT, utterances for CTC). Each rank back-propagates its raw sums for every
@@ -29,8 +30,6 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,83 +37,28 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, gather_object
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from speechvq import signals
-from speechvq.data import BucketBatchSampler
-from speechvq.errors import UserInputError
-from speechvq.files import read_text, write_atomic
 from speechvq.train import checkpoint as ckpt
-from speechvq.train import launch
-from speechvq.train.config import PretrainConfig, parse_yaml
+from speechvq.train.batches import Batches, NoUsableDataError, describe_skips, skip_counts
 from speechvq.train.lock import experiment_lock
-from speechvq.train.metrics import MetricsLogger, read_metrics
-from speechvq.train.optim import build_optimizer, lr_at, set_lr_
-from speechvq.train.task import Task, Wav2Vec2PretrainTask
+from speechvq.train.optim import lr_at, set_lr_
+from speechvq.train.run import (
+    RunState,
+    RunSummary,
+    accelerator_for,
+    metric_line,
+    save_checkpoint,
+    setup_run,
+)
+from speechvq.train.tasks.base import Task
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
     """Too many updates in a row had a non-finite loss or gradient."""
-
-
-@dataclass
-class RunSummary:
-    """What :func:`train` and :func:`pretrain` return."""
-
-    step: int
-    """Updates done."""
-    last_train: dict[str, float] = field(default_factory=dict)
-    """The last training metric record."""
-    last_valid: dict[str, float] | None = None
-    """The last validation record, if any."""
-    warnings: list[str] = field(default_factory=list)
-    """Codes of every warning the task raised (see :mod:`speechvq.train.diagnostics`)."""
-    skipped_steps: int = 0
-    """Updates skipped for a non-finite loss or gradient."""
-    stopped_early: bool = False
-    """True when the run stopped before ``max_steps`` (time budget or ``stop_at_step``)."""
-    main_process: bool = True
-    """Whether this process is the main one (the one that logs and writes)."""
-    skipped_items: dict[str, int] = field(default_factory=dict)
-    """Training items skipped because they could not be used, by reason (``missing``, ``corrupt``...)."""
-    skipped_valid_items: dict[str, int] = field(default_factory=dict)
-    """Validation items skipped, by reason; the validation scores cover the others."""
-    save_failures: list[str] = field(default_factory=list)
-    """Checkpoints that could not be written (``train.on_save_error: continue``), one message each."""
-    unsaved_best: dict[str, float] | None = None
-    """``{"step", "valid_loss"}`` of a validation score better than the exported best model's, whose
-    checkpoint could not be written (so ``best_model`` is stale), or None."""
-    best: dict[str, Any] | None = None
-    """``{"step", "valid_loss"}`` of the best checkpoint at the end (None without validation)."""
-    stopped_by: int | None = None
-    """The signal (SIGTERM, SIGINT) that stopped the run after a checkpoint, if one did."""
-
-    def skipped_report(self) -> str:
-        """``"3 training items skipped (missing: 2, corrupt: 1)"``, or "" when none was skipped."""
-        parts = []
-        for what, counts in (("training", self.skipped_items), ("validation", self.skipped_valid_items)):
-            if counts:
-                detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-                parts.append(f"{sum(counts.values())} {what} item(s) skipped ({detail})")
-        return "; ".join(parts)
-
-
-class NoUsableDataError(UserInputError):
-    """A whole pass over a data split found no item that could be used."""
-
-
-def _skip_counts(dataset: Any) -> dict[str, int]:
-    counts = getattr(dataset, "bad_items", None)
-    return dict(counts()) if callable(counts) else {}
-
-
-def _describe_skips(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none recorded"
 
 
 def _seed_for(*parts: int) -> int:
@@ -125,81 +69,13 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class _Batches:
-    """Endless batches over epochs; counts the batches consumed in the current epoch.
-
-    Batches whose every item failed to load (the dataset logs and counts each) are passed over. At
-    the end of every epoch the dataset's skipped-item counts are logged; a whole epoch without one
-    usable item raises :class:`NoUsableDataError` instead of looping forever.
-    """
-
-    def __init__(
-        self,
-        dataset: Any,
-        sampler: BucketBatchSampler,
-        collate: Callable[[list[Any]], Any],
-        num_workers: int,
-        name: str = "data",
-        main: bool = True,
-    ) -> None:
-        self.dataset, self.sampler, self.name, self.main = dataset, sampler, name, main
-        self.loader = DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-            worker_init_fn=signals.ignore_in_worker if num_workers > 0 else None,
-        )  # fmt: skip
-        self.epoch, self.consumed, self._it = sampler.epoch, 0, None
-        self._usable = 0  # usable batches in the current epoch
-        self._whole_epoch = True  # the current epoch started at its first batch (not a resume)
-
-    def resume_(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
-        self.epoch, self.consumed = int(state["epoch"]), int(state["num_consumed"])
-        self._whole_epoch = self.consumed == 0
-
-    def next(self) -> Any:
-        """The next batch with at least one item."""
-        while True:
-            if self._it is None:
-                self.sampler.set_epoch(self.epoch)
-                self.dataset.set_epoch(self.epoch)
-                self._it = iter(self.loader)
-            batch = next(self._it, None)
-            if batch is not None:
-                self.consumed += 1
-                if len(batch) == 0:  # every item of the batch failed to load (logged by the dataset)
-                    continue
-                self._usable += 1
-                return batch
-            self._end_epoch()
-
-    def _end_epoch(self) -> None:
-        counts = _skip_counts(self.dataset)
-        if self.main and counts:
-            logger.warning(
-                "%s: epoch %d done: %d of %d items skipped so far (%s)",
-                self.name, self.epoch, sum(counts.values()), len(self.dataset), _describe_skips(counts),
-            )  # fmt: skip
-        if self._usable == 0 and self._whole_epoch:
-            raise NoUsableDataError(
-                f"{self.name}: no item could be used in a whole pass over the data "
-                f"({len(self.dataset)} items; skipped: {_describe_skips(counts)}); see the warnings above"
-            )
-        self._it, self.epoch, self.consumed = None, self.epoch + 1, 0
-        self._usable, self._whole_epoch = 0, True
-
-    def state_dict(self) -> dict[str, Any]:
-        state = self.sampler.state_dict(num_consumed=self.consumed)
-        state["epoch"] = self.epoch
-        return state
-
-
 def _sums(names: tuple[str, ...], stats: dict[str, float]) -> torch.Tensor:
     return torch.tensor([float(stats.get(n, 0.0)) for n in names], dtype=torch.float64)
 
 
 @torch.no_grad()
 def evaluate(
-    task: Task, model: torch.nn.Module, data: _Batches, acc: Accelerator, seed: int
+    task: Task, model: torch.nn.Module, data: Batches, acc: Accelerator, seed: int
 ) -> tuple[dict[str, float], float]:
     """(validation record, score) over one pass of ``data`` (eval mode, fixed randomness).
 
@@ -223,39 +99,9 @@ def evaluate(
     if sums[-1] == 0:
         raise NoUsableDataError(
             f"{data.name}: no validation item could be used ({len(data.dataset)} items on this process; "
-            f"skipped: {_describe_skips(_skip_counts(data.dataset))}); fix the validation data or drop it"
+            f"skipped: {describe_skips(skip_counts(data.dataset))}); fix the validation data or drop it"
         )
     return task.eval_record(dict(zip(task.eval_stat_names, sums[:-1].tolist())))
-
-
-def pretrain(
-    cfg: PretrainConfig,
-    exp_dir: str | Path,
-    *,
-    require_resume: bool = False,
-    model: torch.nn.Module | None = None,
-    stop_at_step: int | None = None,
-) -> RunSummary:
-    """Pretrain (or resume) a wav2vec 2.0 or vq-wav2vec model as ``cfg`` says, into ``exp_dir``.
-
-    Args:
-        cfg: the validated run config.
-        exp_dir: experiment directory; if it holds checkpoints the run resumes from the newest.
-        require_resume: raise if there is no checkpoint to resume from.
-        model: train this model instead of building one from ``cfg`` (tests).
-        stop_at_step: stop (with a checkpoint) after this many updates, as if interrupted.
-
-    Returns:
-        A :class:`RunSummary`.
-    """
-    task: Task
-    if cfg.model.type == "vq_wav2vec":
-        from speechvq.train.task_vq_wav2vec import VqWav2VecPretrainTask
-
-        task = VqWav2VecPretrainTask(cfg, Path(exp_dir), model)  # type: ignore[arg-type]
-    else:
-        task = Wav2Vec2PretrainTask(cfg, Path(exp_dir), model)
-    return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)
 
 
 def train(
@@ -269,7 +115,7 @@ def train(
     """Train (or resume) ``task`` with the loop settings of ``cfg``, writing into ``exp_dir``.
 
     Args:
-        task: what to train (see :class:`~speechvq.train.task.Task`).
+        task: what to train (see :class:`~speechvq.train.tasks.base.Task`).
         cfg: a config with ``train`` (:class:`~speechvq.train.config.TrainSection`), ``optim``,
             ``schedule`` and ``data`` (``train``, ``valid``, ``num_workers``) sections.
         exp_dir: experiment directory; if it holds checkpoints the run resumes from the newest.
@@ -311,295 +157,173 @@ def _train(
     stop_at_step: int | None,
     request: signals.StopRequest | None = None,
 ) -> RunSummary:
+    """Set up (or resume), then update until done, logging, validating and checkpointing on the way."""
     t = cfg.train
-    if t.precision == "fp16" and (t.cpu or not torch.cuda.is_available()):
-        raise UserInputError("`train.precision` must be fp32 or bf16 on the CPU, but is fp16 instead.")
-    acc = Accelerator(
-        mixed_precision={"fp32": "no"}.get(t.precision, t.precision),
-        # without a GPU accelerate only forms a multi-process (gloo) group when told it runs on the CPU
-        cpu=t.cpu or not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)],
-    )
-    main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
-    launch_warning = launch.process_count_warning(world)
-    if launch_warning is not None and main:
-        logger.warning("%s", launch_warning)
-    ckpt_dir = exp_dir / "checkpoints"
-    resume_from = ckpt.latest_checkpoint(ckpt_dir)
-    if require_resume and resume_from is None:
-        raise UserInputError(f"{ckpt_dir}: --resume given, but there is no checkpoint to resume from")
-    config_yaml = task.config_yaml()
-    if resume_from is not None:
-        saved = parse_yaml(read_text(resume_from / "config.yaml", "checkpoint config"), str(resume_from))
-        if not isinstance(saved, dict):
-            raise ckpt.CorruptCheckpointError(f"{resume_from}/config.yaml: must hold a mapping of sections")
-        task.check_resume(saved, resume_from)
-    if main:
-        write_atomic(exp_dir / "config.yaml", config_yaml)
-
-    # model, optimizer, data
-    torch.manual_seed(t.seed)
-    model = task.build_model()
-    state: dict[str, Any] = {}
-    if resume_from is not None:
-        weights, state = ckpt.load_checkpoint(resume_from)
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as err:  # names or shapes of another model
-            first = str(err).strip().splitlines()
-            raise ckpt.CorruptCheckpointError(
-                f"{resume_from / 'model.safetensors'}: the weights do not fit the model ({' '.join(first[:3])[:300]})"
-            ) from None
-        logger.info("resuming from %s (step %d)", resume_from, state["step"])
-    model.train()
-    optimizer = build_optimizer(model, cfg.optim)
-    ddp_model, optimizer = acc.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def open_data(path: str, train: bool) -> _Batches:
-        parts = task.open_data(path, train=train, num_replicas=world, rank=rank)
-        return _Batches(*parts, num_workers=cfg.data.num_workers, name=path, main=main)
-
-    data = open_data(cfg.data.train, True)
-    valid = open_data(cfg.data.valid, False) if cfg.data.valid else None
-    step, attempt, skipped, in_a_row = 0, 0, 0, 0
-    # the best checkpoint as of the one resumed from (its meta.json holds it); best.json follows it
-    best = ckpt.best_of(resume_from, ckpt_dir)
-    if main and resume_from is not None and ckpt.read_best(ckpt_dir) != best:
-        ckpt.write_best(ckpt_dir, *((best["step"], best["valid_loss"]) if best else (None,)))
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        if acc.scaler is not None and state.get("scaler"):
-            acc.scaler.load_state_dict(state["scaler"])
-        try:
-            data.resume_(state["sampler"])
-        except ValueError as err:
-            raise UserInputError(
-                f"{resume_from}: the saved data position does not fit the current data (were data.* "
-                f"settings or the manifest changed?): {err}"
-            ) from err
-        step, attempt, skipped = state["step"], state["attempt"], state["skipped"]
-        ckpt.set_rng_state_(state["rng"][rank % len(state["rng"])])
-    if main:
-        logger.info(
-            "%s: %d process%s on %s, precision %s, batch %s per process x %d accumulated; %s; "
-            "train %s%s; %s",
-            task.name, world, "" if world == 1 else "es", launch.describe_device(acc.device), t.precision,
-            _batch_text(cfg.data), t.grad_accum, launch.describe_parameters(model),
-            launch.describe_data(data.dataset), f", valid {launch.describe_data(valid.dataset)}" if valid else "",
-            f"resuming at update {step} of {t.max_steps}" if state else f"{t.max_steps} updates from scratch",
-        )  # fmt: skip
-    already_done = bool(state) and step >= t.max_steps
-
-    def better(score: float) -> bool:
-        if best is None:
-            return True
-        return score < best["valid_loss"] if task.lower_is_better else score > best["valid_loss"]
-
-    def save(valid_score: float | None = None) -> None:
-        nonlocal best
-        rngs = gather_object([ckpt.rng_state()]) if world > 1 else [ckpt.rng_state()]
-        improved = valid_score is not None and better(valid_score)
-        new_best = {"step": step, "valid_loss": valid_score} if improved else best
-        if main:
-            train_state = {
-                "step": step,
-                "attempt": attempt,
-                "skipped": skipped,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": {"name": cfg.schedule.name, "step": step},
-                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                "sampler": data.state_dict(),
-                "rng": rngs,
-            }
-            try:
-                ckpt.save_checkpoint(
-                    ckpt_dir, step, weights=_untied(model.state_dict()), state=train_state, config_yaml=config_yaml,
-                    valid_loss=valid_score, best=new_best,
-                )  # fmt: skip
-            except ckpt.CheckpointWriteError as err:
-                if t.on_save_error == "stop":
-                    raise
-                logger.error("%s; continuing (train.on_save_error=continue)", err)
-                summary.save_failures.append(str(err))
-                if improved:  # best_model will not have this score's weights
-                    summary.unsaved_best = {"step": step, "valid_loss": float(valid_score)}  # type: ignore[arg-type]
-                acc.wait_for_everyone()
-                return
-            if improved:  # the score is stored as valid_loss; meta.json already holds the record
-                ckpt.write_best(ckpt_dir, step, valid_score)
-            ckpt.rotate_checkpoints(ckpt_dir, t.keep_last)
-        best = new_best
-        acc.wait_for_everyone()
-
-    names = task.stat_names
-    metrics = MetricsLogger(exp_dir, tensorboard=t.tensorboard) if main else None
-    summary = RunSummary(step=step, skipped_steps=skipped, main_process=main)
-    if already_done:
-        # a re-run of a finished run: nothing to train; say so, and report its last records
-        records = read_metrics(exp_dir) if (exp_dir / "metrics.jsonl").is_file() else []
-        summary.last_train = next((r for r in reversed(records) if r["split"] == "train"), {})
-        summary.last_valid = next((r for r in reversed(records) if r["split"] == "valid"), None)
-        if main:
-            logger.info(
-                "%s: this run is already finished (%d of %d updates, %s); nothing to train. Last "
-                "training record: %s%s",
-                task.name, step, t.max_steps, resume_from, _metric_line(summary.last_train) or "none",
-                f"; last validation: {_metric_line(summary.last_valid)}" if summary.last_valid else "",
-            )  # fmt: skip
-    stop = False  # set when the time budget ends the run
-    interval = torch.zeros(len(names), dtype=torch.float64)
-    grad_norms: list[float] = []
-    bar = tqdm(total=t.max_steps, initial=step, disable=not (main and t.progress_bar), desc=task.name)
-    start_time = tick = time.monotonic()
+    run = setup_run(task, cfg, exp_dir, accelerator_for(task, t), require_resume)
     last_stop = min(t.max_steps, stop_at_step if stop_at_step is not None else t.max_steps)
-
-    while step < last_stop:
-        lr = lr_at(step, cfg.optim.lr, t.max_steps, cfg.schedule)
-        set_lr_(optimizer, lr)
-        task.on_update(model, step)
-        sums = torch.zeros(len(names), dtype=torch.float64)
-        for micro in range(t.grad_accum):
-            batch = data.next().to(acc.device)
-            slot_seed = _seed_for(t.seed, attempt, micro * world + rank)
-            torch.manual_seed(slot_seed)
-            last = micro == t.grad_accum - 1
-            with contextlib.nullcontext() if last else acc.no_sync(ddp_model):
-                loss, stats = task.batch_loss(
-                    ddp_model, model, batch, generator=_generator(slot_seed),
-                    update_generator=_generator(_seed_for(t.seed, attempt, 7)),
-                )  # fmt: skip
-                acc.backward(loss)
-            sums += _sums(names, stats)
-
-        # normalise by the targets of all batches on all ranks, clip, step (or skip)
-        sums = acc.reduce(sums.to(acc.device), "sum").cpu()
-        if acc.scaler is not None:
-            acc.unscale_gradients()
-        scale = world / max(float(sums[names.index("targets")]), 1.0)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        finite = sums[names.index("nonfinite")] == 0 and math.isfinite(grad_norm)
-        if finite or acc.scaler is not None:
-            optimizer.step()  # under fp16 the scaler itself skips an overflowing step
-        optimizer.zero_grad(set_to_none=True)
-        attempt += 1
+    stop = False  # set when the time budget (or a signal) ends the run
+    while run.step < last_stop:
+        lr = lr_at(run.step, cfg.optim.lr, t.max_steps, cfg.schedule)
+        set_lr_(run.optimizer, lr)
+        task.on_update(run.model, run.step)
+        sums = _accumulate(run)
+        grad_norm, finite = _apply_update(run, sums)
         if not finite:
-            skipped, in_a_row = skipped + 1, in_a_row + 1
-            logger.warning(
-                "step %d: non-finite loss or gradient, update skipped (%d in a row)", step, in_a_row
-            )
-            if in_a_row >= t.max_nonfinite:
-                raise NonFiniteError(
-                    f"{in_a_row} updates in a row had a non-finite loss or gradient (at step {step}); "
-                    "stopping. Lower optim.lr, raise schedule.warmup_steps, or use train.precision=bf16/fp32."
-                )
+            _count_skipped(run)
             continue
-        in_a_row = 0
-        step += 1
-        interval += sums
-        grad_norms.append(grad_norm)
-        bar.update(1)
-
-        if step % t.log_interval == 0 or step == last_stop:
-            interval_sums = dict(zip(names, interval.tolist()))
-            rec = task.record(interval_sums)
-            rec.update(grad_norm=float(np.mean(grad_norms)), lr=lr, skipped_steps=skipped, step=step)
-            for code, message in task.on_log(step, rec, interval_sums, time.monotonic() - tick, main):
-                if main:
-                    logger.warning("step %d: possible collapse [%s]: %s", step, code, message)
-                if code not in summary.warnings:
-                    summary.warnings.append(code)
-            summary.last_train = rec
-            if metrics is not None:
-                metrics.log("train", step, rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}")
-                logger.info("step %d/%d: %s", step, t.max_steps, _metric_line(rec))
-            interval.zero_()
-            grad_norms.clear()
-            tick = time.monotonic()
-
-        out_of_time = t.max_wall_s is not None and time.monotonic() - start_time > t.max_wall_s
-        # a signal on any rank: finish this update, save, stop (all ranks at the same update)
-        received = request is not None and request.requested
-        flags = acc.reduce(torch.tensor([float(out_of_time), float(received)], device=acc.device), "sum")
-        stop, signalled = bool(flags.sum() > 0), bool(flags[1] > 0)
-        score = None
-        if valid is not None and (step % t.valid_interval == 0 or step == t.max_steps):
-            vrec, score = evaluate(task, model, valid, acc, t.seed)
-            skipped_valid = _skip_counts(valid.dataset)
-            if main and skipped_valid and not summary.skipped_valid_items:
-                logger.warning(
-                    "%s: %d of %d validation items skipped (%s); the scores cover the others",
-                    valid.name, sum(skipped_valid.values()), len(valid.dataset), _describe_skips(skipped_valid),
-                )  # fmt: skip
-            summary.skipped_valid_items = skipped_valid
-            summary.last_valid = vrec
-            if metrics is not None:
-                metrics.log("valid", step, vrec)
-            logger.info("step %d: validation %s", step, ", ".join(f"{k} {v:.4g}" for k, v in vrec.items()))
-        if score is not None or step % t.save_interval == 0 or step == last_stop or stop:
-            save(score)
+        run.in_a_row = 0
+        run.step += 1
+        run.interval += sums
+        run.grad_norms.append(grad_norm)
+        run.bar.update(1)
+        if run.step % t.log_interval == 0 or run.step == last_stop:
+            _log_interval(run, lr)
+        stop, signalled, received = _stop_flags(run, request)
+        score = (
+            _validate(run)
+            if run.valid is not None and (run.step % t.valid_interval == 0 or run.step == t.max_steps)
+            else None
+        )
+        if score is not None or run.step % t.save_interval == 0 or run.step == last_stop or stop:
+            save_checkpoint(run, score)
         if signalled:
-            summary.stopped_by = request.signal if received and request is not None else int(signal.SIGTERM)
-            logger.info("step %d: %s received; checkpoint %s written, stopping", step,
-                        signal.Signals(summary.stopped_by).name, ckpt_dir / f"step_{step:08d}")  # fmt: skip
+            _stopped_by_signal(run, request if received else None)
             break
         if stop:
-            logger.info("step %d: time budget of %.0f s spent, stopping", step, t.max_wall_s)
+            logger.info("step %d: time budget of %.0f s spent, stopping", run.step, t.max_wall_s)
             break
-
-    bar.close()
-    if metrics is not None:
-        metrics.close()
     # the run is over (all updates done, or its time budget spent; not a simulated interruption)
-    finished = step >= t.max_steps or (stop_at_step is None and stop and summary.stopped_by is None)
-    if main and finished and task.export_name is not None:
-        _export_best(task, model, ckpt_dir, exp_dir / task.export_name)
-    acc.wait_for_everyone()
-    summary.step, summary.skipped_steps = step, skipped
-    summary.stopped_early = step < t.max_steps
-    summary.skipped_items = _skip_counts(data.dataset)
-    summary.best = best
-    if main and summary.skipped_report():
+    finished = run.step >= t.max_steps or (stop_at_step is None and stop and run.summary.stopped_by is None)
+    return _finish(run, finished)
+
+
+def _accumulate(run: RunState) -> torch.Tensor:
+    """Forward and backward over the ``train.grad_accum`` batches of one update, each batch slot
+    seeded from (seed, attempt, slot); returns the statistics summed over batches and ranks."""
+    t, acc, task = run.cfg.train, run.acc, run.task
+    sums = torch.zeros(len(task.stat_names), dtype=torch.float64)
+    for micro in range(t.grad_accum):
+        batch = run.data.next().to(acc.device)
+        slot_seed = _seed_for(t.seed, run.attempt, micro * run.world + acc.process_index)
+        torch.manual_seed(slot_seed)
+        last = micro == t.grad_accum - 1
+        with contextlib.nullcontext() if last else acc.no_sync(run.ddp_model):
+            loss, stats = task.batch_loss(
+                run.ddp_model, run.model, batch, generator=_generator(slot_seed),
+                update_generator=_generator(_seed_for(t.seed, run.attempt, 7)),
+            )  # fmt: skip
+            acc.backward(loss)
+        sums += _sums(task.stat_names, stats)
+    return acc.reduce(sums.to(acc.device), "sum").cpu()
+
+
+def _apply_update(run: RunState, sums: torch.Tensor) -> tuple[float, bool]:
+    """Normalise the gradients by the targets of all batches on all ranks, clip, step (unless the
+    loss or gradient is not finite); returns (gradient norm, finite)."""
+    names, acc, params = run.task.stat_names, run.acc, run.params
+    if acc.scaler is not None:
+        acc.unscale_gradients()
+    scale = run.world / max(float(sums[names.index("targets")]), 1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    clip = run.cfg.optim.clip_grad_norm
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+    finite = bool(sums[names.index("nonfinite")] == 0) and math.isfinite(grad_norm)
+    if finite or acc.scaler is not None:
+        run.optimizer.step()  # under fp16 the scaler itself skips an overflowing step
+    run.optimizer.zero_grad(set_to_none=True)
+    run.attempt += 1
+    return grad_norm, finite
+
+
+def _count_skipped(run: RunState) -> None:
+    """A skipped update: warn, and stop after ``train.max_nonfinite`` in a row."""
+    run.skipped, run.in_a_row = run.skipped + 1, run.in_a_row + 1
+    logger.warning(
+        "step %d: non-finite loss or gradient, update skipped (%d in a row)", run.step, run.in_a_row
+    )
+    if run.in_a_row >= run.cfg.train.max_nonfinite:
+        raise NonFiniteError(
+            f"{run.in_a_row} updates in a row had a non-finite loss or gradient (at step {run.step}); "
+            "stopping. Lower optim.lr, raise schedule.warmup_steps, or use train.precision=bf16/fp32."
+        )
+
+
+def _log_interval(run: RunState, lr: float) -> None:
+    """The training record of the updates since the last one, with the task's warnings."""
+    names, step, summary = run.task.stat_names, run.step, run.summary
+    interval_sums = dict(zip(names, run.interval.tolist()))
+    rec = run.task.record(interval_sums)
+    rec.update(grad_norm=float(np.mean(run.grad_norms)), lr=lr, skipped_steps=run.skipped, step=step)
+    for code, message in run.task.on_log(step, rec, interval_sums, time.monotonic() - run.tick, run.main):
+        if run.main:
+            logger.warning("step %d: possible collapse [%s]: %s", step, code, message)
+        if code not in summary.warnings:
+            summary.warnings.append(code)
+    summary.last_train = rec
+    if run.metrics is not None:
+        run.metrics.log("train", step, rec)
+        run.bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        logger.info("step %d/%d: %s", step, run.cfg.train.max_steps, metric_line(rec))
+    run.interval.zero_()
+    run.grad_norms.clear()
+    run.tick = time.monotonic()
+
+
+def _stop_flags(run: RunState, request: signals.StopRequest | None) -> tuple[bool, bool, bool]:
+    """(stop, stopped by a signal on any rank, a signal received here), agreed by every rank, so
+    that all of them stop after the same update."""
+    max_wall_s = run.cfg.train.max_wall_s
+    out_of_time = max_wall_s is not None and time.monotonic() - run.start_time > max_wall_s
+    # a signal on any rank: finish this update, save, stop (all ranks at the same update)
+    received = request is not None and request.requested
+    flags = run.acc.reduce(torch.tensor([float(out_of_time), float(received)], device=run.acc.device), "sum")
+    return bool(flags.sum() > 0), bool(flags[1] > 0), received
+
+
+def _validate(run: RunState) -> float:
+    """Evaluate on the validation data, record it; returns the score."""
+    assert run.valid is not None
+    valid, summary = run.valid, run.summary
+    vrec, score = evaluate(run.task, run.model, valid, run.acc, run.cfg.train.seed)
+    skipped_valid = skip_counts(valid.dataset)
+    if run.main and skipped_valid and not summary.skipped_valid_items:
+        logger.warning(
+            "%s: %d of %d validation items skipped (%s); the scores cover the others",
+            valid.name, sum(skipped_valid.values()), len(valid.dataset), describe_skips(skipped_valid),
+        )  # fmt: skip
+    summary.skipped_valid_items = skipped_valid
+    summary.last_valid = vrec
+    if run.metrics is not None:
+        run.metrics.log("valid", run.step, vrec)
+    logger.info("step %d: validation %s", run.step, ", ".join(f"{k} {v:.4g}" for k, v in vrec.items()))
+    return score
+
+
+def _stopped_by_signal(run: RunState, request: signals.StopRequest | None) -> None:
+    """Record and log the signal (this rank's, else SIGTERM from another rank) that stops the run."""
+    run.summary.stopped_by = request.signal if request is not None else int(signal.SIGTERM)
+    logger.info("step %d: %s received; checkpoint %s written, stopping", run.step,
+                signal.Signals(run.summary.stopped_by).name, run.ckpt_dir / f"step_{run.step:08d}")  # fmt: skip
+
+
+def _finish(run: RunState, finished: bool) -> RunSummary:
+    """Close the logs, export the best model of a finished run, and fill in the summary."""
+    run.bar.close()
+    if run.metrics is not None:
+        run.metrics.close()
+    if run.main and finished and run.task.export_name is not None:
+        _export_best(run.task, run.model, run.ckpt_dir, run.exp_dir / run.task.export_name)
+    run.acc.wait_for_everyone()
+    summary = run.summary
+    summary.step, summary.skipped_steps = run.step, run.skipped
+    summary.stopped_early = run.step < run.cfg.train.max_steps
+    summary.skipped_items = skip_counts(run.data.dataset)
+    summary.best = run.best
+    if run.main and summary.skipped_report():
         logger.warning("run summary: %s", summary.skipped_report())
     return summary
-
-
-_LOGGED = ("loss", "accuracy", "wer", "cer", "code_perplexity", "prob_perplexity", "temperature",
-           "grad_norm", "lr", "audio_s_per_s", "tokens_per_s")  # fmt: skip
-"""The metrics of a periodic log line (every metric is in metrics.jsonl), in this order."""
-
-
-def _metric_line(rec: dict[str, Any] | None) -> str:
-    """``loss 3.21, accuracy 0.45, ..., lr 0.0005`` of the :data:`_LOGGED` metrics in ``rec``."""
-    if not rec:
-        return ""
-    return ", ".join(
-        f"{k.replace('_', ' ')} {rec[k]:.4g}" for k in _LOGGED if isinstance(rec.get(k), (int, float))
-    )
-
-
-def _batch_text(data: Any) -> str:
-    """``64,000 samples (4.0 s)`` for audio data, ``16,384 tokens`` for units."""
-    tokens = int(data.max_tokens)
-    rate = getattr(data, "sample_rate", None)
-    return f"{tokens:,} samples ({tokens / rate:.1f} s)" if rate else f"{tokens:,} tokens"
-
-
-def _untied(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``weights`` with a copy of every tensor that shares storage with an earlier one (tied
-    embeddings), which safetensors refuses to write; loading sets the tied parameter twice."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for name, tensor in weights.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        out[name] = tensor.clone() if key in seen else tensor
-        seen.add(key)
-    return out
 
 
 def _export_best(task: Task, model: torch.nn.Module, ckpt_dir: Path, out: Path) -> None:

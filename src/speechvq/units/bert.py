@@ -4,11 +4,11 @@ A transformers ``BertForMaskedLM`` (or ``RobertaForMaskedLM``) is trained to pre
 of a unit corpus: every token is a span start with probability ``mask_start_prob`` (0.05), each
 span covers ``mask_span`` (10) tokens, spans may overlap, and each masked token is replaced by
 ``<mask>`` (80 %), a random unit (10 %) or kept (10 %), as in BERT. Masking runs in torch inside
-:meth:`UnitBertTask.loss` with the caller's generator, never in the collator.
+:func:`masked_lm_objective` with the caller's generator, never in the collator.
 
-:class:`UnitBertTask` is what a training loop needs: the model, the datasets, a collator, per-item
-token counts for length-bucketed batching, the loss (a sum over targets, with the target count)
-and the export.
+:class:`~speechvq.units.bert_data.UnitCorpus` tokenises the unit corpora (dictionary, acoustic
+BPE) and gives the datasets and the collator; :func:`save_unit_bert` writes the export that :func:`load_unit_bert` reads. The
+training run is :class:`speechvq.train.tasks.unit_bert.UnitBertTask`.
 """
 
 from __future__ import annotations
@@ -19,16 +19,19 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechvq.configio import from_dict
 from speechvq.errors import UserInputError
+from speechvq.files import read_json
 from speechvq.units.dictionary import UnitBpe, UnitDictionary
-from speechvq.units.io import read_units
+
+if TYPE_CHECKING:
+    from speechvq.units.bert_data import UnitBatch, UnitCorpus
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +107,9 @@ class UnitBertConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UnitBertConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TypeError(f"unknown field(s) {unknown} for UnitBertConfig; known: {sorted(known)}")
-        return cls(**data)
+        """Inverse of :meth:`to_dict` (:func:`speechvq.configio.from_dict`): unknown keys, wrong
+        types and bad values raise :class:`UserInputError` naming them."""
+        return from_dict(cls, data)
 
 
 def load_unit_bert_config(path: str | os.PathLike[str]) -> UnitBertConfig:
@@ -121,12 +121,11 @@ def load_unit_bert_config(path: str | os.PathLike[str]) -> UnitBertConfig:
     path = Path(path)
     if not path.exists():
         raise UserInputError(f"{path}: config file does not exist")
+    text = read_text(path, "config file")
     try:
-        data = yaml.safe_load(read_text(path, "config file")) or {}
+        data = yaml.safe_load(text) or {}
         return UnitBertConfig.from_dict(data.get("model", data))
-    except UserInputError:
-        raise
-    except (TypeError, ValueError, AttributeError, yaml.YAMLError) as err:
+    except (ValueError, AttributeError, yaml.YAMLError) as err:  # UserInputError is a ValueError
         raise UserInputError(f"{path}: invalid unit BERT config: {err}") from None
 
 
@@ -268,251 +267,78 @@ def masked_lm_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, int, int]:
 
 
 @dataclass
-class UnitBatch:
-    """A padded batch of token sequences (``<s> ... </s>``)."""
+class MaskedLmResult:
+    """What :func:`masked_lm_objective` returns for one batch."""
 
-    ids: Tensor
-    """``[B, N]`` int64, padded with ``<pad>``."""
-    lengths: Tensor
-    """``[B]`` tokens per sequence, ``<s>`` and ``</s>`` included."""
-    indices: Tensor
-    """``[B]`` dataset indices."""
-
-    def to(self, device: torch.device | str) -> UnitBatch:
-        return UnitBatch(self.ids.to(device), self.lengths.to(device), self.indices.to(device))
-
-    def __len__(self) -> int:
-        return int(self.lengths.numel())
+    loss: Tensor
+    """Cross-entropy summed over the masked tokens (fp32)."""
+    num_targets: int
+    """M, masked tokens."""
+    correct: int
+    """Masked tokens predicted right (top 1)."""
+    targets: Tensor
+    """``[M]`` the original ids of the masked tokens."""
 
 
-class UnitDataset(torch.utils.data.Dataset):
-    """Tokenised utterances, cropped to ``max_len`` tokens (``<s>``/``</s>`` included).
-
-    Args:
-        sequences: per utterance, its ``[N]`` content ids (no ``<s>``/``</s>``).
-        dictionary: for the special ids.
-        max_len: longest item; longer ones are cropped at a random offset (``random_crop``,
-            determined by (seed, epoch, index)) or from the start.
-    """
-
-    def __init__(
-        self,
-        sequences: list[np.ndarray],
-        dictionary: UnitDictionary,
-        max_len: int,
-        *,
-        random_crop: bool = True,
-        seed: int = 0,
-    ) -> None:
-        keep = [i for i, s in enumerate(sequences) if len(s) > 0]
-        self.sequences = [sequences[i] for i in keep]
-        self.dictionary = dictionary
-        self.max_len = max_len
-        self.random_crop = random_crop
-        self.seed = seed
-        self.epoch = 0
-        self.sizes = np.asarray([min(len(s), max_len - 2) + 2 for s in self.sequences], dtype=np.int64)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        seq = self.sequences[index]
-        room = self.max_len - 2
-        start = 0
-        if len(seq) > room and self.random_crop:
-            start = int(
-                np.random.default_rng([self.seed, self.epoch, index]).integers(0, len(seq) - room + 1)
-            )
-        body = seq[start : start + room]
-        d = self.dictionary
-        ids = np.concatenate([[d.bos_id], body, [d.eos_id]]).astype(np.int64)
-        return {"index": index, "ids": torch.from_numpy(ids)}
-
-
-def collate_units(items: list[dict[str, Any]], pad_id: int) -> UnitBatch:
-    """Pad dataset items into a :class:`UnitBatch`."""
-    lengths = torch.tensor([len(it["ids"]) for it in items], dtype=torch.long)
-    ids = torch.full((len(items), int(lengths.max()) if items else 0), pad_id, dtype=torch.long)
-    for row, it in enumerate(items):
-        ids[row, : len(it["ids"])] = it["ids"]
-    return UnitBatch(ids=ids, lengths=lengths, indices=torch.tensor([int(it["index"]) for it in items]))
-
-
-class UnitBertTask:
-    """Masked-LM pretraining of a unit BERT: everything a training loop needs.
-
-    The dictionary (and, with ``cfg.bpe_vocab_size``, the BPE model) is read from ``work_dir`` if
-    it is there, else built from the training units and written there.
+def masked_lm_objective(
+    model: nn.Module,
+    batch: UnitBatch,
+    cfg: UnitBertConfig,
+    dictionary: UnitDictionary,
+    generator: torch.Generator | None = None,
+) -> MaskedLmResult:
+    """Mask spans of ``batch`` (vq-wav2vec), replace them BERT-style, and score the predictions.
 
     Args:
-        cfg: the model, masking and data settings.
-        units_dir: the training units (an ``export-units`` directory).
-        valid_units_dir: optional validation units.
-        work_dir: where ``dict.txt`` (and ``bpe.model``) live.
-        seed: crop seed.
+        model: a :class:`UnitMaskedLM` (or its DDP wrapper).
+        batch: the padded token sequences (``<s> ... </s>``).
+        cfg: the masking settings.
+        dictionary: for the special ids and the range of random replacements.
+        generator: RNG of the masks and replacements.
     """
-
-    def __init__(
-        self,
-        cfg: UnitBertConfig,
-        units_dir: str | os.PathLike[str],
-        valid_units_dir: str | os.PathLike[str] | None = None,
-        *,
-        work_dir: str | os.PathLike[str],
-        seed: int = 0,
-    ) -> None:
-        self.cfg = cfg
-        self.work_dir = Path(work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.seed = seed
-        train_units = self._unit_strings(units_dir)
-        self.base_dictionary, self.bpe, self.dictionary = self._vocab(train_units)
-        self._train = self._encode(train_units)
-        self._valid = self._encode(self._unit_strings(valid_units_dir)) if valid_units_dir else None
-        self.unigram_logp, self.majority_id = unigram_baseline(self._train, self.dictionary)
-
-    def _unit_strings(self, directory: str | os.PathLike[str]) -> list[list[str]]:
-        units = read_units(directory)
-        if self.cfg.dedup:
-            return [[str(t) for t in _dedup(units.frames(i))] for i in range(len(units))]
-        return [units.frames(i) for i in range(len(units))]
-
-    def _vocab(self, corpus: list[list[str]]) -> tuple[UnitDictionary, UnitBpe | None, UnitDictionary]:
-        if self.cfg.bpe_vocab_size <= 0:
-            path = self.work_dir / DICT_NAME
-            d = UnitDictionary.load(path) if path.is_file() else UnitDictionary.build(corpus)
-            d.save(path)
-            return d, None, d
-        base_path, bpe_path = self.work_dir / BASE_DICT_NAME, self.work_dir / BPE_NAME
-        base = UnitDictionary.load(base_path) if base_path.is_file() else UnitDictionary.build(corpus)
-        base.save(base_path)
-        if bpe_path.is_file():
-            bpe = UnitBpe(bpe_path, base)
-        else:
-            bpe = UnitBpe.train(corpus, base, self.cfg.bpe_vocab_size, self.work_dir / "bpe")
-        path = self.work_dir / DICT_NAME
-        d = (
-            UnitDictionary.load(path)
-            if path.is_file()
-            else UnitDictionary.build(bpe.encode(u) for u in corpus)
-        )
-        d.save(path)
-        return base, bpe, d
-
-    def tokenize(self, units: list[str]) -> list[str]:
-        """The BERT tokens of a unit sequence (its BPE pieces, or the units themselves)."""
-        return self.bpe.encode(units) if self.bpe is not None else list(units)
-
-    def _encode(self, corpus: list[list[str]]) -> list[np.ndarray]:
-        return [self.dictionary.encode(self.tokenize(u), add_specials=False).astype(np.int32) for u in corpus]
-
-    def build_model(self) -> UnitMaskedLM:
-        return UnitMaskedLM(build_unit_bert(self.cfg, self.dictionary))
-
-    def train_dataset(self) -> UnitDataset:
-        return UnitDataset(
-            self._train, self.dictionary, self.cfg.max_positions, random_crop=True, seed=self.seed
-        )
-
-    def valid_dataset(self) -> UnitDataset | None:
-        if self._valid is None:
-            return None
-        return UnitDataset(self._valid, self.dictionary, self.cfg.max_positions, random_crop=False)
-
-    def collate(self, items: list[dict[str, Any]]) -> UnitBatch:
-        return collate_units(items, self.dictionary.pad_id)
-
-    def batch_sizes(self) -> np.ndarray:
-        """``[N]`` tokens per training item, for :class:`~speechvq.data.BucketBatchSampler`."""
-        return self.train_dataset().sizes
-
-    def loss(
-        self, model: nn.Module, batch: UnitBatch, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, int, dict[str, float]]:
-        """Mask spans, replace BERT-style, predict: (summed cross-entropy, targets, metrics)."""
-        d, cfg = self.dictionary, self.cfg
-        ids = batch.ids
-        mask = compute_unit_span_mask(
-            batch.lengths - 2, ids.size(1), start_prob=cfg.mask_start_prob, span=cfg.mask_span, offset=1,
-            generator=generator,
-        )  # fmt: skip
-        inputs, targets = bert_replace(
-            ids,
-            mask,
-            mask_id=d.mask_id,
-            random_low=d.first_unit_id,
-            random_high=d.mask_id,
-            mask_replace_prob=cfg.mask_replace_prob,
-            random_replace_prob=cfg.random_replace_prob,
-            generator=generator,
-        )
-        attention = (torch.arange(ids.size(1), device=ids.device)[None, :] < batch.lengths[:, None]).long()
-        predict = targets != -100
-        wanted = targets[predict]
-        loss, n, correct = masked_lm_loss(model(inputs, attention, predict), wanted)
-        content = int((batch.lengths - 2).sum())
-        # the baselines on the same targets: the training units' unigram distribution, and the
-        # most frequent training unit
-        unigram = -self.unigram_logp.to(wanted.device)[wanted].sum()
-        metrics = {
-            "accuracy": correct / max(n, 1),
-            "masked_share": n / max(content, 1),
-            "tokens": float(content),
-            "unigram_ce": float(unigram),
-            "majority_correct": float((wanted == self.majority_id).sum()),
-        }
-        return loss, n, metrics
-
-    def save_export(self, model: UnitMaskedLM, directory: str | os.PathLike[str]) -> None:
-        """transformers ``save_pretrained`` of ``model.hf`` + ``dict.txt`` (+ BPE files) + ``unit_bert.json``."""
-        from speechvq.files import check_output_dir
-        from speechvq.interop.hf import quiet_transformers
-        from speechvq.io import write_directory
-
-        def fill(out: Path) -> None:
-            model.hf.save_pretrained(out)  # type: ignore[operator]
-            self.dictionary.save(out / DICT_NAME)
-            if self.bpe is not None:
-                self.base_dictionary.save(out / BASE_DICT_NAME)
-                (out / BPE_NAME).write_bytes(self.bpe.model_file.read_bytes())
-            (out / CONFIG_NAME).write_text(json.dumps({"config": self.cfg.to_dict()}, indent=2) + "\n")
-
-        with quiet_transformers():
-            write_directory(check_output_dir(directory, "the unit BERT export"), fill)
+    ids = batch.ids
+    mask = compute_unit_span_mask(
+        batch.lengths - 2, ids.size(1), start_prob=cfg.mask_start_prob, span=cfg.mask_span, offset=1,
+        generator=generator,
+    )  # fmt: skip
+    inputs, targets = bert_replace(
+        ids,
+        mask,
+        mask_id=dictionary.mask_id,
+        random_low=dictionary.first_unit_id,
+        random_high=dictionary.mask_id,
+        mask_replace_prob=cfg.mask_replace_prob,
+        random_replace_prob=cfg.random_replace_prob,
+        generator=generator,
+    )
+    attention = (torch.arange(ids.size(1), device=ids.device)[None, :] < batch.lengths[:, None]).long()
+    predict = targets != -100
+    wanted = targets[predict]
+    loss, n, correct = masked_lm_loss(model(inputs, attention, predict), wanted)
+    return MaskedLmResult(loss=loss, num_targets=n, correct=correct, targets=wanted)
 
 
-def unigram_baseline(sequences: list[np.ndarray], dictionary: UnitDictionary) -> tuple[Tensor, int]:
-    """The two baselines a unit BERT must beat, from the training token sequences: ``[V]``
-    log-probabilities of the add-one-smoothed unigram distribution over the units (specials get
-    none), and the id of the most frequent unit.
+def save_unit_bert(model: UnitMaskedLM, corpus: UnitCorpus, directory: str | os.PathLike[str]) -> None:
+    """transformers ``save_pretrained`` of ``model.hf`` + ``dict.txt`` (+ BPE files) + ``unit_bert.json``
+    (:func:`load_unit_bert` reads it back)."""
+    from speechvq.files import check_output_dir
+    from speechvq.interop.hf import quiet_transformers
+    from speechvq.io import write_directory
 
-    A model that learns only how often each unit occurs reaches the unigram cross-entropy on the
-    masked tokens, and one that always predicts the commonest unit reaches its share as accuracy;
-    an MLM loss above the first or an accuracy below the second means the BERT has not used the
-    context at all.
-    """
-    counts = np.zeros(len(dictionary), dtype=np.float64)
-    for seq in sequences:
-        counts += np.bincount(np.asarray(seq, dtype=np.int64), minlength=len(dictionary))
-    units = np.zeros(len(dictionary), dtype=bool)
-    units[dictionary.first_unit_id : dictionary.mask_id] = True
-    counts = np.where(units, counts + 1.0, 0.0)
-    with np.errstate(divide="ignore"):
-        logp = np.log(counts / counts.sum())
-    majority = int(np.argmax(np.where(units, counts, -1.0)))
-    return torch.from_numpy(logp), majority
+    def fill(out: Path) -> None:
+        model.hf.save_pretrained(out)  # type: ignore[operator]
+        corpus.dictionary.save(out / DICT_NAME)
+        if corpus.bpe is not None:
+            corpus.base_dictionary.save(out / BASE_DICT_NAME)
+            (out / BPE_NAME).write_bytes(corpus.bpe.model_file.read_bytes())
+        (out / CONFIG_NAME).write_text(json.dumps({"config": corpus.cfg.to_dict()}, indent=2) + "\n")
 
-
-def _dedup(tokens: list[str]) -> list[str]:
-    return [t for i, t in enumerate(tokens) if i == 0 or tokens[i - 1] != t]
+    with quiet_transformers():
+        write_directory(check_output_dir(directory, "the unit BERT export"), fill)
 
 
 def load_unit_bert(directory: str | os.PathLike[str]) -> tuple[nn.Module, UnitDictionary, UnitBpe | None]:
-    """A :meth:`UnitBertTask.save_export` directory -> (masked LM, dictionary, BPE or None)."""
+    """A :func:`save_unit_bert` directory -> (masked LM, dictionary, BPE or None)."""
     from transformers import AutoModelForMaskedLM
 
     root = Path(directory)
@@ -535,3 +361,28 @@ def load_unit_bert(directory: str | os.PathLike[str]) -> tuple[nn.Module, UnitDi
         else None
     )
     return model.eval(), dictionary, bpe
+
+
+def read_unit_bert_config(root: Path) -> UnitBertConfig:
+    """The :class:`UnitBertConfig` of a unit-BERT export (its ``unit_bert.json``)."""
+    path = root / CONFIG_NAME
+    if not path.exists():
+        raise UserInputError(f"{path}: file does not exist (not a unit BERT export)")
+    meta = read_json(path, "unit BERT config")
+    try:
+        return UnitBertConfig.from_dict(meta["config"])
+    except (ValueError, KeyError, TypeError) as err:  # UserInputError is a ValueError
+        raise UserInputError(f"{path}: invalid unit BERT config: {err}") from None
+
+
+def find_unit_bert(spec: str | os.PathLike[str]) -> Path | None:
+    """The unit-BERT export named by ``--init``, or None if ``spec`` is something else.
+
+    Accepts an export (a directory with ``unit_bert.json``, written by ``pretrain-unit-bert``) or
+    a ``pretrain-unit-bert`` experiment directory (its ``best_model``).
+    """
+    path = Path(spec)
+    for candidate in (path, path / "best_model"):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    return None

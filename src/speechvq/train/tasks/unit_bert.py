@@ -1,9 +1,10 @@
-"""Masked-LM pretraining of a BERT over discrete units (vq-wav2vec) on the shared training loop.
+"""Masked-LM pretraining of a BERT over discrete units (vq-wav2vec) as a task of the one training loop.
 
-The model, dictionary, masking and loss are :class:`speechvq.units.bert.UnitBertTask`'s; this
-module gives them a run config (the ``model`` section of ``conf/unit_bert_*.yaml`` plus the loop's
-sections) and adapts them to :class:`speechvq.train.task.Task`. The loss is the cross-entropy summed
-over masked tokens and divided by their number over the whole update (see the loop's docstring).
+The model, masking and objective are :mod:`speechvq.units.bert`'s, the tokenised corpora
+:class:`~speechvq.units.bert_data.UnitCorpus`; this module gives them a run config (the ``model``
+section of ``conf/unit_bert_*.yaml`` plus the loop's sections) and the task. The loss is the
+cross-entropy summed over masked tokens and divided by their number over the whole update (see
+the loop's docstring).
 """
 
 from __future__ import annotations
@@ -22,8 +23,16 @@ from torch import Tensor, nn
 from speechvq.data import BucketBatchSampler
 from speechvq.errors import UserInputError
 from speechvq.train.config import OptimSection, ScheduleSection, TrainSection, check_sampling, plain
-from speechvq.train.task import DataParts
-from speechvq.units.bert import UnitBatch, UnitBertConfig, UnitBertTask, UnitMaskedLM
+from speechvq.train.tasks.base import DataParts
+from speechvq.units.bert import (
+    MaskedLmResult,
+    UnitBertConfig,
+    UnitMaskedLM,
+    build_unit_bert,
+    masked_lm_objective,
+    save_unit_bert,
+)
+from speechvq.units.bert_data import UnitBatch, UnitCorpus, unigram_baseline
 
 
 @dataclass(kw_only=True)
@@ -69,8 +78,8 @@ class UnitBertRunConfig:
             )
 
 
-class UnitBertLoopTask:
-    """:class:`UnitBertTask` for :func:`speechvq.train.loop.train`.
+class UnitBertTask:
+    """Masked-LM pretraining of a unit BERT for :func:`speechvq.train.loop.train`.
 
     Args:
         cfg: the validated run config.
@@ -86,8 +95,13 @@ class UnitBertLoopTask:
 
     def __init__(self, cfg: UnitBertRunConfig, exp_dir: Path) -> None:
         self.cfg = cfg
-        self.inner = UnitBertTask(
+        self.corpus = UnitCorpus(
             cfg.model, cfg.data.train, cfg.data.valid, work_dir=exp_dir, seed=cfg.train.seed
+        )
+        # the baselines on the masked tokens: the training units' unigram distribution, and the
+        # most frequent training unit
+        self.unigram_logp, self.majority_id = unigram_baseline(
+            self.corpus.train_sequences, self.corpus.dictionary
         )
         self.history: list[dict[str, float]] = []
 
@@ -99,30 +113,33 @@ class UnitBertLoopTask:
             raise UserInputError(f"{where}/config.yaml: the model config differs from the one given")
 
     def build_model(self) -> nn.Module:
-        return self.inner.build_model()
+        return UnitMaskedLM(build_unit_bert(self.cfg.model, self.corpus.dictionary))
 
     def open_data(self, path: str, *, train: bool, num_replicas: int, rank: int) -> DataParts:
-        ds = self.inner.train_dataset() if train else self.inner.valid_dataset()
+        ds = self.corpus.train_dataset() if train else self.corpus.valid_dataset()
         if ds is None or len(ds) == 0:
             raise UserInputError(f"{path}: no usable unit sequences")
         sampler = BucketBatchSampler(
             ds.sizes, self.cfg.data.max_tokens, num_replicas=num_replicas, rank=rank, seed=self.cfg.train.seed,
             shuffle=train, max_sample_size=self.cfg.model.max_positions,
         )  # fmt: skip
-        return ds, sampler, self.inner.collate
+        return ds, sampler, self.corpus.collate
 
     def on_update(self, model: nn.Module, step: int) -> None:
         pass
 
-    def _stats(self, loss: Tensor, n: int, metrics: dict[str, float]) -> dict[str, float]:
-        value = float(loss.detach())
+    def _stats(self, out: MaskedLmResult, batch: UnitBatch) -> dict[str, float]:
+        value = float(out.loss.detach())
+        wanted = out.targets
         return {
             "loss": value,
-            "targets": float(n),
-            "correct": metrics["accuracy"] * n,
-            "tokens": metrics["tokens"],
-            "unigram_ce": metrics["unigram_ce"],
-            "majority_correct": metrics["majority_correct"],
+            "targets": float(out.num_targets),
+            # accuracy x targets rather than the count itself: the sums, and so the records, of
+            # earlier runs are reproduced to the last bit
+            "correct": out.correct / max(out.num_targets, 1) * out.num_targets,
+            "tokens": float(int((batch.lengths - 2).sum())),
+            "unigram_ce": float(-self.unigram_logp.to(wanted.device)[wanted].sum()),
+            "majority_correct": float((wanted == self.majority_id).sum()),
             "nonfinite": 0.0 if math.isfinite(value) else 1.0,
         }
 
@@ -136,8 +153,8 @@ class UnitBertLoopTask:
         update_generator: torch.Generator,
     ) -> tuple[Tensor, dict[str, float]]:
         # masks and replacements from the batch slot's generator, dropout from the seeded global RNG
-        loss, n, metrics = self.inner.loss(module, batch, generator=generator)
-        return loss, self._stats(loss, n, metrics)
+        out = masked_lm_objective(module, batch, self.cfg.model, self.corpus.dictionary, generator)
+        return out.loss, self._stats(out, batch)
 
     def record(self, sums: dict[str, float]) -> dict[str, float]:
         """Cross-entropy per masked token (nats and bits), accuracy, masked share, and the two
@@ -178,7 +195,7 @@ class UnitBertLoopTask:
         return []
 
     def eval_batch(self, model: nn.Module, batch: UnitBatch) -> dict[str, float]:
-        return self._stats(*self.inner.loss(model, batch))
+        return self._stats(masked_lm_objective(model, batch, self.cfg.model, self.corpus.dictionary), batch)
 
     def eval_record(self, sums: dict[str, float]) -> tuple[dict[str, float], float]:
         rec = self.record(sums)
@@ -187,7 +204,7 @@ class UnitBertLoopTask:
     def export(self, model: nn.Module, directory: Path) -> None:
         """transformers ``save_pretrained`` + dictionary (+ BPE) + ``unit_bert.json``."""
         assert isinstance(model, UnitMaskedLM)
-        self.inner.save_export(model, directory)
+        save_unit_bert(model, self.corpus, directory)
 
 
 def pretrain_unit_bert(
@@ -205,5 +222,5 @@ def pretrain_unit_bert(
     from speechvq.train.loop import train
 
     with experiment_lock(exp_dir):  # the task writes the dictionary before the loop starts
-        task = UnitBertLoopTask(cfg, Path(exp_dir))
+        task = UnitBertTask(cfg, Path(exp_dir))
         return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)

@@ -1,12 +1,8 @@
-"""What the training loop asks of a task, and the wav2vec 2.0 pretraining task.
+"""wav2vec 2.0 pretraining as a task of the one training loop, and what vq-wav2vec shares with it.
 
-:func:`speechvq.train.loop.train` is one linear loop over updates; everything that differs between
-wav2vec 2.0 pretraining, CTC fine-tuning and unit-BERT pretraining sits behind :class:`Task`:
-the model, the data, the loss of one batch with its summed statistics, the metric record, the
-validation score and the export. Statistics are plain per-batch *sums* (floats) named in
-``stat_names``; the loop adds them over accumulated batches and ranks and hands the sums back.
-Two names are required: ``targets`` (the loss normaliser N of the update) and ``nonfinite``
-(1 for a batch whose loss is not finite).
+:func:`pretrain` builds the pretraining task of a config (this one, or
+:class:`~speechvq.train.tasks.vq_wav2vec.VqWav2VecPretrainTask`) and runs it on
+:func:`speechvq.train.loop.train`.
 """
 
 from __future__ import annotations
@@ -15,7 +11,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,81 +27,7 @@ from speechvq.models.encoder import min_input_samples
 from speechvq.models.wav2vec2 import Wav2Vec2Model, Wav2Vec2Output, build_wav2vec2
 from speechvq.train.config import PretrainConfig, dump_config
 from speechvq.train.diagnostics import collapse_warnings
-
-DataParts = tuple[torch.utils.data.Dataset, BucketBatchSampler, Callable[[list[Any]], Any]]
-"""(dataset, batch sampler, collate function) of one split."""
-
-
-class Task(Protocol):
-    """The task-specific half of a training run (see the module docstring)."""
-
-    name: str
-    """Short name (progress bar, log lines)."""
-    stat_names: tuple[str, ...]
-    """Per-batch sums of training; must contain ``targets`` and ``nonfinite``."""
-    eval_stat_names: tuple[str, ...]
-    """Per-batch sums of validation."""
-    lower_is_better: bool
-    """Whether a lower validation score is better (chooses the best checkpoint)."""
-    export_name: str | None
-    """Subdirectory of the experiment directory that :meth:`export` writes when the run has done
-    ``train.max_steps`` updates (the best checkpoint's weights, else the last); None: no export."""
-    find_unused_parameters: bool
-    """Whether some trainable parameters may get no gradient in an update (DDP needs to know)."""
-
-    def config_yaml(self) -> str:
-        """The resolved run config, written to ``exp_dir/config.yaml`` and every checkpoint."""
-
-    def check_resume(self, saved: dict[str, Any], where: Path) -> None:
-        """Raise :class:`UserInputError` if the checkpoint config ``saved`` cannot be resumed."""
-
-    def build_model(self) -> nn.Module:
-        """The model to train (random or pretrained init; a resume loads weights over it)."""
-
-    def open_data(self, path: str, *, train: bool, num_replicas: int, rank: int) -> DataParts:
-        """Dataset, sampler and collate function of one split."""
-
-    def on_update(self, model: nn.Module, step: int) -> None:
-        """Called before every update with the number of updates done (schedules inside the model)."""
-
-    def batch_loss(
-        self,
-        module: Callable[..., Any],
-        model: nn.Module,
-        batch: Any,
-        *,
-        generator: torch.Generator,
-        update_generator: torch.Generator,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """(summed loss to back-propagate, statistics sums) of one training batch.
-
-        Args:
-            module: the model as wrapped for training (DDP); call it for the forward pass.
-            model: the unwrapped model (losses, attributes).
-            batch: the collated batch, on the device.
-            generator: RNG of this batch slot (masks, sampling).
-            update_generator: RNG shared by every batch and rank of the update (LayerDrop).
-        """
-
-    def record(self, sums: dict[str, float]) -> dict[str, float]:
-        """The training metric record of summed statistics."""
-
-    def on_log(
-        self, step: int, rec: dict[str, float], sums: dict[str, float], seconds: float, main: bool
-    ) -> list[tuple[str, str]]:
-        """Add task metrics to ``rec`` at a log step; returns warnings as (code, message)."""
-
-    def eval_batch(self, model: nn.Module, batch: Any) -> dict[str, float]:
-        """Statistics sums of one validation batch (eval mode, no grad)."""
-
-    def eval_record(self, sums: dict[str, float]) -> tuple[dict[str, float], float]:
-        """(validation record, score) of summed validation statistics."""
-
-    def export(self, model: nn.Module, directory: Path) -> None:
-        """Write the final model for use outside training (e.g. the best checkpoint's weights)."""
-
-
-# -- wav2vec 2.0 pretraining --------------------------------------------------------------------------
+from speechvq.train.tasks.base import DataParts, Task
 
 
 class Wav2Vec2PretrainTask:
@@ -177,7 +99,7 @@ class Wav2Vec2PretrainTask:
             batches=1.0,
             masked_frames=float(out.mask.sum()),
             frames=float(out.lengths.sum()),
-            **_code_persistence_sums(out),
+            **code_persistence_sums(out),
             samples=float(batch.lengths.sum()),
         )
         s["nonfinite"] = 0.0 if math.isfinite(s["loss"]) else 1.0
@@ -196,7 +118,7 @@ class Wav2Vec2PretrainTask:
         # and the utterance's dataset index, so they do not depend on how the update's utterances
         # are split over processes and batches. Dropout draws from the global RNG the loop seeded.
         if self._world > 1 and model.cross_process_sum is None:
-            model.set_cross_process_sum_(_sum_over_processes)
+            model.set_cross_process_sum_(sum_over_processes)
         device = batch.waveforms.device
         base = update_generator.initial_seed()
         gens = [
@@ -210,7 +132,7 @@ class Wav2Vec2PretrainTask:
             layer_drop_generator=update_generator,
             masked_only=True,  # the loss reads the last block at the masked frames only
         )
-        self.usage += _code_counts(out, *self.usage.shape)
+        self.usage += code_counts(out, *self.usage.shape)
         self.temperature = float(out.quantizer.temperature)
         return self._stats(model, out, batch)
 
@@ -293,7 +215,7 @@ def _utterance_seed(update_seed: int, index: int) -> int:
     return int(state[0] % (2**63))
 
 
-def _sum_over_processes(tensor: Tensor) -> Tensor:
+def sum_over_processes(tensor: Tensor) -> Tensor:
     """Sum over the data-parallel processes, differentiably (the gradient is summed back)."""
     return torch.distributed.nn.functional.all_reduce(tensor)
 
@@ -312,7 +234,7 @@ def collapse_check_start(cfg: PretrainConfig) -> int:
     return max(500, 2 * cfg.schedule.warmup_updates(cfg.train.max_steps))
 
 
-def _code_persistence_sums(out: Any) -> dict[str, float]:
+def code_persistence_sums(out: Any) -> dict[str, float]:
     """Consecutive valid frame pairs of a wav2vec 2.0 or vq-wav2vec output, and how many of them
     have the same code in every group.
 
@@ -327,7 +249,7 @@ def _code_persistence_sums(out: Any) -> dict[str, float]:
     return {"same_code_pairs": float((same & valid).sum()), "frame_pairs": float(valid.sum())}
 
 
-def _code_counts(out: Wav2Vec2Output, num_codebooks: int, codebook_size: int) -> Tensor:
+def code_counts(out: Wav2Vec2Output, num_codebooks: int, codebook_size: int) -> Tensor:
     """``[G, V]`` how often each entry was picked over the valid frames."""
     codes = out.quantizer.codes.detach()  # (B, T, G)
     valid = torch.arange(codes.size(1), device=codes.device)[None, :] < out.lengths[:, None]
@@ -335,3 +257,34 @@ def _code_counts(out: Wav2Vec2Output, num_codebooks: int, codebook_size: int) ->
     offsets = torch.arange(num_codebooks, device=codes.device) * codebook_size
     counts = torch.bincount((picked + offsets).reshape(-1), minlength=num_codebooks * codebook_size)
     return counts.view(num_codebooks, codebook_size).cpu()
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    exp_dir: str | Path,
+    *,
+    require_resume: bool = False,
+    model: nn.Module | None = None,
+    stop_at_step: int | None = None,
+) -> Any:
+    """Pretrain (or resume) a wav2vec 2.0 or vq-wav2vec model as ``cfg`` says, into ``exp_dir``.
+
+    Args:
+        cfg: the validated run config.
+        exp_dir: experiment directory; if it holds checkpoints the run resumes from the newest.
+        require_resume: raise if there is no checkpoint to resume from.
+        model: train this model instead of building one from ``cfg`` (tests).
+        stop_at_step: stop (with a checkpoint) after this many updates, as if interrupted.
+
+    Returns:
+        The loop's :class:`~speechvq.train.loop.RunSummary`.
+    """
+    from speechvq.train.loop import train
+    from speechvq.train.tasks.vq_wav2vec import VqWav2VecPretrainTask  # it builds on this module
+
+    task: Task
+    if cfg.model.type == "vq_wav2vec":
+        task = VqWav2VecPretrainTask(cfg, Path(exp_dir), model)  # type: ignore[arg-type]
+    else:
+        task = Wav2Vec2PretrainTask(cfg, Path(exp_dir), model)  # type: ignore[arg-type]
+    return train(task, cfg, exp_dir, require_resume=require_resume, stop_at_step=stop_at_step)

@@ -30,14 +30,14 @@ from speechvq.models.kmeans_quantizer import KMeansVectorQuantizer
 from speechvq.models.vq_wav2vec import VqWav2VecModel, VqWav2VecOutput, build_vq_wav2vec, vq_min_input_samples
 from speechvq.train.config import PretrainConfig, dump_config
 from speechvq.train.diagnostics import collapse_warnings
-from speechvq.train.task import (
-    DataParts,
-    _code_counts,
-    _code_persistence_sums,
-    _sum_over_processes,
+from speechvq.train.tasks.base import DataParts
+from speechvq.train.tasks.pretrain import (
+    code_counts,
+    code_persistence_sums,
     collapse_check_start,
     end_usage_interval,
     open_audio_data,
+    sum_over_processes,
 )
 
 
@@ -118,7 +118,7 @@ class VqWav2VecPretrainTask:
             "batches": 1.0,
             "frames": float(out.lengths.sum()),
             "samples": float(batch.lengths.sum()),
-            **_code_persistence_sums(out),
+            **code_persistence_sums(out),
         }
         s["nonfinite"] = 0.0 if math.isfinite(s["loss"]) else 1.0
         return losses.total, s
@@ -136,9 +136,9 @@ class VqWav2VecPretrainTask:
         self._kmeans = quantizer if isinstance(quantizer, KMeansVectorQuantizer) else None
         if self._world > 1 and model.cross_process_sum is None:
             # the quantizer's statistics (Gumbel perplexities, k-means usage) over the whole batch
-            model.set_cross_process_sum_(_sum_over_processes)
+            model.set_cross_process_sum_(sum_over_processes)
         out = module(batch.waveforms, batch.lengths, generator=generator)
-        self.usage += _code_counts(out, *self.usage.shape)
+        self.usage += code_counts(out, *self.usage.shape)
         self.temperature = float(out.quantizer.temperature)
         return self._stats(model, out, batch)
 
