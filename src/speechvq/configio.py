@@ -89,6 +89,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return None
         rest = [a for a in args if a is not type(None)]
         return _coerce(value, rest[0], name)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
+        if not isinstance(value, (list, tuple)):
+            raise UserInputError(f"`{name}` must be a list, but is {value!r} instead.")
+        return tuple(_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise UserInputError(f"`{name}` must be a list of {len(args)} values, but is {value!r} instead.")

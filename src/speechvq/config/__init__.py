@@ -24,9 +24,10 @@ from speechvq.config.model import (
     _QuantizedModelConfig,
     approx_parameters,
 )
-from speechvq.config.plain import _SUBCONFIGS, _from_plain, _to_plain
+from speechvq.config.plain import _to_plain
 from speechvq.config.presets import (
     PRESETS,
+    finetune_mask,
     preset,
     wav2vec2_base,
     wav2vec2_large,

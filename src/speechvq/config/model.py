@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from speechvq.config.limits import MAX_LAYERS, MAX_PARAMETERS, MAX_SIZE, _check_probabilities, _check_sizes
-from speechvq.config.plain import _SUBCONFIGS, _from_plain, _to_plain
+from speechvq.config.plain import _to_plain
 from speechvq.config.waveform import FAIRSEQ_NORMALIZE_EPS, WaveformNorm
+from speechvq.configio import from_dict
 
 
 def approx_parameters(encoder: FeatureEncoderConfig, context: ContextConfig) -> int:
@@ -366,8 +367,9 @@ class _QuantizedModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Any:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming the key."""
-        return _from_plain(cls, data)
+        """Inverse of :meth:`to_dict` (:func:`speechvq.configio.from_dict`: typed, one-line
+        errors naming the field; unknown keys refused)."""
+        return from_dict(cls, data)
 
 
 @dataclass(kw_only=True)
@@ -403,17 +405,6 @@ class Wav2Vec2Config(_QuantizedModelConfig):
         return WaveformNorm(enabled=self.encoder.norm_mode == "layer_norm", eps=FAIRSEQ_NORMALIZE_EPS)
 
     def __post_init__(self) -> None:
-        for name, cls in (
-            ("encoder", FeatureEncoderConfig),
-            ("quantizer", QuantizerConfig),
-            ("mask", MaskConfig),
-            ("context", ContextConfig),
-            ("loss", LossConfig),
-            ("kmeans", KMeansQuantizerConfig),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, cls(**value))
         if self.quantizer_type not in ("gumbel", "kmeans"):
             raise ValueError(
                 f"`quantizer_type` must be 'gumbel' or 'kmeans', but is {self.quantizer_type!r} instead."
@@ -426,15 +417,3 @@ class Wav2Vec2Config(_QuantizedModelConfig):
                 f"the model must have at most {MAX_PARAMETERS:.0e} parameters, but this config describes "
                 f"about {total:.2e} instead."
             )
-
-
-_SUBCONFIGS.update(
-    {
-        ("Wav2Vec2Config", "encoder"): FeatureEncoderConfig,
-        ("Wav2Vec2Config", "quantizer"): QuantizerConfig,
-        ("Wav2Vec2Config", "mask"): MaskConfig,
-        ("Wav2Vec2Config", "context"): ContextConfig,
-        ("Wav2Vec2Config", "loss"): LossConfig,
-        ("Wav2Vec2Config", "kmeans"): KMeansQuantizerConfig,
-    }
-)

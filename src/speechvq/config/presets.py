@@ -13,6 +13,12 @@ from speechvq.config.model import (
 )
 
 
+def finetune_mask() -> MaskConfig:
+    """Fine-tuning's masking (fairseq's ``base_10m``/``base_1h``): time spans as in pretraining,
+    plus channel masking (spans of 64 channels with probability 0.25)."""
+    return MaskConfig(mask_prob=0.65, mask_length=10, min_masks=2, channel_prob=0.25, channel_length=64)
+
+
 def wav2vec2_base() -> Wav2Vec2Config:
     """BASE (paper section 4.2): 12 x 768 post-LN Transformer, ~95M parameters."""
     return Wav2Vec2Config()

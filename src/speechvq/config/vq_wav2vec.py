@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from speechvq.config.model import ConvSpec, KMeansQuantizerConfig, QuantizerConfig, _QuantizedModelConfig
-from speechvq.config.plain import _SUBCONFIGS
 from speechvq.config.waveform import WaveformNorm
 
 VQ_WAV2VEC_CONV_LAYERS: tuple[ConvSpec, ...] = (
@@ -103,10 +102,6 @@ class VqWav2VecConfig(_QuantizedModelConfig):
     the vq-wav2vec command sets none, so 0)."""
 
     def __post_init__(self) -> None:
-        for name, cls in (("quantizer", QuantizerConfig), ("kmeans", KMeansQuantizerConfig)):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, cls(**value))
         for name in ("encoder_layers", "aggregator_layers"):
             layers = tuple(tuple(int(v) for v in spec) for spec in getattr(self, name))
             if not layers or any(len(spec) != 3 or min(spec) < 1 for spec in layers):
@@ -165,11 +160,3 @@ VQ_WAV2VEC_PRESETS = {
     "kmeans": vq_wav2vec_kmeans,
 }
 """vq-wav2vec presets by name (``model.type: vq_wav2vec`` in a run config)."""
-
-
-_SUBCONFIGS.update(
-    {
-        ("VqWav2VecConfig", "quantizer"): QuantizerConfig,
-        ("VqWav2VecConfig", "kmeans"): KMeansQuantizerConfig,
-    }
-)

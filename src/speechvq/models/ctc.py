@@ -33,10 +33,11 @@ from speechvq.config import (
     MaskConfig,
     Wav2Vec2Config,
     WaveformNorm,
-    _from_plain,
     _to_plain,
     approx_parameters,
+    finetune_mask,
 )
+from speechvq.configio import from_dict
 from speechvq.losses_ctc import ctc_loss
 from speechvq.models.common import Linear, lengths_to_padding_mask, padding_mask_or_none
 from speechvq.models.context import ContextNetwork, build_context_network
@@ -48,10 +49,6 @@ from speechvq.models.wav2vec2 import FeatureProjection, Wav2Vec2Model, transform
 NORMALIZE_EPS = TRANSFORMERS_NORMALIZE_EPS
 """eps of the normalisation inside :meth:`CtcModel.forward`: transformers' feature extractor's, so
 that an exported model's outputs stay identical."""
-
-
-def _finetune_mask() -> MaskConfig:
-    return MaskConfig(mask_prob=0.65, mask_length=10, min_masks=2, channel_prob=0.25, channel_length=64)
 
 
 @dataclass(kw_only=True)
@@ -68,7 +65,7 @@ class CtcConfig:
     )
     """The pretrained Transformer; its dropouts and LayerDrop are fine-tuning settings."""
 
-    mask: MaskConfig = field(default_factory=_finetune_mask)
+    mask: MaskConfig = field(default_factory=finetune_mask)
     """Time masking (``mask_prob``, ``mask_length``, ``min_masks``; fairseq ``mask_prob``) and
     channel masking (``channel_prob``, ``channel_length``; fairseq ``mask_channel_*``), in
     training only. ``mask_prob = 0`` / ``channel_prob = 0`` disable them."""
@@ -100,14 +97,6 @@ class CtcConfig:
         return WaveformNorm(enabled=self.normalize_waveform, eps=NORMALIZE_EPS, in_forward=True)
 
     def __post_init__(self) -> None:
-        for name, cls in (
-            ("encoder", FeatureEncoderConfig),
-            ("context", ContextConfig),
-            ("mask", MaskConfig),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, _from_plain(cls, value))
         if self.vocab_size < 2:
             raise ValueError(
                 f"`vocab_size` must be >= 2 (blank + one unit), but is {self.vocab_size} instead."
@@ -133,8 +122,8 @@ class CtcConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CtcConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError`` naming the key."""
-        return _from_plain(cls, data)
+        """Inverse of :meth:`to_dict` (:func:`speechvq.configio.from_dict`)."""
+        return from_dict(cls, data)
 
 
 # Fine-tuning settings that ctc_config_from_wav2vec2 accepts for the context network.
@@ -164,7 +153,7 @@ def ctc_config_from_wav2vec2(w2v_cfg: Wav2Vec2Config, vocab_size: int, **setting
     if unknown:
         raise TypeError(f"unknown fine-tuning setting(s) {unknown}")
     if isinstance(settings.get("mask"), dict):  # a partial mask dict updates the fine-tuning defaults
-        settings["mask"] = dataclasses.replace(_finetune_mask(), **settings["mask"])
+        settings["mask"] = dataclasses.replace(finetune_mask(), **settings["mask"])
     context = dataclasses.replace(w2v_cfg.context, **{**context_defaults, **context_kwargs})
     encoder = dataclasses.replace(w2v_cfg.encoder, grad_mult=0.0)
     return CtcConfig(encoder=encoder, context=context, vocab_size=vocab_size, **settings)

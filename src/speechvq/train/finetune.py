@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from speechvq.config import MaskConfig
+from speechvq.config import MaskConfig, finetune_mask
 from speechvq.data.audio import RawFormat
 from speechvq.errors import UserInputError
 from speechvq.ranges import check_probability, check_range
@@ -89,12 +89,6 @@ DROPOUT_FIELDS = (
     "feature_dropout_p",
     "final_dropout_p",
 )
-
-
-def finetune_mask() -> MaskConfig:
-    """Fine-tuning's masking (fairseq's ``base_10m``/``base_1h``): time spans as in pretraining,
-    plus channel masking (spans of 64 channels with probability 0.25)."""
-    return MaskConfig(mask_prob=0.65, mask_length=10, min_masks=2, channel_prob=0.25, channel_length=64)
 
 
 def validate_mask(mask: MaskConfig, prefix: str = "mask") -> None:
