@@ -205,23 +205,24 @@ CASES: dict[str, Case] = {
         lambda w: pt(w, "diagnostics.window=0"), ("`diagnostics.window`",)
     ),
     "pretrain-model-dropout-above-one": Case(
-        lambda w: pt(w, "model.context.dropout_p=2"), ("`dropout_p`", "[0, 1]")
+        lambda w: pt(w, "model.context.dropout_p=2"), ("`model.context.dropout_p`", "[0, 1]")
     ),
     "pretrain-model-billion-layers": Case(
-        lambda w: pt(w, "model.context.num_layers=1000000000"), ("`num_layers`", "1000000000")
+        lambda w: pt(w, "model.context.num_layers=1000000000"), ("`model.context.num_layers`", "1000000000")
     ),
     "pretrain-max-sample-size-below-one-frame": Case(
         lambda w: pt(w, "data.max_sample_size=100", "data.min_sample_size=50"),
         ("`data.max_sample_size`", ">= 400"),
     ),
     "pretrain-model-logit-temp-zero": Case(
-        lambda w: pt(w, "model.loss.logit_temp=0"), ("`logit_temp`", "> 0")
+        lambda w: pt(w, "model.loss.logit_temp=0"), ("`model.loss.logit_temp`", "> 0")
     ),
     "pretrain-model-gumbel-temperature-zero": Case(
-        lambda w: pt(w, "model.quantizer.temperature=[0,0,0]"), ("`temperature`", "start >= end > 0")
+        lambda w: pt(w, "model.quantizer.temperature=[0,0,0]"),
+        ("`model.quantizer.temperature`", "start >= end > 0"),
     ),
     "pretrain-model-zero-codebooks": Case(
-        lambda w: pt(w, "model.quantizer.num_codebooks=0"), ("`num_codebooks`",)
+        lambda w: pt(w, "model.quantizer.num_codebooks=0"), ("`model.quantizer.num_codebooks`",)
     ),
     "pretrain-set-python-tag": Case(
         lambda w: pt(w, "optim.lr=!!python/object/apply:os.system [touch pwned]"), ("--set optim.lr=", "tags")

@@ -366,10 +366,10 @@ class _QuantizedModelConfig:
         return _to_plain(dataclasses.asdict(self))  # type: ignore[call-overload]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Any:
+    def from_dict(cls, data: dict[str, Any], where: str = "") -> Any:
         """Inverse of :meth:`to_dict` (:func:`speechvq.configio.from_dict`: typed, one-line
-        errors naming the field; unknown keys refused)."""
-        return from_dict(cls, data)
+        errors naming the field, prefixed by ``where``; unknown keys refused)."""
+        return from_dict(cls, data, where)
 
 
 @dataclass(kw_only=True)

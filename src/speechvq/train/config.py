@@ -336,7 +336,7 @@ class PretrainConfig:
         m = self.model
         cls = VqWav2VecConfig if m.type == "vq_wav2vec" else Wav2Vec2Config
         if m.config is not None:
-            cfg = cls.from_dict(m.config)
+            cfg = cls.from_dict(m.config, "model.config")
         elif m.preset is not None:
             presets = VQ_WAV2VEC_PRESETS if m.type == "vq_wav2vec" else PRESETS
             if m.preset not in presets:
@@ -350,7 +350,7 @@ class PretrainConfig:
         data = cfg.to_dict()
         for path, value in m.overrides.items():
             _set_dotted(data, path, value, where="model.overrides")
-        return cls.from_dict(data)
+        return cls.from_dict(data, "model")
 
     def validate(self) -> None:
         """Cross-field checks; raises :class:`UserInputError`."""
