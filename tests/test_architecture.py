@@ -129,3 +129,47 @@ def test_no_function_is_over_the_line_limit() -> None:
                 if lines > MAX_FUNCTION_LINES:
                     long[f"{path.relative_to(SRC)}:{node.lineno} {node.name}"] = lines
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_only_the_config_loader_reads_type_hints() -> None:
+    """Dict-to-dataclass conversion is :func:`speechvq.configio.from_dict` and nothing else
+    (``configdoc`` reads the hints only to render docs/configuration.md)."""
+    readers = sorted(
+        str(p.relative_to(SRC)) for p in _sources() if "get_type_hints" in p.read_text(encoding="utf-8")
+    )
+    assert readers == ["configio.py", "configdoc.py"] or readers == ["configio.py"]
+
+
+def _config_classes() -> list[tuple[type, dict, str]]:
+    """(config class, a mapping with one value of the wrong type, the field's full name)."""
+    from speechvq.config import VqWav2VecConfig, Wav2Vec2Config
+    from speechvq.models.ctc import CtcConfig
+    from speechvq.train.config import PretrainConfig
+    from speechvq.train.finetune import FinetuneConfig
+    from speechvq.units.bert import UnitBertConfig
+    from speechvq.units.ctc import UnitBertCtcConfig
+
+    return [
+        (Wav2Vec2Config, {"context": {"num_layers": "twelve"}}, "context.num_layers"),
+        (VqWav2VecConfig, {"kmeans": {"codebook_size": "many"}}, "kmeans.codebook_size"),
+        (CtcConfig, {"mask": {"mask_length": "ten"}}, "mask.mask_length"),
+        (UnitBertConfig, {"num_layers": "twelve"}, "num_layers"),
+        (UnitBertCtcConfig, {"freeze_updates": "soon"}, "freeze_updates"),
+        (PretrainConfig, {"optim": {"lr": "fast"}}, "optim.lr"),
+        (FinetuneConfig, {"mask": {"mask_prob": "half"}}, "mask.mask_prob"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_every_config_loads_through_the_one_loader(case: int) -> None:
+    """Model configs, run configs and unit configs alike: the same typed checks, the same message
+    naming the field in full, the same refusal of unknown keys."""
+    from speechvq.configio import from_dict
+    from speechvq.errors import UserInputError
+
+    cls, bad, name = _config_classes()[case]
+    load = getattr(cls, "from_dict", None) or (lambda data: from_dict(cls, data))
+    with pytest.raises(UserInputError, match=f"`{name}` must be of type"):
+        load(bad)
+    with pytest.raises(UserInputError, match=r"unknown field\(s\) \['no_such_field'\]"):
+        load({"no_such_field": 1})
