@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from speechvq import build_wav2vec2, preset
 from speechvq.config import QuantizerConfig, VqWav2VecConfig
 from speechvq.models import context as context_module
-from speechvq.models import lowp_guard
 from speechvq.models.common import Conv1d, linear
+from speechvq.models.kernels import lowp_guard
 from speechvq.models.vq_wav2vec import build_vq_wav2vec
 
 _REAL_CONV1D = F.conv1d
@@ -79,7 +79,7 @@ def test_guard_catches_a_wrong_bf16_grouped_conv_and_runs_it_in_fp32(monkeypatch
     assert lowp_guard.verdicts() == []
     monkeypatch.delenv("SPEECHVQ_KERNEL_GUARD")
 
-    with caplog.at_level(logging.WARNING, logger="speechvq.models.lowp_guard"):
+    with caplog.at_level(logging.WARNING, logger="speechvq.models.kernels.lowp_guard"):
         got = _positional_conv_run(pos, x, bf16=True)
         again = _positional_conv_run(pos, x, bf16=True)
     for g, w in zip(got, want, strict=True):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
-from speechvq.models import lowp_guard
+from speechvq.models.kernels import lowp_guard
 
 
 def lengths_to_padding_mask(lengths: Tensor, max_len: int) -> Tensor:

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from speechvq.config import ContextConfig
-from speechvq.models import lowp_guard
 from speechvq.models.common import Dropout, Linear, dropout, lengths_to_padding_mask, linear
+from speechvq.models.kernels import lowp_guard
 from speechvq.models.kernels.grouped_conv import GroupedConvFlippedBackward
 
 

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from speechvq.config import FeatureEncoderConfig
-from speechvq.models import lowp_guard
 from speechvq.models.common import GradMultiply, linear
+from speechvq.models.kernels import lowp_guard
 from speechvq.models.kernels.conv import (
     ChannelAffine,
     KernelMajorColumns,

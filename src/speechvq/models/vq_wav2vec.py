@@ -18,10 +18,10 @@ from speechvq.losses_wav2vec import (
     future_prediction_loss,
     sample_future_distractors,
 )
-from speechvq.models import lowp_guard
 from speechvq.models.common import Conv1d, lengths_to_padding_mask
 from speechvq.models.encoder import check_waveforms, conv_output_lengths, receptive_field
 from speechvq.models.fbank import FbankFeatureEncoder
+from speechvq.models.kernels import lowp_guard
 from speechvq.models.kmeans_quantizer import build_kmeans_quantizer
 from speechvq.models.protocol import Layer, check_layer
 from speechvq.models.quantizer import QuantizerOutput, VectorQuantizer, build_quantizer

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import yaml
 
-from speechvq.models.lowp_guard import cpu_name
+from speechvq.models.kernels.lowp_guard import cpu_name
 from speechvq.progress import duration
 
 
