@@ -273,7 +273,7 @@ def matmul_peak(precision: str, device: torch.device, reps: int = 10) -> float:
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     products = [lambda: a @ b]
     if device.type == "cpu":
-        from speechvq.models.common import matmul_nt
+        from speechvq.models.kernels.linear import matmul_nt
 
         products.append(lambda: matmul_nt(a, b))  # oneDNN's for fp32 on x86 (a @ b^T: same FLOPs)
     best = 0.0

@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretrain_step as step_bench  # the sibling benchmark's step functions
 
-# mkldnn::_linear_pointwise: the fp32 linear layers and conv-encoder matmuls on oneDNN (models/common.linear)
+# mkldnn::_linear_pointwise: the fp32 linear layers and conv-encoder matmuls on oneDNN (models/kernels/linear.py)
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"}
 CONVS = {"aten::mkldnn_convolution", "aten::convolution_backward"}
 

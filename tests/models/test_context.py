@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import speechvq.models.common as common_module
-import speechvq.models.context as context_module
+import speechvq.models.kernels.context as context_module
+import speechvq.models.kernels.dropout as common_module
 from speechvq.config import ContextConfig
-from speechvq.models.common import dropout
-from speechvq.models.context import SelfAttention, build_context_network, pack, unpack
+from speechvq.models.context import build_context_network
+from speechvq.models.kernels.context import FastSelfAttention as SelfAttention
+from speechvq.models.kernels.context import Packed, pack, unpack
+from speechvq.models.kernels.dropout import dropout
 from speechvq.models.kernels.grouped_conv import GroupedConvFlippedBackward
 
 
@@ -86,7 +88,7 @@ def test_packed_attention_equals_the_padded_layout_at_valid_frames(monkeypatch, 
     x = torch.randn(3, 17, 32, requires_grad=True)
     padding = torch.arange(17)[None, :] >= torch.tensor(lens)[:, None]
     want = attention(x, padding)
-    got = unpack(attention(pack(x, lens), seq_lens=lens), lens, 17)
+    got = unpack(attention(pack(x, lens), Packed(lens)), lens, 17)
     valid = ~padding
     torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)
     assert not got[padding].any()  # zeros at padding
@@ -276,7 +278,7 @@ def test_positional_conv_on_the_cpu_equals_its_conv1d(autocast):
     # under bf16 autocast. The reference stays fp32: on AMX CPUs oneDNN's bf16 kernel for this
     # shape (8 channels per group) is wrong, and the module must not be (lowp_guard).
     torch.manual_seed(0)
-    pos = context_module.ConvPositionalEmbedding(32, 16, 4)
+    pos = context_module.FastConvPositionalEmbedding(32, 16, 4)
     x = torch.randn(3, 21, 32, requires_grad=True)
     upstream = torch.randn(3, 21, 32)
     params = [x, *pos.parameters()]

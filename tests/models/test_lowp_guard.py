@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 from speechvq import build_wav2vec2, preset
 from speechvq.config import QuantizerConfig, VqWav2VecConfig
-from speechvq.models import context as context_module
-from speechvq.models.common import Conv1d, linear
+from speechvq.models.common import Conv1d
+from speechvq.models.kernels import context as context_module
 from speechvq.models.kernels import lowp_guard
+from speechvq.models.kernels.linear import linear
 from speechvq.models.vq_wav2vec import build_vq_wav2vec
 
 _REAL_CONV1D = F.conv1d
@@ -68,7 +69,7 @@ def _positional_conv_run(pos: torch.nn.Module, x: torch.Tensor, bf16: bool) -> l
 
 
 def test_guard_catches_a_wrong_bf16_grouped_conv_and_runs_it_in_fp32(monkeypatch, caplog):
-    pos = context_module.ConvPositionalEmbedding(32, 16, 4)  # tiny's: 8 channels per group
+    pos = context_module.FastConvPositionalEmbedding(32, 16, 4)  # tiny's: 8 channels per group
     x = torch.randn(2, 40, 32, requires_grad=True)
     want = _positional_conv_run(pos, x, bf16=False)
     monkeypatch.setattr(F, "conv1d", _amx_like_conv1d(_bf16_eight_per_group))
@@ -103,7 +104,7 @@ def test_guard_catches_a_wrong_bf16_grouped_conv_and_runs_it_in_fp32(monkeypatch
 
 def test_guard_keeps_a_right_kernel_native(caplog):
     # 16 channels per group (small, base): the same path, nothing to fall back from
-    pos = context_module.ConvPositionalEmbedding(64, 16, 4)
+    pos = context_module.FastConvPositionalEmbedding(64, 16, 4)
     x = torch.randn(2, 30, 64, requires_grad=True)
     with caplog.at_level(logging.WARNING):
         got = _positional_conv_run(pos, x, bf16=True)

@@ -231,7 +231,7 @@ def test_cross_process_sum_identity_leaves_the_loss_unchanged(waves):
 def test_conv_block_matches_conv1d_in_output_and_gradients(kernel, stride, batch):
     # the encoder's im2col matmul (kernel-major columns, custom backward) is nn.Conv1d; so is the
     # window-blocks matmul that one utterance on the CPU takes when k <= 2 s (batch 1)
-    from speechvq.models.encoder import ConvLayerBlock
+    from speechvq.models.kernels.feature_encoder import FastConvLayerBlock as ConvLayerBlock
 
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(6, 5, kernel, stride=stride, bias=True)
@@ -252,7 +252,7 @@ def test_conv_block_matches_conv1d_in_output_and_gradients(kernel, stride, batch
 def test_conv_block_of_one_utterance_runs_under_cpu_autocast(dtype):
     # the window-blocks matmuls are fp32 only; under fp16/bf16 autocast the layer takes the
     # autocast paths (an earlier layer hands it half-precision input)
-    from speechvq.models.encoder import ConvLayerBlock
+    from speechvq.models.kernels.feature_encoder import FastConvLayerBlock as ConvLayerBlock
 
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(32, 16, 3, stride=2, bias=True)
@@ -291,7 +291,8 @@ def test_window_blocks_conv_gradients_pass_gradcheck(kernel, stride, samples):
 
 
 def _first_layer_with_group_norm(channels: int = 16, bias: bool = False):
-    from speechvq.models.encoder import ConvLayerBlock, MaskedGroupNorm
+    from speechvq.models.encoder import MaskedGroupNorm
+    from speechvq.models.kernels.feature_encoder import FastConvLayerBlock as ConvLayerBlock
 
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(1, channels, 10, stride=5, bias=bias)
@@ -377,8 +378,8 @@ def test_first_layer_folded_group_norm_under_bf16_autocast_stays_near_fp32():
 
 
 def test_window_moments_equal_output_statistics_per_utterance_with_padding():
-    from speechvq.models.encoder import linear_output_moments
     from speechvq.models.kernels.conv import KernelMajorColumns
+    from speechvq.models.kernels.feature_encoder import linear_output_moments
 
     torch.manual_seed(0)
     cols = KernelMajorColumns.apply(torch.randn(3, 500, 1) + 0.2, 10, 5)  # (3, 99, 10)
@@ -396,7 +397,7 @@ def test_window_moments_equal_output_statistics_per_utterance_with_padding():
 def test_conv_block_in_bf16_autocast_matches_conv1d(c_in, kernel, stride):
     # in bf16 on the CPU the k = 3 / 2 layers run oneDNN's channels-last conv, the first the im2col
     # matmul; both equal nn.Conv1d under the same autocast to bf16 rounding, gradients included
-    from speechvq.models.encoder import ConvLayerBlock
+    from speechvq.models.kernels.feature_encoder import FastConvLayerBlock as ConvLayerBlock
 
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(c_in, 48, kernel, stride=stride, bias=True)
@@ -476,7 +477,7 @@ def test_bf16_encoder_kernels_cast_once_per_batch_equal_autocast_per_utterance(
     # autocast's cast per utterance bit for bit: the same bf16 products, summed in fp32 alike.
     # A conv bias is a leaf, which autocast casts once and whose utterances' gradients it sums in
     # bf16; here they are summed in fp32, so they agree to bf16 rounding only
-    from speechvq.models.encoder import ConvLayerBlock
+    from speechvq.models.kernels.feature_encoder import FastConvLayerBlock as ConvLayerBlock
 
     cfg = FeatureEncoderConfig(
         conv_layers=((32, 10, 5), (48, 3, 2), (48, 3, 2), (32, 2, 2)),

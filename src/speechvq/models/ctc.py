@@ -39,6 +39,7 @@ from speechvq.config import (
 )
 from speechvq.configio import from_dict
 from speechvq.losses_ctc import ctc_loss
+from speechvq.models import kernels
 from speechvq.models.common import Linear, lengths_to_padding_mask, padding_mask_or_none
 from speechvq.models.context import ContextNetwork, build_context_network
 from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
@@ -380,13 +381,16 @@ class CtcModel(nn.Module):
         )
 
 
-def build_ctc_model(cfg: CtcConfig) -> CtcModel:
-    """Build a randomly initialised :class:`CtcModel` from its config."""
-    encoder = build_feature_encoder(cfg.encoder)
+def build_ctc_model(cfg: CtcConfig, *, fast: bool = True) -> CtcModel:
+    """Build a randomly initialised :class:`CtcModel` from its config; ``fast`` selects the fast
+    kernels (:mod:`speechvq.models.kernels`), else plain PyTorch."""
+    encoder = build_feature_encoder(cfg.encoder, fast=fast)
     projection = FeatureProjection(
         cfg.encoder.out_channels, cfg.context.dim, cfg.feature_dropout_p, cfg.context.layer_norm_eps
     )
-    return CtcModel(encoder, projection, build_context_network(cfg.context), cfg)
+    return kernels.select_(
+        CtcModel(encoder, projection, build_context_network(cfg.context, fast=fast), cfg), fast=fast
+    )
 
 
 # Submodules copied from a pretrained Wav2Vec2Model (quantizer and projections are dropped).

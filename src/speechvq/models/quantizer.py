@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from speechvq.config import QuantizerConfig
 from speechvq.losses import diversity_loss
-from speechvq.models.common import Linear, linear
+from speechvq.models import kernels
+from speechvq.models.common import Linear
 from speechvq.models.randomness import Draws, RandomSource
 
 
@@ -263,8 +264,8 @@ class GumbelVectorQuantizer(VectorQuantizer):
     def _logits(self, h: Tensor) -> Tensor:
         """``[B, T, C]`` fp32 -> ``[B, T, G*V]`` logits (the hidden projection, then ``weight_proj``)."""
         for layer, activation in self.hidden_proj if self.hidden_proj is not None else ():
-            h = activation(linear(h, layer.weight.float(), layer.bias.float()))
-        return linear(h, self.weight_proj.weight.float(), self.weight_proj.bias.float())
+            h = activation(layer.linear(h, layer.weight.float(), layer.bias.float()))
+        return self.weight_proj.linear(h, self.weight_proj.weight.float(), self.weight_proj.bias.float())
 
     def _sample(
         self,
@@ -314,9 +315,12 @@ def _straight_through_gumbel(logits: Tensor, noise: Tensor, tau: float) -> Tenso
     return hard - soft.detach() + soft
 
 
-def build_quantizer(cfg: QuantizerConfig, input_dim: int, activation: str = "gelu") -> GumbelVectorQuantizer:
-    """Build the Gumbel quantizer of ``cfg`` over ``input_dim``-dimensional features."""
-    return GumbelVectorQuantizer(
+def build_quantizer(
+    cfg: QuantizerConfig, input_dim: int, activation: str = "gelu", *, fast: bool = True
+) -> GumbelVectorQuantizer:
+    """Build the Gumbel quantizer of ``cfg`` over ``input_dim``-dimensional features; ``fast``
+    selects the fast kernels (:mod:`speechvq.models.kernels`), else plain PyTorch."""
+    quantizer = GumbelVectorQuantizer(
         input_dim=input_dim,
         num_codebooks=cfg.num_codebooks,
         codebook_size=cfg.codebook_size,
@@ -327,3 +331,4 @@ def build_quantizer(cfg: QuantizerConfig, input_dim: int, activation: str = "gel
         combine_groups=cfg.combine_groups,
         activation=activation,
     )
+    return kernels.select_(quantizer, fast=fast)

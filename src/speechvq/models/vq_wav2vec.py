@@ -18,6 +18,7 @@ from speechvq.losses_wav2vec import (
     future_prediction_loss,
     sample_future_distractors,
 )
+from speechvq.models import kernels
 from speechvq.models.common import Conv1d, lengths_to_padding_mask
 from speechvq.models.encoder import check_waveforms, conv_output_lengths, receptive_field
 from speechvq.models.fbank import FbankFeatureEncoder
@@ -423,8 +424,9 @@ def auto_offset(conv_layers: tuple[tuple[int, int, int], ...]) -> int:
     return math.ceil(field / jump)
 
 
-def build_vq_wav2vec(cfg: VqWav2VecConfig) -> VqWav2VecModel:
-    """Build a :class:`VqWav2VecModel` from its config."""
+def build_vq_wav2vec(cfg: VqWav2VecConfig, *, fast: bool = True) -> VqWav2VecModel:
+    """Build a :class:`VqWav2VecModel` from its config; ``fast`` selects the fast kernels
+    (:mod:`speechvq.models.kernels`: the Gumbel quantizer's linear layers), else plain PyTorch."""
     act = _ACTIVATIONS[cfg.activation]
     encoder: Wav2VecFeatureEncoder | FbankFeatureEncoder
     if cfg.encoder_kind == "fbank":
@@ -452,7 +454,7 @@ def build_vq_wav2vec(cfg: VqWav2VecConfig) -> VqWav2VecModel:
     if cfg.quantizer_type == "kmeans":
         quantizer = build_kmeans_quantizer(cfg.kmeans, embed)
     else:
-        quantizer = build_quantizer(cfg.quantizer, embed, activation=cfg.activation)
+        quantizer = build_quantizer(cfg.quantizer, embed, activation=cfg.activation, fast=fast)
     agg_blocks, projections = [], []
     in_dim = cfg.codevector_dim
     for channels, kernel, stride in cfg.aggregator_layers:
@@ -479,4 +481,4 @@ def build_vq_wav2vec(cfg: VqWav2VecConfig) -> VqWav2VecModel:
         residual_scale=cfg.residual_scale,
     )
     predictor = StepPredictor(in_dim, cfg.codevector_dim, cfg.prediction_steps, cfg.dropout_p)
-    return VqWav2VecModel(encoder, quantizer, aggregator, predictor, cfg)
+    return kernels.select_(VqWav2VecModel(encoder, quantizer, aggregator, predictor, cfg), fast=fast)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from speechvq.config import Wav2Vec2Config, WaveformNorm
 from speechvq.losses import LossBreakdown, contrastive_logits, contrastive_loss, feature_penalty
+from speechvq.models import kernels
 from speechvq.models.common import Dropout, Linear, padding_mask_or_none
 from speechvq.models.context import ContextNetwork, ContextOutput, build_context_network
 from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
@@ -378,9 +379,16 @@ def transformer_layer(model: Any, features: Tensor, padding_mask: Tensor | None,
     return model.context(x, padding_mask, num_layers=depth).last_hidden_state
 
 
-def build_wav2vec2(cfg: Wav2Vec2Config) -> Wav2Vec2Model:
-    """Build a :class:`Wav2Vec2Model` from its config."""
-    encoder = build_feature_encoder(cfg.encoder)
+def build_wav2vec2(cfg: Wav2Vec2Config, *, fast: bool = True) -> Wav2Vec2Model:
+    """Build a :class:`Wav2Vec2Model` from its config.
+
+    Args:
+        cfg: the model config.
+        fast: build with the fast kernels (:mod:`speechvq.models.kernels`; the default), or with
+            plain PyTorch modules. Both have the same parameters and state dict and compute the
+            same values to rounding; :func:`speechvq.models.kernels.select_` switches a built model.
+    """
+    encoder = build_feature_encoder(cfg.encoder, fast=fast)
     projection = FeatureProjection(
         cfg.encoder.out_channels, cfg.context.dim, cfg.feature_dropout_p, cfg.context.layer_norm_eps
     )
@@ -388,6 +396,6 @@ def build_wav2vec2(cfg: Wav2Vec2Config) -> Wav2Vec2Model:
     if cfg.quantizer_type == "kmeans":
         quantizer = build_kmeans_quantizer(cfg.kmeans, cfg.encoder.out_channels)
     else:
-        quantizer = build_quantizer(cfg.quantizer, cfg.encoder.out_channels)
-    context = build_context_network(cfg.context)
-    return Wav2Vec2Model(encoder, projection, quantizer, context, cfg)
+        quantizer = build_quantizer(cfg.quantizer, cfg.encoder.out_channels, fast=fast)
+    context = build_context_network(cfg.context, fast=fast)
+    return kernels.select_(Wav2Vec2Model(encoder, projection, quantizer, context, cfg), fast=fast)

@@ -1,7 +1,7 @@
 """Speed-only autograd kernels of the convolutional feature encoder.
 
-Each computes what a plain torch op computes (``torch.addcmul``, ``nn.Conv1d``, ``unfold``), in a
-form measured faster on the CPU; :mod:`speechvq.models.encoder` chooses between them. The numbers
+Each computes what a plain torch op computes (``nn.Conv1d``, ``unfold``), in a form measured
+faster on the CPU; :mod:`speechvq.models.kernels.feature_encoder` chooses between them. The numbers
 behind each choice are in its docstring and docs/performance.md.
 """
 
@@ -13,37 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from speechvq.models.common import matmul_nt
-
-
-class ChannelAffine(torch.autograd.Function):
-    """``x * scale + shift`` for ``x`` ``[B, T, C]`` and per-utterance ``scale``, ``shift`` ``[B, 1, C]``:
-    ``torch.addcmul`` with a leaner backward.
-
-    Autograd's addcmul backward multiplies the whole input by its ``value`` (1) before the product
-    with the gradient, one extra pass over the largest activation of the encoder (forward +
-    backward on one 4 s utterance in bf16: 8.3 ms with it, 3.6 ms here). The gradients here are
-    the same values: ``grad * scale``, ``sum_t(grad * x)`` and ``sum_t(grad)``, in the input's
-    dtype.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        ctx.save_for_backward(x, scale)
-        return torch.addcmul(shift, x, scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, scale = ctx.saved_tensors
-        grad_x = grad * scale if ctx.needs_input_grad[0] else None
-        grad_scale = (grad * x).sum(dim=1, keepdim=True) if ctx.needs_input_grad[1] else None
-        grad_shift = grad.sum(dim=1, keepdim=True) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_scale, grad_shift
+from speechvq.models.kernels.linear import matmul_nt
 
 
 class PrecastKernelConv(torch.autograd.Function):
     """:func:`conv_time_major`'s bf16 oneDNN convolution of a ``[B, C, 1, S]`` channels-last
-    image with a kernel prepared once for the batch (:meth:`~speechvq.models.encoder.ConvLayerBlock.precast_kernel`).
+    image with a kernel prepared once for the batch (:meth:`~speechvq.models.kernels.feature_encoder.FastConvLayerBlock.precast_kernel`).
 
     On the CPU the encoder convolves one utterance at a time, and autocast would cast the fp32
     weight again for each: a layout copy and a cast per utterance and layer, and in the backward
@@ -104,7 +79,7 @@ def conv_time_major(
     ``1 x k`` conv2d) into a channels-last output, read back as ``[B, S', C_out]``. In bf16 on CPU
     its forward + backward beat the im2col matmul by 15-30% on the k = 3 layers (bench in
     docs/performance.md); the im2col matmul stays faster in fp32 and for the first layer.
-    ``kernel``: the layer's :meth:`~speechvq.models.encoder.ConvLayerBlock.precast_kernel`, if the caller made it."""
+    ``kernel``: the layer's :meth:`~speechvq.models.kernels.feature_encoder.FastConvLayerBlock.precast_kernel`, if the caller made it."""
     image = x.unsqueeze(1).permute(0, 3, 1, 2)  # (B, S, C) -> (B, C, 1, S), channels-last strides
     if kernel is not None:
         y = PrecastKernelConv.apply(image, *kernel, bias, stride)
@@ -135,7 +110,7 @@ class WindowBlocksConv(torch.autograd.Function):
         kernel: int,
         stride: int,
     ) -> Tensor:
-        """x: ``[S, C]``; weight_a, weight_b: :meth:`~speechvq.models.encoder.ConvLayerBlock.window_weights`, the
+        """x: ``[S, C]``; weight_a, weight_b: :meth:`~speechvq.models.kernels.feature_encoder.FastConvLayerBlock.window_weights`, the
         kernel-major weight's columns for the two views; bias: ``[C_out]``."""
         x = x.contiguous()
         frames = (x.size(0) - kernel) // stride + 1

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,54 @@ def call(
     if how == NATIVE:
         return fn(*inputs)
     return island(how, dtype, fn, inputs)
+
+
+def call_checked(
+    op: str,
+    shape: str,
+    fn: Callable[..., Tensor],
+    inputs: Sequence[Tensor],
+    probe_fn: Callable[..., Tensor],
+    make_inputs: Callable[[torch.Generator], Sequence[Tensor]],
+) -> Tensor:
+    """:func:`call` for an op whose run has what a probe must not (dropout, a mask): ``fn`` runs
+    in the way the check of ``probe_fn``, the same kernel without them, chose."""
+    dtype = low_precision_dtype(inputs[0])
+    if dtype is None:
+        return fn(*inputs)
+    how = mode(op, shape, dtype, probe_fn, make_inputs)
+    if how == NATIVE:
+        return fn(*inputs)
+    return island(how, dtype, fn, inputs)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, checked once per shape in bf16 / fp16 on the CPU."""
+    if low_precision_dtype(x) is None:
+        return F.linear(x, weight, bias)
+    out_features, in_features = weight.shape
+    shape = f"{in_features} -> {out_features}{'' if bias is not None else ', no bias'}"
+    probe = [(64, in_features), (out_features, in_features)] + ([(out_features,)] if bias is not None else [])
+    return call("linear", shape, F.linear, [x, weight, bias], randn_inputs(*probe))
+
+
+def conv1d(conv: torch.nn.Conv1d, x: Tensor) -> Tensor:
+    """``conv(x)`` for ``x`` ``[B, C_in, T]``, checked once per shape in bf16 / fp16 on the CPU."""
+    if low_precision_dtype(x) is None:
+        return conv._conv_forward(x, conv.weight, conv.bias)
+    (kernel,), (stride,), (dilation,) = conv.kernel_size, conv.stride, conv.dilation
+    shape = (
+        f"in {conv.in_channels}, out {conv.out_channels}, kernel {kernel}, stride {stride}, "
+        f"dilation {dilation}, groups {conv.groups}, padding {conv.padding}"
+    )
+    frames = dilation * (kernel - 1) + stride * 49 + 1  # 50 output frames without padding
+    probe = [(2, conv.in_channels, frames), tuple(conv.weight.shape)]
+    probe += [(conv.out_channels,)] if conv.bias is not None else []
+
+    def run(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return conv._conv_forward(x, weight, bias)
+
+    return call("conv1d", shape, run, [x, conv.weight, conv.bias], randn_inputs(*probe))
 
 
 def island(

@@ -1,4 +1,4 @@
-"""The fp32 linear layers on oneDNN's matmul (models/common.linear, matmul_nt)."""
+"""The fp32 linear layers on oneDNN's matmul (models/kernels/linear.py: linear, matmul_nt)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from speechvq.models import common
-from speechvq.models.common import Linear, linear, matmul_nt
+from speechvq.models.kernels import linear as common
+from speechvq.models.kernels.linear import FastLinear as Linear
+from speechvq.models.kernels.linear import linear, matmul_nt
 
 needs_onednn = pytest.mark.skipif(not common.ONEDNN_FP32_LINEAR, reason="needs oneDNN on an x86 CPU")
 
