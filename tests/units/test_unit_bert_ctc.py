@@ -290,3 +290,38 @@ def test_the_shipped_config_loads_and_asks_for_the_validation_units() -> None:
         load_config(
             conf, ["data.train_units=u", "data.valid_units=v", "model.head_kernel=4"], UnitCtcRunConfig
         )
+
+
+def test_layer_mix_is_the_chosen_layer_when_its_weight_dominates(tmp_path: Path) -> None:
+    """``mix_layers``: a softmax-weighted sum of the LayerNorm-ed embeddings and blocks; with one
+    weight far above the others it is that layer, normalised."""
+    manifest, units = write_corpus(tmp_path, TRANSCRIPTS[:3])
+    bert = write_unit_bert(tmp_path / "bert", units)
+    mixed = _task(tmp_path, manifest, units, bert, layer=2, mix_layers=True).build_model().eval()
+    assert mixed.mix is not None and mixed.mix.logits.shape == (3,)  # embeddings + 2 blocks
+    batch = _batch(_task(tmp_path, manifest, units, bert, layer=2, mix_layers=True), manifest)
+    for layer in (0, 1, 2):
+        single = _task(tmp_path, manifest, units, bert, layer=layer).build_model().eval()
+        with torch.no_grad():
+            mixed.mix.logits.copy_(torch.full((3,), -1e4).index_fill_(0, torch.tensor(layer), 0.0))
+            stacked, lengths = mixed.features(batch.ids, batch.lengths, batch.repeats)
+            want, want_lengths = single.features(batch.ids, batch.lengths, batch.repeats)
+        assert stacked.shape == (*want.shape[:2], 3, want.shape[-1]) and torch.equal(lengths, want_lengths)
+        valid = torch.arange(want.size(1))[None, :] < want_lengths[:, None]
+        got = mixed.mix(stacked)[valid]
+        torch.testing.assert_close(got, torch.nn.functional.layer_norm(want, want.shape[-1:])[valid])
+
+
+def test_layer_mix_trains_while_the_bert_is_frozen(tmp_path: Path) -> None:
+    manifest, units = write_corpus(tmp_path, TRANSCRIPTS[:2])
+    bert = write_unit_bert(tmp_path / "bert", units)
+    task = _task(tmp_path, manifest, units, bert, layer=2, mix_layers=True, freeze_updates=5)
+    model = task.build_model()
+    task.on_update(model, 0)
+    assert model.bert_frozen
+    loss, _ = task.batch_loss(model, model, _batch(task, manifest), generator=torch.Generator(),
+                              update_generator=torch.Generator())  # fmt: skip
+    loss.backward()
+    assert model.mix is not None and model.mix.logits.grad is not None
+    assert bool(model.mix.logits.grad.abs().sum() > 0)
+    assert all(p.grad is None for p in model.features.parameters())

@@ -47,12 +47,13 @@ from speechvq.errors import UserInputError
 from speechvq.files import read_json
 from speechvq.io import replace_directory
 from speechvq.losses_ctc import ctc_loss
+from speechvq.models import kernels
 from speechvq.models.common import Conv1d, Linear
 from speechvq.text.vocab import Vocabulary
 from speechvq.units.bert import BASE_DICT_NAME, BPE_NAME, DICT_NAME
 from speechvq.units.ctc_data import UnitTokenizer
 from speechvq.units.dictionary import UnitBpe, UnitDictionary
-from speechvq.units.features import UnitBertFeatures
+from speechvq.units.features import LayerMix, UnitBertFeatures
 from speechvq.units.io import read_units
 
 CONFIG_NAME = "unit_bert_ctc.json"
@@ -71,6 +72,9 @@ class UnitCtcModelSection:
     layer: int | None = None
     """BERT layer whose hidden states are the features: 0 = embeddings, ``l`` = block ``l``
     (1-based), None = the last block. Blocks above it are dropped."""
+    mix_layers: bool = False
+    """Features are a learned weighted sum of the embeddings and every block up to ``layer``
+    (:class:`~speechvq.units.features.LayerMix`), not ``layer`` alone."""
     freeze_updates: int = 1000
     """Updates during which the BERT runs without autograd and only the head trains."""
     freeze_bert: bool = False
@@ -229,10 +233,17 @@ class UnitBertCtcModel(nn.Module):
 
     model_type = MODEL_TYPE
 
-    def __init__(self, features: UnitBertFeatures, head: AcousticHead, cfg: UnitBertCtcConfig) -> None:
+    def __init__(
+        self,
+        features: UnitBertFeatures,
+        head: AcousticHead,
+        cfg: UnitBertCtcConfig,
+        mix: LayerMix | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.features = features
+        self.mix = mix
         self.head = head
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         if cfg.freeze_bert:
@@ -267,6 +278,8 @@ class UnitBertCtcModel(nn.Module):
         """
         with torch.no_grad() if self.bert_frozen else contextlib.nullcontext():
             feats, frame_lengths = self.features(ids, lengths, repeats)
+        if self.mix is not None:
+            feats = self.mix(feats)
         logits = self.head(feats, frame_lengths)
         return UnitCtcOutput(log_probs=torch.log_softmax(logits.float(), dim=-1), lengths=frame_lengths)
 
@@ -290,7 +303,9 @@ def build_unit_bert_ctc(
         masked_lm: the unit BERT (transformers masked LM); its blocks above ``cfg.layer`` are dropped.
         dictionary: its dictionary.
     """
-    features = UnitBertFeatures(masked_lm, dictionary, layer=cfg.layer, max_positions=cfg.max_positions)
+    features = UnitBertFeatures(
+        masked_lm, dictionary, layer=cfg.layer, max_positions=cfg.max_positions, all_layers=cfg.mix_layers
+    )
     blocks: nn.Module | None = None
     if cfg.head_layers > 0 and cfg.head == "conv":
         blocks = nn.ModuleList(
@@ -300,7 +315,9 @@ def build_unit_bert_ctc(
         blocks = TransformerBlocks(
             cfg.head_dim, cfg.head_layers, cfg.head_heads, cfg.head_ffn_dim, cfg.head_kernel, cfg.dropout_p
         )
-    return UnitBertCtcModel(features, AcousticHead(features.dim, blocks, cfg), cfg)
+    mix = LayerMix(features.layer + 1) if cfg.mix_layers else None
+    model = UnitBertCtcModel(features, AcousticHead(features.dim, blocks, cfg), cfg, mix)
+    return kernels.select_(model, fast=True)  # the head's linears on the CPU's faster fp32 matmul
 
 
 # -- export --------------------------------------------------------------------------------------------
