@@ -104,6 +104,8 @@ class AugmentConfig:
 
 
 def _check_interval(name: str, value: tuple[float, float], low: float, high: float) -> None:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise UserInputError(f"`{name}` must be a list of 2 values (low, high), but is {value!r} instead.")
     check_range(f"{name}[0]", value[0], low, high)
     check_range(f"{name}[1]", value[1], low, high)
     if value[0] > value[1]:
