@@ -38,6 +38,11 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("Pretraining run", "speechvq.train.config:PretrainConfig", "A `speechvq pretrain --config` YAML."),
     ("Pretraining run: model", "speechvq.train.config:ModelSection", "`model:`"),
     ("Pretraining run: data", "speechvq.train.config:DataSection", "`data:`"),
+    (
+        "Data augmentation",
+        "speechvq.data.augment:AugmentConfig",
+        "`data.augment:` of a pretraining or CTC fine-tuning YAML (training split only).",
+    ),
     ("Pretraining run: optimizer", "speechvq.train.config:OptimSection", "`optim:`"),
     ("Pretraining run: schedule", "speechvq.train.config:ScheduleSection", "`schedule:`"),
     ("Pretraining run: training", "speechvq.train.config:TrainSection", "`train:`"),

@@ -308,3 +308,19 @@ def test_finetune_random_weights_keeps_the_init_architecture_and_drops_its_weigh
     assert len(common) > 10  # the same tensors exist (same architecture) ...
     weights = [k for k in common if k.endswith("weight") and "norm" not in k]
     assert weights and all(not torch.equal(tuned[k], shared[k]) for k in weights)  # ... with fresh values
+
+
+def test_finetune_augments_the_training_split_only(toy_manifest: Path, tmp_path: Path) -> None:
+    overrides = [f"data.train={toy_manifest}", f"data.valid={toy_manifest}", "data.augment.speed_prob=1.0",
+                 "data.augment.speed_factors=[1.1]", "data.augment.gain_prob=1.0"]  # fmt: skip
+    cfg = load_config(
+        _config(tmp_path, train={"max_steps": 2, "valid_interval": 2}), overrides, FinetuneConfig
+    )
+    task = CtcTask(cfg, None, tmp_path / "exp")
+    train_ds = task.open_data(str(toy_manifest), train=True, num_replicas=1, rank=0)[0]
+    valid_ds = task.open_data(str(toy_manifest), train=False, num_replicas=1, rank=0)[0]
+    assert valid_ds.augment is None and train_ds.augment is not None
+    # factor 1.1: the training items come out ~1/1.1 as long as the listed (and validation) ones
+    assert abs(len(train_ds[0]["waveform"]) - valid_ds.sizes[0] / 1.1) <= 2
+    assert len(valid_ds[0]["waveform"]) == valid_ds.sizes[0]
+    assert finetune(cfg, None, tmp_path / "run").step == 2

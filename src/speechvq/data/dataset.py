@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from speechvq.data.audio import RawFormat, normalize_waveform
+from speechvq.data.augment import WaveAugmenter
 from speechvq.data.checks import CATEGORIES, categorize, transcript_problem
 from speechvq.data.collate import AudioBatch, collate_audio
 from speechvq.data.source import AudioSource, open_source
@@ -43,6 +44,12 @@ class AudioDataset(torch.utils.data.Dataset):
             strings; dataset: the text column. Items then carry ``"text"``.
         vocab: allowed transcript characters; items with others are skipped. None: no check.
         raw_format: how to read headerless PCM files.
+        augment: applied to each loaded waveform before the crop and the normalisation, with a
+            generator determined by (seed, epoch, index) (a stream distinct from the crop's, so
+            the crops are those of an unaugmented dataset where the lengths agree). Speed
+            perturbation changes an item's length by up to a factor ``1/f``, so it can be shorter
+            or longer than ``sizes`` says (still at most ``max_sample_size``). None: no
+            augmentation (use it for validation).
 
     Attributes:
         sizes: ``[N]`` int64 samples each kept item will have (listed length at ``sample_rate``,
@@ -64,6 +71,7 @@ class AudioDataset(torch.utils.data.Dataset):
         labels: str | os.PathLike | list[str] | None = None,
         vocab: frozenset[str] | set[str] | None = None,
         raw_format: RawFormat | None = None,
+        augment: WaveAugmenter | None = None,
     ) -> None:
         if max_sample_size is not None and max_sample_size <= 0:
             raise ValueError(f"`max_sample_size` must be positive, but is {max_sample_size} instead.")
@@ -81,6 +89,7 @@ class AudioDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.vocab = None if vocab is None else frozenset(vocab)
         self.raw_format = raw_format
+        self.augment = augment
         self.epoch = 0
 
         all_sizes = self.source.sizes(sample_rate)
@@ -121,7 +130,7 @@ class AudioDataset(torch.utils.data.Dataset):
         return len(self.keep)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch for the random crops."""
+        """Select the epoch for the random crops and augmentations."""
         self.epoch = epoch
 
     def _crop_start(self, index: int, length: int) -> int:
@@ -167,6 +176,10 @@ class AudioDataset(torch.utils.data.Dataset):
                 index, "too_short", f"{utt.name}: {wav.size} samples < min_sample_size {self.min_sample_size}"
             )
             return None
+        if self.augment is not None:
+            # before the crop, so a crop of a slowed-down utterance is still max_sample_size long
+            # and reverberation carries into the crop from before it
+            wav = self.augment(wav, np.random.default_rng([self.seed, self.epoch, index, 1]))
         if self.max_sample_size is not None and wav.size > self.max_sample_size:
             start = self._crop_start(index, wav.size)
             wav = wav[start : start + self.max_sample_size]

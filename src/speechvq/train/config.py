@@ -24,6 +24,7 @@ from speechvq.config import PRESETS, VQ_WAV2VEC_PRESETS, VqWav2VecConfig, Wav2Ve
 from speechvq.configio import from_dict, parse_override, parse_yaml
 from speechvq.configs import resolve_config
 from speechvq.data.audio import RawFormat
+from speechvq.data.augment import AugmentConfig
 from speechvq.errors import UserInputError
 from speechvq.files import read_text
 from speechvq.ranges import check_range
@@ -82,6 +83,10 @@ class DataSection:
     read: ``RATE[:CHANNELS[:SUBTYPE[:ENDIAN]]]``, e.g. ``16000:1:PCM_16``, as ``speechvq manifest
     --raw-format``; None: such files are an error."""
 
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """On-the-fly augmentation of the training split (never validation); all off by default. See
+    :class:`speechvq.data.augment.AugmentConfig` and *Augmentation* in ``docs/training.md``."""
+
     def raw(self) -> RawFormat | None:
         """:attr:`raw_format` parsed (raises :class:`UserInputError` naming the problem)."""
         return None if self.raw_format is None else RawFormat.parse(str(self.raw_format))
@@ -89,6 +94,7 @@ class DataSection:
     def validate(self, prefix: str = "data") -> None:
         """Every value in its range; raises :class:`UserInputError` naming the first that is not."""
         check_sampling(self, prefix)
+        self.augment.validate(f"{prefix}.augment")
         check_range(f"{prefix}.max_sample_size", self.max_sample_size, 1, integer=True, optional=True)
         check_range(f"{prefix}.min_sample_size", self.min_sample_size, 0, integer=True, optional=True)
         self.raw()

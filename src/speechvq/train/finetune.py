@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from speechvq.config import MaskConfig, finetune_mask
 from speechvq.data.audio import RawFormat
+from speechvq.data.augment import AugmentConfig
 from speechvq.errors import UserInputError
 from speechvq.ranges import check_probability, check_range
 from speechvq.train.config import (
@@ -137,14 +138,18 @@ class FinetuneDataSection(LabelSection):
     raw_format: str | None = None
     """How headerless files are read (``RATE[:CHANNELS[:SUBTYPE[:ENDIAN]]]``); see
     :attr:`speechvq.train.config.DataSection.raw_format`."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """On-the-fly augmentation of the training split (never validation); all off by default. See
+    :class:`speechvq.data.augment.AugmentConfig` and *Augmentation* in ``docs/training.md``."""
 
     def raw(self) -> RawFormat | None:
         """:attr:`raw_format` parsed (raises :class:`UserInputError` naming the problem)."""
         return None if self.raw_format is None else RawFormat.parse(str(self.raw_format))
 
     def validate(self, prefix: str = "data") -> None:
-        """Sampling values and the sentencepiece size in range."""
+        """Sampling values, the sentencepiece size and the augmentation in range."""
         check_sampling(self, prefix)
+        self.augment.validate(f"{prefix}.augment")
         check_range(f"{prefix}.sentencepiece_vocab_size", self.sentencepiece_vocab_size, 1, integer=True)
 
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from speechvq.config import Wav2Vec2Config, preset
 from speechvq.data import AudioDataset, BucketBatchSampler, collate_audio
+from speechvq.data.augment import build_augmenter
 from speechvq.data.collate import AudioBatch
 from speechvq.data.source import label_text, open_source
 from speechvq.decoding import greedy_decode
@@ -327,11 +328,15 @@ class CtcTask:
 
     def open_data(self, path: str, *, train: bool, num_replicas: int, rank: int) -> DataParts:
         d = self.cfg.data
+        # shorter (after the fastest speed perturbation, in training): no frame to encode
+        shortest = math.ceil(
+            min_input_samples(self.ctc_cfg.encoder) * (d.augment.max_speed() if train else 1.0)
+        )
         try:
             ds = AudioDataset(
                 path, sample_rate=d.sample_rate, random_crop=False, labels=d.labels, seed=self.cfg.train.seed,
-                min_sample_size=min_input_samples(self.ctc_cfg.encoder),  # shorter: no frame to encode
-                raw_format=d.raw(),
+                min_sample_size=shortest, raw_format=d.raw(),
+                augment=build_augmenter(d.augment, d.sample_rate) if train else None,  # never validation
             )  # fmt: skip
         except FileNotFoundError as err:
             raise UserInputError(f"{path}: {err}") from err

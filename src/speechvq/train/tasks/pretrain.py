@@ -19,6 +19,7 @@ import torch.distributed.nn
 from torch import Tensor, nn
 
 from speechvq.data import AudioDataset, BucketBatchSampler, collate_audio
+from speechvq.data.augment import build_augmenter
 from speechvq.data.collate import AudioBatch
 from speechvq.errors import UserInputError
 from speechvq.files import write_atomic
@@ -184,19 +185,24 @@ class Wav2Vec2PretrainTask:
 def open_audio_data(
     cfg: PretrainConfig, path: str, *, train: bool, num_replicas: int, rank: int, min_samples: int = 0
 ) -> DataParts:
-    """Dataset (random crops in training), batch sampler and collate function of a pretraining
-    split, as ``cfg.data`` says; utterances shorter than ``min_samples`` (one frame) are left out."""
+    """Dataset (random crops and ``cfg.data.augment`` in training), batch sampler and collate
+    function of a pretraining split, as ``cfg.data`` says; utterances shorter than ``min_samples``
+    (one frame), or than that times the largest speed factor when training with speed
+    perturbation, are left out."""
     d = cfg.data
+    augment = build_augmenter(d.augment, d.sample_rate) if train else None  # never validation
+    speed = d.augment.max_speed() if train else 1.0
     try:
         ds = AudioDataset(
             path,
             sample_rate=d.sample_rate,
             normalize=d.normalize,
             max_sample_size=d.max_sample_size,
-            min_sample_size=max(d.min_sample_size or 0, min_samples),
+            min_sample_size=max(d.min_sample_size or 0, math.ceil(min_samples * speed)),
             random_crop=train,
             seed=cfg.train.seed,
             raw_format=d.raw(),
+            augment=augment,
         )
     except FileNotFoundError as err:
         raise UserInputError(f"{path}: {err}") from err
