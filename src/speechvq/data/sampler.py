@@ -10,15 +10,18 @@ Per epoch the plan is a pure function of (sizes, max_tokens, seed, epoch, num_re
    multi-item batches in two (nothing is lost or duplicated), falling back to repeating batches
    from the start of the shuffled order only when there are too few items to split; with
    ``drop_last=True`` by dropping the last ``count % num_replicas`` batches of the shuffled order;
-4. group consecutive batches of that length order in ``num_replicas``s (one group per update
-   across ranks), shuffle the order of the groups (``shuffle=True``), and give rank ``r`` batch
-   ``r`` of every group, i.e. batches ``r, r + R, r + 2R, ...`` of the dealt-out plan.
+4. group consecutive batches of that length order in ``num_replicas * grad_accum``s (one group per
+   update: R ranks x A accumulated batches), shuffle the order of the groups (``shuffle=True``), and
+   give rank ``r`` batches ``r, r + R, r + 2R, ...`` of the dealt-out plan.
 
 Because the ranks of one update get neighbouring lengths, they wait less for each other; and
 because the plan only groups what one process would cut, R processes with budget b deal out, update
 for update, the same items as one process with budget R * b whenever the per-rank cuts tile the
-single-process ones (e.g. equal lengths with ``max_tokens`` a multiple of the item size). With one
-process the plan is the classic shuffled-batches plan.
+single-process ones (e.g. equal lengths with ``max_tokens`` a multiple of the item size). The groups
+depend on R * A only, so R processes accumulating A batches and one process accumulating R * A deal
+out the same batches, update for update (the batch count is a multiple of R, and of R * A whenever
+no balancing was needed). With one process and no accumulation the plan is the classic
+shuffled-batches plan.
 
 Every rank gets the same number of batches, and no item appears on two ranks in one epoch (except
 for the documented repetition fallback of step 3).
@@ -51,6 +54,8 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         max_sample_size: if given, sizes above it are counted as ``max_sample_size`` (the dataset
             crops them).
         max_batch_size: optional cap on the number of items per batch.
+        grad_accum: batches each rank accumulates per update; the shuffle keeps the
+            ``num_replicas * grad_accum`` batches of one update together.
     """
 
     def __init__(
@@ -66,6 +71,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         drop_last: bool = False,
         max_sample_size: int | None = None,
         max_batch_size: int | None = None,
+        grad_accum: int = 1,
     ) -> None:
         arr = np.asarray(sizes, dtype=np.int64)
         if arr.ndim != 1:
@@ -78,6 +84,8 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
             raise ValueError(f"`rank` must be in [0, {num_replicas}), but is {rank} instead.")
         if num_buckets < 0:
             raise ValueError(f"`num_buckets` must be >= 0, but is {num_buckets} instead.")
+        if grad_accum < 1:
+            raise ValueError(f"`grad_accum` must be >= 1, but is {grad_accum} instead.")
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"`max_batch_size` must be >= 1, but is {max_batch_size} instead.")
         longest = int(arr.max()) if arr.size else 0
@@ -95,6 +103,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.num_buckets = num_buckets
         self.drop_last = drop_last
         self.max_batch_size = max_batch_size
+        self.grad_accum = grad_accum
         self.epoch = 0
         self._start = 0  # batches of this epoch already consumed (set by load_state_dict)
         self._yielded = 0
@@ -161,9 +170,9 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         batches = self._balance(self._cut(self._ordered(rng)))
         if self.shuffle:
             # keep balance-splitting deterministic: shuffle after the count is fixed; shuffle whole
-            # update groups of R neighbouring batches (R = 1: plain batch shuffling)
-            r = self.num_replicas
-            groups = [batches[i : i + r] for i in range(0, len(batches), r)]
+            # update groups of R * A neighbouring batches (R * A = 1: plain batch shuffling)
+            g = self.num_replicas * self.grad_accum
+            groups = [batches[i : i + g] for i in range(0, len(batches), g)]
             batches = [b for g in rng.permutation(len(groups)) for b in groups[g]]
         self._plan_cache = (epoch, batches)
         return batches

@@ -246,14 +246,23 @@ def ctc_record(sums: dict[str, float]) -> dict[str, float]:
 
 
 def length_sampler(
-    sizes: Any, max_tokens: int, *, num_replicas: int, rank: int, seed: int, shuffle: bool, where: str
+    sizes: Any,
+    max_tokens: int,
+    *,
+    num_replicas: int,
+    rank: int,
+    seed: int,
+    shuffle: bool,
+    where: str,
+    grad_accum: int = 1,
 ) -> BucketBatchSampler:
     """Length-bucketed batches of whole utterances (a transcript belongs to the whole utterance, so
     nothing is cropped); an utterance longer than ``max_tokens`` is an error naming ``where``."""
     try:
         return BucketBatchSampler(
-            sizes, max_tokens, num_replicas=num_replicas, rank=rank, seed=seed, shuffle=shuffle
-        )
+            sizes, max_tokens, num_replicas=num_replicas, rank=rank, seed=seed, shuffle=shuffle,
+            grad_accum=grad_accum,
+        )  # fmt: skip
     except ValueError as err:
         raise UserInputError(f"{where}: {err} (raise data.max_tokens)") from None
 
@@ -344,7 +353,7 @@ class CtcTask:
             raise UserInputError(f"{path}: no usable utterances")
         sampler = length_sampler(
             ds.sizes, d.max_tokens, num_replicas=num_replicas, rank=rank, seed=self.cfg.train.seed,
-            shuffle=train, where=path,
+            shuffle=train, where=path, grad_accum=self.cfg.train.grad_accum,
         )  # fmt: skip
         return ds, sampler, collate_audio
 

@@ -210,7 +210,7 @@ def open_audio_data(
         raise UserInputError(f"{path}: no usable utterances (check min_sample_size)")
     sampler = BucketBatchSampler(
         ds.sizes, d.max_tokens, num_replicas=num_replicas, rank=rank, seed=cfg.train.seed,
-        shuffle=train, max_sample_size=d.max_sample_size,
+        shuffle=train, max_sample_size=d.max_sample_size, grad_accum=cfg.train.grad_accum,
     )  # fmt: skip
     return ds, sampler, collate_audio
 

@@ -121,7 +121,7 @@ class UnitBertTask:
             raise UserInputError(f"{path}: no usable unit sequences")
         sampler = BucketBatchSampler(
             ds.sizes, self.cfg.data.max_tokens, num_replicas=num_replicas, rank=rank, seed=self.cfg.train.seed,
-            shuffle=train, max_sample_size=self.cfg.model.max_positions,
+            shuffle=train, max_sample_size=self.cfg.model.max_positions, grad_accum=self.cfg.train.grad_accum,
         )  # fmt: skip
         return ds, sampler, self.corpus.collate
 

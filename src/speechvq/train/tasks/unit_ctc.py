@@ -98,7 +98,7 @@ class UnitBertCtcTask:
             raise UserInputError(f"{units}: no utterance has units")
         sampler = length_sampler(
             ds.sizes, d.max_tokens, num_replicas=num_replicas, rank=rank, seed=self.cfg.train.seed,
-            shuffle=train, where=units,
+            shuffle=train, where=units, grad_accum=self.cfg.train.grad_accum,
         )  # fmt: skip
         collate = functools.partial(collate_unit_transcripts, pad_id=self.tokenizer.dictionary.pad_id)
         return ds, sampler, collate
