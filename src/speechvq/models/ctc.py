@@ -33,9 +33,9 @@ from speechvq.config import (
     MaskConfig,
     Wav2Vec2Config,
     WaveformNorm,
-    _to_plain,
     approx_parameters,
     finetune_mask,
+    to_plain,
 )
 from speechvq.configio import from_dict
 from speechvq.losses_ctc import ctc_loss
@@ -44,7 +44,7 @@ from speechvq.models.common import Linear, lengths_to_padding_mask, padding_mask
 from speechvq.models.context import ContextNetwork, build_context_network
 from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
 from speechvq.models.masking import compute_span_mask
-from speechvq.models.protocol import Layer, check_layer
+from speechvq.models.protocol import FeatureEncoderGeometry, Layer, check_layer
 from speechvq.models.wav2vec2 import FeatureProjection, Wav2Vec2Model, transformer_layer
 
 NORMALIZE_EPS = TRANSFORMERS_NORMALIZE_EPS
@@ -119,7 +119,7 @@ class CtcConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON/YAML-safe dict (tuples become lists)."""
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CtcConfig:
@@ -196,7 +196,7 @@ def normalize_waveforms(waveforms: Tensor, lengths: Tensor | None, eps: float = 
     return (((x - mean) / torch.sqrt(var + eps)) * valid).to(waveforms.dtype)
 
 
-class CtcModel(nn.Module):
+class CtcModel(FeatureEncoderGeometry, nn.Module):
     """Feature encoder + projection + context network + dropout + Linear head.
 
     Build it with :func:`build_ctc_model` (random init) or :func:`from_pretrained_wav2vec2`.
@@ -256,25 +256,11 @@ class CtcModel(nn.Module):
 
     # -- the AudioModel protocol -----------------------------------------------------------------
 
-    @property
-    def frame_stride(self) -> int:
-        return int(self.feature_encoder.frame_stride)
-
-    @property
-    def receptive_field(self) -> int:
-        return int(self.feature_encoder.receptive_field)
-
-    @property
-    def waveform_norm(self) -> WaveformNorm:
-        return self.cfg.waveform_norm
+    # frame_stride, receptive_field, waveform_norm, output_lengths: FeatureEncoderGeometry
 
     @property
     def num_layers(self) -> int:
         return self.cfg.context.num_layers
-
-    def output_lengths(self, lengths: Tensor) -> Tensor:
-        """``[B]`` samples -> ``[B]`` frames."""
-        return self.feature_encoder.output_lengths(lengths)
 
     @torch.no_grad()
     def layer_features(

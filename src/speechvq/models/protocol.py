@@ -10,7 +10,7 @@ or, for vq-wav2vec, 1 the aggregator's output; :data:`TRANSFORMER_INPUT` is the 
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -80,6 +80,30 @@ class QuantizingModel(AudioModel, Protocol):
     def quantize_features(self, features: Tensor, padding_mask: Tensor | None = None) -> QuantizerOutput:
         """Quantizer output of front-end (layer 0) features ``[B, T, C]``."""
         ...
+
+
+class FeatureEncoderGeometry:
+    """The :class:`AudioModel` members that follow from a model's ``feature_encoder`` and its
+    config's ``waveform_norm``: mixed into every model with a front end, before ``nn.Module``."""
+
+    feature_encoder: Any
+    cfg: Any
+
+    @property
+    def frame_stride(self) -> int:
+        return int(self.feature_encoder.frame_stride)
+
+    @property
+    def receptive_field(self) -> int:
+        return int(self.feature_encoder.receptive_field)
+
+    @property
+    def waveform_norm(self) -> WaveformNorm:
+        return self.cfg.waveform_norm
+
+    def output_lengths(self, lengths: Tensor) -> Tensor:
+        """``[B]`` samples -> ``[B]`` frames."""
+        return self.feature_encoder.output_lengths(lengths)
 
 
 def check_layer(model: AudioModel, layer: Layer) -> None:

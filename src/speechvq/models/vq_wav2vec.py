@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speechvq.config import VqWav2VecConfig, WaveformNorm
+from speechvq.config import VqWav2VecConfig
 from speechvq.losses import LossBreakdown
 from speechvq.losses_wav2vec import (
     future_prediction_logits,
@@ -24,7 +24,7 @@ from speechvq.models.encoder import check_waveforms, conv_output_lengths, recept
 from speechvq.models.fbank import FbankFeatureEncoder
 from speechvq.models.kernels import lowp_guard
 from speechvq.models.kmeans_quantizer import build_kmeans_quantizer
-from speechvq.models.protocol import Layer, check_layer
+from speechvq.models.protocol import FeatureEncoderGeometry, Layer, check_layer
 from speechvq.models.quantizer import QuantizerOutput, VectorQuantizer, build_quantizer
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -224,7 +224,7 @@ class VqWav2VecOutput:
         return int(self.logits.size(0))
 
 
-class VqWav2VecModel(nn.Module):
+class VqWav2VecModel(FeatureEncoderGeometry, nn.Module):
     """vq-wav2vec. Build it with :func:`build_vq_wav2vec`.
 
     Args:
@@ -262,21 +262,7 @@ class VqWav2VecModel(nn.Module):
 
     # -- the AudioModel protocol -----------------------------------------------------------------
 
-    @property
-    def frame_stride(self) -> int:
-        return int(self.feature_encoder.frame_stride)
-
-    @property
-    def receptive_field(self) -> int:
-        return int(self.feature_encoder.receptive_field)
-
-    @property
-    def waveform_norm(self) -> WaveformNorm:
-        return self.cfg.waveform_norm
-
-    def output_lengths(self, lengths: Tensor) -> Tensor:
-        """``[B]`` samples -> ``[B]`` frames."""
-        return self.feature_encoder.output_lengths(lengths)
+    # frame_stride, receptive_field, waveform_norm, output_lengths: FeatureEncoderGeometry
 
     @torch.no_grad()
     def layer_features(

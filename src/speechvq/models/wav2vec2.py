@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from speechvq.config import Wav2Vec2Config, WaveformNorm
+from speechvq.config import Wav2Vec2Config
 from speechvq.losses import LossBreakdown, contrastive_logits, contrastive_loss, feature_penalty
 from speechvq.models import kernels
 from speechvq.models.common import Dropout, Linear, padding_mask_or_none
@@ -17,7 +17,7 @@ from speechvq.models.context import ContextNetwork, ContextOutput, build_context
 from speechvq.models.encoder import ConvFeatureEncoder, build_feature_encoder
 from speechvq.models.kmeans_quantizer import build_kmeans_quantizer
 from speechvq.models.masking import compute_span_mask, sample_distractors
-from speechvq.models.protocol import TRANSFORMER_INPUT, Layer, check_layer
+from speechvq.models.protocol import TRANSFORMER_INPUT, FeatureEncoderGeometry, Layer, check_layer
 from speechvq.models.quantizer import QuantizerOutput, VectorQuantizer, build_quantizer
 from speechvq.models.randomness import Draws, RandomSource
 
@@ -89,7 +89,7 @@ class Contrast:
     """``[N, K + 1]`` fp32 logits, the target first."""
 
 
-class Wav2Vec2Model(nn.Module):
+class Wav2Vec2Model(FeatureEncoderGeometry, nn.Module):
     """The wav2vec 2.0 pretraining model. Build it with :func:`build_wav2vec2`.
 
     The forward pass is a composition of named stages, each a public method: :meth:`encode`,
@@ -129,25 +129,11 @@ class Wav2Vec2Model(nn.Module):
 
     # -- the AudioModel protocol -----------------------------------------------------------------
 
-    @property
-    def frame_stride(self) -> int:
-        return int(self.feature_encoder.frame_stride)
-
-    @property
-    def receptive_field(self) -> int:
-        return int(self.feature_encoder.receptive_field)
-
-    @property
-    def waveform_norm(self) -> WaveformNorm:
-        return self.cfg.waveform_norm
+    # frame_stride, receptive_field, waveform_norm, output_lengths: FeatureEncoderGeometry
 
     @property
     def num_layers(self) -> int:
         return self.cfg.context.num_layers
-
-    def output_lengths(self, lengths: Tensor) -> Tensor:
-        """``[B]`` samples -> ``[B]`` frames."""
-        return self.feature_encoder.output_lengths(lengths)
 
     @torch.no_grad()
     def layer_features(
