@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from speechvq.train.config import OptimSection, ScheduleSection
 from speechvq.train.optim import build_optimizer, lr_at
+from speechvq.train.sections import OptimSection, ScheduleSection
 
 
 def test_polynomial_schedule_warms_up_linearly_then_decays_to_end() -> None:

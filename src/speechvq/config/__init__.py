@@ -24,7 +24,7 @@ from speechvq.config.model import (
     _QuantizedModelConfig,
     approx_parameters,
 )
-from speechvq.config.plain import _to_plain
+from speechvq.config.plain import to_plain
 from speechvq.config.presets import (
     PRESETS,
     finetune_mask,

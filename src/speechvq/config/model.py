@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from speechvq.config.limits import MAX_LAYERS, MAX_PARAMETERS, MAX_SIZE, _check_probabilities, _check_sizes
-from speechvq.config.plain import _to_plain
+from speechvq.config.plain import to_plain
 from speechvq.config.waveform import FAIRSEQ_NORMALIZE_EPS, WaveformNorm
 from speechvq.configio import from_dict
 
@@ -363,7 +363,7 @@ class _QuantizedModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON/YAML-safe dict (tuples become lists)."""
-        return _to_plain(dataclasses.asdict(self))  # type: ignore[call-overload]
+        return to_plain(dataclasses.asdict(self))  # type: ignore[call-overload]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "") -> Any:

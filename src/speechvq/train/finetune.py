@@ -26,12 +26,12 @@ from speechvq.data.audio import RawFormat
 from speechvq.data.augment import AugmentConfig
 from speechvq.errors import UserInputError
 from speechvq.ranges import check_probability, check_range
-from speechvq.train.config import (
+from speechvq.train.sections import (
     OptimSection,
+    RunConfig,
     ScheduleSection,
     TrainSection,
     check_sampling,
-    plain,
 )
 from speechvq.units.ctc import UnitBertCtcConfig, UnitCtcModelSection
 
@@ -162,7 +162,7 @@ class FinetuneScheduleSection(ScheduleSection):
 
 
 @dataclass(kw_only=True)
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
     """Everything a fine-tuning run reads (``conf/finetune_*.yaml``)."""
 
     model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
@@ -175,15 +175,9 @@ class FinetuneConfig:
     schedule: FinetuneScheduleSection = field(default_factory=FinetuneScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A YAML-safe dict."""
-        return plain(dataclasses.asdict(self))
-
     def validate(self) -> None:
         """Cross-field checks; raises :class:`UserInputError`."""
-        self.train.validate()
-        self.schedule.validate()
-        self.optim.validate()
+        self.validate_run()
         self.data.validate()
         self.model.validate()
         validate_mask(self.mask)
@@ -214,7 +208,7 @@ class UnitCtcDataSection(LabelSection):
 
 
 @dataclass(kw_only=True)
-class UnitCtcRunConfig:
+class UnitCtcRunConfig(RunConfig):
     """Everything a unit-BERT CTC run reads (``conf/finetune_units_*.yaml``)."""
 
     model: UnitCtcModelSection = field(default_factory=UnitCtcModelSection)
@@ -223,15 +217,9 @@ class UnitCtcRunConfig:
     schedule: FinetuneScheduleSection = field(default_factory=FinetuneScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A YAML-safe dict."""
-        return plain(dataclasses.asdict(self))
-
     def validate(self) -> None:
         """Cross-field checks; raises :class:`UserInputError`."""
-        self.train.validate()
-        self.schedule.validate()
-        self.optim.validate()
+        self.validate_run()
         check_sampling(self.data, "data")
         check_range("model.freeze_updates", self.model.freeze_updates, 0, integer=True)
         check_range("model.head_dim", self.model.head_dim, 1, integer=True)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from speechvq.train.config import OptimSection, ScheduleSection
+from speechvq.train.sections import OptimSection, ScheduleSection
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:

@@ -9,7 +9,6 @@ the loop's docstring).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,13 @@ from torch import Tensor, nn
 
 from speechvq.data import BucketBatchSampler
 from speechvq.errors import UserInputError
-from speechvq.train.config import OptimSection, ScheduleSection, TrainSection, check_sampling, plain
+from speechvq.train.sections import (
+    OptimSection,
+    RunConfig,
+    ScheduleSection,
+    TrainSection,
+    check_sampling,
+)
 from speechvq.train.tasks.base import DataParts
 from speechvq.units.bert import (
     MaskedLmResult,
@@ -50,7 +55,7 @@ class UnitDataSection:
 
 
 @dataclass(kw_only=True)
-class UnitBertRunConfig:
+class UnitBertRunConfig(RunConfig):
     """Everything a unit-BERT run reads; ``model`` is a :class:`UnitBertConfig`."""
 
     model: UnitBertConfig = field(default_factory=UnitBertConfig)
@@ -59,15 +64,9 @@ class UnitBertRunConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A YAML-safe dict."""
-        return plain(dataclasses.asdict(self))
-
     def validate(self) -> None:
         """Cross-field checks; raises :class:`UserInputError`."""
-        self.train.validate()
-        self.schedule.validate()
-        self.optim.validate()
+        self.validate_run()
         check_sampling(self.data, "data")
         if not self.data.train:
             raise UserInputError("`data.train` must name a units directory, but is empty instead.")
