@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,7 +73,7 @@ def perplexity(
     return torch.exp(entropy).sum()
 
 
-class VectorQuantizer(nn.Module):
+class VectorQuantizer(nn.Module, abc.ABC):
     """What every quantizer implements (:class:`GumbelVectorQuantizer`,
     :class:`~speechvq.models.kmeans_quantizer.KMeansVectorQuantizer`).
 
@@ -108,10 +109,11 @@ class VectorQuantizer(nn.Module):
         W processes with batch b then quantize like one process with batch W * b."""
         self.cross_process_sum = fn
 
+    @abc.abstractmethod
     def codes_to_vectors(self, codes: Tensor) -> Tensor:
         """``[..., G]`` codes -> ``[..., codevector_dim]`` codewords."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def forward(
         self,
         x: Tensor,
@@ -123,7 +125,6 @@ class VectorQuantizer(nn.Module):
         """Quantize ``x`` ``[B, T, C]``; ``frame_mask`` ``[B, T]`` (True = valid) marks the
         non-padded frames, ``counted`` (default ``frame_mask``) the frames the perplexities cover,
         ``draws`` the source of any noise."""
-        raise NotImplementedError
 
 
 class GumbelVectorQuantizer(VectorQuantizer):
